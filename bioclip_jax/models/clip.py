@@ -1,0 +1,79 @@
+"""The CLIP model: two towers plus a learned temperature, with open_clip's interface."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from bioclip_jax.models.config import CLIPConfig
+from bioclip_jax.models.towers import TextTransformer, VisionTransformer
+
+INIT_LOGIT_SCALE = math.log(1 / 0.07)
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    return x32 / jnp.maximum(jnp.linalg.norm(x32, axis=-1, keepdims=True), eps)
+
+
+class CLIP(nnx.Module):
+    """Image and text towers mapping into one `embed_dim` space.
+
+    `image_features` / `text_features` are the traced computations used inside jitted
+    training and evaluation code. `encode_image` / `encode_text` are the eager,
+    open_clip-style entry points: they take numpy arrays and run one compiled call.
+    """
+
+    def __init__(self, config: CLIPConfig, *, dtype=jnp.float32, remat: bool = False,
+                 rngs: nnx.Rngs):
+        self.config = config
+        self.visual = VisionTransformer(config.vision, config.embed_dim, quick_gelu=config.quick_gelu,
+                                        dtype=dtype, remat=remat, rngs=rngs)
+        self.text = TextTransformer(config.text, config.embed_dim, quick_gelu=config.quick_gelu,
+                                    dtype=dtype, remat=remat, rngs=rngs)
+        self.logit_scale = nnx.Param(jnp.asarray(INIT_LOGIT_SCALE, jnp.float32))
+
+    def image_features(self, images: jax.Array, normalize: bool = False) -> jax.Array:
+        features = self.visual(images).astype(jnp.float32)
+        return l2_normalize(features) if normalize else features
+
+    def text_features(self, tokens: jax.Array, normalize: bool = False) -> jax.Array:
+        features = self.text(tokens).astype(jnp.float32)
+        return l2_normalize(features) if normalize else features
+
+    def __call__(self, images: jax.Array, tokens: jax.Array):
+        """Normalised image and text features plus the (unclamped) temperature, like open_clip."""
+        return (self.image_features(images, True), self.text_features(tokens, True),
+                jnp.exp(self.logit_scale[...]))
+
+    def encode_image(self, images, normalize: bool = False) -> np.ndarray:
+        """[B, H, W, 3] float images normalised with the CLIP mean/std -> [B, embed_dim]."""
+        graphdef, state = nnx.split(self)
+        return np.asarray(_encode(graphdef, state, jnp.asarray(images, jnp.float32), "image", normalize))
+
+    def encode_text(self, tokens, normalize: bool = False) -> np.ndarray:
+        """[B, context_length] int token ids -> [B, embed_dim]."""
+        graphdef, state = nnx.split(self)
+        return np.asarray(_encode(graphdef, state, jnp.asarray(tokens, jnp.int32), "text", normalize))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+def _encode(graphdef, state, inputs, tower: str, normalize: bool):
+    model = nnx.merge(graphdef, state)
+    if tower == "image":
+        return model.image_features(inputs, normalize)
+    return model.text_features(inputs, normalize)
+
+
+def build_model(config: CLIPConfig, *, seed: int = 0, dtype=jnp.float32, remat: bool = False) -> CLIP:
+    return CLIP(config, dtype=dtype, remat=remat, rngs=nnx.Rngs(seed))
+
+
+def abstract_model(config: CLIPConfig, *, dtype=jnp.float32, remat: bool = False) -> CLIP:
+    """Shapes only: nothing is allocated, so models larger than one device can be planned."""
+    return nnx.eval_shape(lambda: build_model(config, dtype=dtype, remat=remat))

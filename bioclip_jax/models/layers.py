@@ -1,0 +1,138 @@
+"""Transformer building blocks shared by the image and text towers.
+
+Parameters are created in float32 and carry logical axis names (`out_sharding`
+metadata, not applied eagerly) that `bioclip_jax.parallel.sharding` maps onto a
+mesh; computation runs in `dtype` (float32 or bfloat16), LayerNorm in float32.
+Kernel layouts are chosen so that open_clip weights map onto them by transposes
+and reshapes only (see `bioclip_jax.convert.names`), which keeps import exact.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+LN_EPSILON = 1e-5  # PyTorch's LayerNorm default, which open_clip uses.
+
+
+def logical_param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], axes: tuple) -> nnx.Param:
+    """A float32 parameter annotated with logical axis names."""
+    value = init(rngs.params(), tuple(shape), jnp.float32)
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+    """The activation OpenAI CLIP (and BioCLIP v1) were trained with."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+def exact_gelu(x: jax.Array) -> jax.Array:
+    """PyTorch's nn.GELU default: the erf form, not the tanh approximation."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+class LayerNorm(nnx.Module):
+    def __init__(self, width: int, *, rngs: nnx.Rngs):
+        self.scale = logical_param(rngs, nnx.initializers.ones, (width,), ("embed",))
+        self.bias = logical_param(rngs, nnx.initializers.zeros, (width,), ("embed",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + LN_EPSILON)
+        return (y * self.scale[...] + self.bias[...]).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Multi-head self-attention with separate q/k/v kernels [embed, heads, head_dim]."""
+
+    def __init__(self, width: int, heads: int, *, proj_std: float, rngs: nnx.Rngs):
+        if width % heads:
+            raise ValueError(f"attention width {width} is not divisible by {heads} heads")
+        head_dim = width // heads
+        in_init = nnx.initializers.normal(width ** -0.5)
+        qkv_axes = ("embed", "heads", "head_dim")
+        self.query = logical_param(rngs, in_init, (width, heads, head_dim), qkv_axes)
+        self.key = logical_param(rngs, in_init, (width, heads, head_dim), qkv_axes)
+        self.value = logical_param(rngs, in_init, (width, heads, head_dim), qkv_axes)
+        zeros = nnx.initializers.zeros
+        self.query_bias = logical_param(rngs, zeros, (heads, head_dim), ("heads", "head_dim"))
+        self.key_bias = logical_param(rngs, zeros, (heads, head_dim), ("heads", "head_dim"))
+        self.value_bias = logical_param(rngs, zeros, (heads, head_dim), ("heads", "head_dim"))
+        self.out = logical_param(rngs, nnx.initializers.normal(proj_std), (heads, head_dim, width),
+                                 ("heads", "head_dim", "embed"))
+        self.out_bias = logical_param(rngs, zeros, (width,), ("embed",))
+
+    def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
+        dtype = x.dtype
+
+        def project(kernel, bias):
+            return jnp.einsum("btd,dhk->bthk", x, kernel[...].astype(dtype)) + bias[...].astype(dtype)
+
+        q = project(self.query, self.query_bias)
+        k = project(self.key, self.key_bias)
+        v = project(self.value, self.value_bias)
+        q = q * jnp.asarray(q.shape[-1] ** -0.5, dtype)
+        logits = jnp.einsum("bqhk,bshk->bhqs", q, k).astype(jnp.float32)
+        if mask is not None:
+            logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+        weights = jax.nn.softmax(logits, axis=-1).astype(dtype)
+        context = jnp.einsum("bhqs,bshk->bqhk", weights, v)
+        return jnp.einsum("bqhk,hkd->bqd", context, self.out[...].astype(dtype)) + self.out_bias[...].astype(dtype)
+
+
+class MLP(nnx.Module):
+    def __init__(self, width: int, hidden: int, activation: Callable, *, proj_std: float,
+                 rngs: nnx.Rngs):
+        self.activation = activation
+        self.fc = logical_param(rngs, nnx.initializers.normal((2 * width) ** -0.5), (width, hidden),
+                                ("embed", "mlp"))
+        self.fc_bias = logical_param(rngs, nnx.initializers.zeros, (hidden,), ("mlp",))
+        self.proj = logical_param(rngs, nnx.initializers.normal(proj_std), (hidden, width), ("mlp", "embed"))
+        self.proj_bias = logical_param(rngs, nnx.initializers.zeros, (width,), ("embed",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = x.dtype
+        h = x @ self.fc[...].astype(dtype) + self.fc_bias[...].astype(dtype)
+        h = self.activation(h)
+        return h @ self.proj[...].astype(dtype) + self.proj_bias[...].astype(dtype)
+
+
+class ResidualBlock(nnx.Module):
+    """Pre-LN transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, width: int, heads: int, mlp_width: int, activation: Callable, *,
+                 layers: int, rngs: nnx.Rngs):
+        proj_std = (width ** -0.5) * ((2 * layers) ** -0.5)
+        self.ln_1 = LayerNorm(width, rngs=rngs)
+        self.attn = Attention(width, heads, proj_std=proj_std, rngs=rngs)
+        self.ln_2 = LayerNorm(width, rngs=rngs)
+        self.mlp = MLP(width, mlp_width, activation, proj_std=proj_std, rngs=rngs)
+
+    def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
+        x = x + self.attn(self.ln_1(x), mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nnx.Module):
+    """A stack of residual blocks; `remat` recomputes each block in the backward pass."""
+
+    def __init__(self, width: int, layers: int, heads: int, mlp_width: int, activation: Callable, *,
+                 remat: bool = False, rngs: nnx.Rngs):
+        self.remat = remat
+        self.blocks = nnx.List([
+            ResidualBlock(width, heads, mlp_width, activation, layers=layers, rngs=rngs)
+            for _ in range(layers)
+        ])
+
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        for block in self.blocks:
+            if self.remat:
+                x = nnx.remat(lambda blk, y: blk(y, mask))(block, x)
+            else:
+                x = block(x, mask)
+        return x

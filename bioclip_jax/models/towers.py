@@ -1,0 +1,94 @@
+"""The two CLIP towers: a ViT image encoder and a causal text transformer."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from bioclip_jax.models.config import TextConfig, VisionConfig
+from bioclip_jax.models.layers import LayerNorm, Transformer, exact_gelu, logical_param, quick_gelu
+
+
+def _activation(use_quick_gelu: bool):
+    return quick_gelu if use_quick_gelu else exact_gelu
+
+
+class VisionTransformer(nnx.Module):
+    """ViT: patch embedding, class token, learned positions, ln_pre, blocks, ln_post, projection.
+
+    Takes normalised float images [B, H, W, 3] (channels last) and returns the
+    projected class-token embedding [B, embed_dim].
+    """
+
+    def __init__(self, cfg: VisionConfig, embed_dim: int, *, quick_gelu: bool = False,
+                 dtype=jnp.float32, remat: bool = False, rngs: nnx.Rngs):
+        if cfg.image_size % cfg.patch_size:
+            raise ValueError(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
+        self.cfg = cfg
+        self.dtype = dtype
+        w = cfg.width
+        scale = w ** -0.5
+        patch_in = cfg.patch_size * cfg.patch_size * 3
+        # Patch kernel rows are ordered (patch row, patch column, channel).
+        self.patch_embed = logical_param(rngs, nnx.initializers.normal(patch_in ** -0.5), (patch_in, w),
+                                         ("patch_in", "embed"))
+        self.class_embedding = logical_param(rngs, nnx.initializers.normal(scale), (w,), ("embed",))
+        self.positional_embedding = logical_param(
+            rngs, nnx.initializers.normal(scale), (cfg.grid * cfg.grid + 1, w), ("position", "embed"))
+        self.ln_pre = LayerNorm(w, rngs=rngs)
+        self.transformer = Transformer(w, cfg.layers, cfg.heads, cfg.mlp_width, _activation(quick_gelu),
+                                       remat=remat, rngs=rngs)
+        self.ln_post = LayerNorm(w, rngs=rngs)
+        self.proj = logical_param(rngs, nnx.initializers.normal(scale), (w, embed_dim), ("embed", "proj_out"))
+
+    def patchify(self, images: jax.Array) -> jax.Array:
+        b, h, w, c = images.shape
+        p, size = self.cfg.patch_size, self.cfg.image_size
+        if (h, w, c) != (size, size, 3):
+            raise ValueError(f"expected images of shape [B, {size}, {size}, 3], got {list(images.shape)}")
+        g = size // p
+        x = images.reshape(b, g, p, g, p, c).transpose(0, 1, 3, 2, 4, 5)
+        return x.reshape(b, g * g, p * p * c)
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        dtype = self.dtype
+        x = self.patchify(images.astype(dtype)) @ self.patch_embed[...].astype(dtype)
+        cls = jnp.broadcast_to(self.class_embedding[...].astype(dtype), (x.shape[0], 1, x.shape[-1]))
+        x = jnp.concatenate([cls, x], axis=1) + self.positional_embedding[...].astype(dtype)
+        x = self.ln_pre(x)
+        x = self.transformer(x)
+        pooled = self.ln_post(x[:, 0])
+        return pooled @ self.proj[...].astype(dtype)
+
+
+class TextTransformer(nnx.Module):
+    """Causal text transformer pooled at the end-of-text token (the largest token id)."""
+
+    def __init__(self, cfg: TextConfig, embed_dim: int, *, quick_gelu: bool = False,
+                 dtype=jnp.float32, remat: bool = False, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.dtype = dtype
+        w = cfg.width
+        self.token_embedding = logical_param(rngs, nnx.initializers.normal(0.02), (cfg.vocab_size, w),
+                                             ("vocab", "embed"))
+        self.positional_embedding = logical_param(rngs, nnx.initializers.normal(0.01),
+                                                  (cfg.context_length, w), ("position", "embed"))
+        self.transformer = Transformer(w, cfg.layers, cfg.heads, cfg.mlp_width, _activation(quick_gelu),
+                                       remat=remat, rngs=rngs)
+        self.ln_final = LayerNorm(w, rngs=rngs)
+        self.text_projection = logical_param(rngs, nnx.initializers.normal(w ** -0.5), (w, embed_dim),
+                                             ("embed", "proj_out"))
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        dtype = self.dtype
+        b, length = tokens.shape
+        if length != self.cfg.context_length:
+            raise ValueError(f"expected tokens of shape [B, {self.cfg.context_length}], got {list(tokens.shape)}")
+        x = jnp.take(self.token_embedding[...], tokens, axis=0).astype(dtype)
+        x = x + self.positional_embedding[...].astype(dtype)
+        causal = jnp.tril(jnp.ones((length, length), dtype=bool))
+        x = self.transformer(x, causal)
+        x = self.ln_final(x)
+        pooled = jnp.take_along_axis(x, jnp.argmax(tokens, axis=-1)[:, None, None], axis=1)[:, 0]
+        return pooled @ self.text_projection[...].astype(dtype)

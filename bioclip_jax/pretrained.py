@@ -1,0 +1,121 @@
+"""Building models from a name and a `pretrained=` source, the same way everywhere.
+
+Accepted sources:
+  None                             random initialisation (seeded)
+  local-dir:PATH or PATH/          an open_clip hf-hub folder (open_clip_config.json + weights)
+  PATH.safetensors                 an open_clip state dict (architecture from `model_name`)
+  PATH.bin / .pt / .pth            a PyTorch state dict (needs torch installed)
+  PATH/ with bioclip_jax_model.json  a bioclip_jax model directory or training workdir
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax.numpy as jnp
+
+from bioclip_jax.checkpoint import model_dir
+from bioclip_jax.convert import names, state_dict_io
+from bioclip_jax.models.clip import CLIP, build_model
+from bioclip_jax.models.config import CLIPConfig, from_open_clip, get_model_config, to_open_clip
+from bioclip_jax.models.params import assign_params, flat_params, param_shapes
+from bioclip_jax.transforms import ImageTransform, PreprocessConfig
+
+LOCAL_DIR = "local-dir:"
+
+
+@dataclasses.dataclass
+class Loaded:
+    """What a source provides: architecture, preprocessing, and flat parameters (or None)."""
+
+    config: CLIPConfig
+    preprocess: PreprocessConfig
+    params: dict | None
+    source: str
+
+
+def _strip_schema(source: str) -> str:
+    if source.startswith("hf-hub:"):
+        raise ValueError(f"{source!r}: hub downloads are not supported; download the folder and pass "
+                         f"local-dir:PATH")
+    return source[len(LOCAL_DIR):] if source.startswith(LOCAL_DIR) else source
+
+
+def _config_for(model_name: str | None, source: str) -> CLIPConfig:
+    if model_name is None:
+        raise ValueError(f"{source} carries no architecture; pass the model name (e.g. ViT-B-16)")
+    return get_model_config(model_name)
+
+
+def load_source(pretrained: str, model_name: str | None = None) -> Loaded:
+    """Reads a pretrained source into numpy parameters in bioclip_jax's layout."""
+    path = _strip_schema(str(pretrained))
+    if os.path.isdir(path):
+        if model_dir.is_model_dir(path):
+            meta = model_dir.read_model_json(path)
+            config = from_open_clip(meta["model_cfg"])
+            preprocess = PreprocessConfig.from_open_clip(meta.get("preprocess_cfg", {}), config.vision.image_size)
+            return Loaded(config, preprocess, model_dir.load_params(path), path)
+        meta = state_dict_io.read_open_clip_config(path)
+        config = from_open_clip(meta["model_cfg"])
+        preprocess = PreprocessConfig.from_open_clip(meta.get("preprocess_cfg", {}), config.vision.image_size)
+        weights = state_dict_io.find_weights_in_dir(path)
+    elif os.path.isfile(path):
+        config = _config_for(model_name, path)
+        preprocess = PreprocessConfig(size=config.vision.image_size)
+        weights = path
+    else:
+        raise FileNotFoundError(f"pretrained source not found: {pretrained}")
+    state_dict = state_dict_io.read_state_dict(weights)
+    shapes = param_shapes(_shape_model(config))
+    params = names.from_torch_state_dict(config, state_dict, shapes, source=weights)
+    return Loaded(config, preprocess, params, weights)
+
+
+def _shape_model(config: CLIPConfig) -> CLIP:
+    from bioclip_jax.models.clip import abstract_model  # noqa: PLC0415 - avoids a cycle in type hints
+    return abstract_model(config)
+
+
+def create_model(model_name: str | None = "ViT-B-16", pretrained: str | None = None, *, seed: int = 0,
+                 dtype=jnp.float32, remat: bool = False) -> CLIP:
+    """open_clip-style constructor. The architecture comes from the source when it has one."""
+    if pretrained is None:
+        config = get_model_config(model_name)
+        model = build_model(config, seed=seed, dtype=dtype, remat=remat)
+        model.preprocess = PreprocessConfig(size=config.vision.image_size)
+        return model
+    loaded = load_source(pretrained, model_name)
+    model = build_model(loaded.config, seed=seed, dtype=dtype, remat=remat)
+    assign_params(model, loaded.params, source=loaded.source)
+    model.preprocess = loaded.preprocess
+    return model
+
+
+def image_transform(model_or_name="ViT-B-16") -> ImageTransform:
+    """open_clip's eval transform for a model (its preprocess_cfg) or an architecture name."""
+    if isinstance(model_or_name, CLIP):
+        return ImageTransform(getattr(model_or_name, "preprocess", PreprocessConfig(
+            size=model_or_name.config.vision.image_size)))
+    return ImageTransform(PreprocessConfig(size=get_model_config(model_or_name).vision.image_size))
+
+
+def model_metadata(model: CLIP) -> tuple[dict, dict]:
+    """(open_clip model_cfg, preprocess_cfg) describing `model`."""
+    preprocess = getattr(model, "preprocess", PreprocessConfig(size=model.config.vision.image_size))
+    return to_open_clip(model.config), preprocess.to_open_clip()
+
+
+def save_model(model: CLIP, directory: str) -> None:
+    """A bioclip_jax model directory (see `bioclip_jax.checkpoint.model_dir`)."""
+    model_cfg, preprocess_cfg = model_metadata(model)
+    model_dir.save_params(directory, flat_params(model))
+    model_dir.write_model_json(directory, model_cfg, preprocess_cfg)
+
+
+def export_open_clip(model: CLIP, directory: str) -> None:
+    """An open_clip hf-hub folder with open_clip's exact keys, shapes and dtypes."""
+    model_cfg, preprocess_cfg = model_metadata(model)
+    state_dict = names.to_torch_state_dict(model.config, flat_params(model))
+    state_dict_io.write_open_clip_dir(directory, model_cfg, preprocess_cfg, state_dict)
