@@ -5,15 +5,32 @@
     preprocess = bioclip_jax.image_transform(model)
     image_features = model.encode_image(np.stack([preprocess(im) for im in images]))
     text_features = model.encode_text(tokenizer(["a photo of Corvus corax."]))
+
+Names are imported on first use, so that data-loading worker processes that import
+`bioclip_jax.data` do not pay for importing jax and flax.
 """
 
-from bioclip_jax.models.config import ARCHITECTURES, get_model_config
-from bioclip_jax.pretrained import create_model, export_open_clip, image_transform, save_model
-from bioclip_jax.tokenizer import get_tokenizer
+import importlib
 
-__all__ = ["ARCHITECTURES", "create_model", "export_open_clip", "get_model_config", "get_tokenizer",
-           "image_transform", "list_models", "save_model"]
+_EXPORTS = {
+    "ARCHITECTURES": "bioclip_jax.models.config",
+    "get_model_config": "bioclip_jax.models.config",
+    "create_model": "bioclip_jax.pretrained",
+    "export_open_clip": "bioclip_jax.pretrained",
+    "image_transform": "bioclip_jax.pretrained",
+    "save_model": "bioclip_jax.pretrained",
+    "get_tokenizer": "bioclip_jax.tokenizer",
+}
+
+__all__ = sorted([*_EXPORTS, "list_models"])
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'bioclip_jax' has no attribute {name!r}")
 
 
 def list_models() -> list[str]:
+    from bioclip_jax.models.config import ARCHITECTURES  # noqa: PLC0415
     return sorted(ARCHITECTURES)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from bioclip_jax.checkpoint import model_dir
 from bioclip_jax.convert import names, state_dict_io
-from bioclip_jax.models.clip import CLIP, build_model
+from bioclip_jax.models.clip import CLIP, abstract_model, build_model
 from bioclip_jax.models.config import CLIPConfig, from_open_clip, get_model_config, to_open_clip
 from bioclip_jax.models.params import assign_params, flat_params, param_shapes
 from bioclip_jax.transforms import ImageTransform, PreprocessConfig
@@ -68,14 +68,9 @@ def load_source(pretrained: str, model_name: str | None = None) -> Loaded:
     else:
         raise FileNotFoundError(f"pretrained source not found: {pretrained}")
     state_dict = state_dict_io.read_state_dict(weights)
-    shapes = param_shapes(_shape_model(config))
+    shapes = param_shapes(abstract_model(config))
     params = names.from_torch_state_dict(config, state_dict, shapes, source=weights)
     return Loaded(config, preprocess, params, weights)
-
-
-def _shape_model(config: CLIPConfig) -> CLIP:
-    from bioclip_jax.models.clip import abstract_model  # noqa: PLC0415 - avoids a cycle in type hints
-    return abstract_model(config)
 
 
 def create_model(model_name: str | None = "ViT-B-16", pretrained: str | None = None, *, seed: int = 0,
@@ -87,7 +82,7 @@ def create_model(model_name: str | None = "ViT-B-16", pretrained: str | None = N
         model.preprocess = PreprocessConfig(size=config.vision.image_size)
         return model
     loaded = load_source(pretrained, model_name)
-    model = build_model(loaded.config, seed=seed, dtype=dtype, remat=remat)
+    model = abstract_model(loaded.config, dtype=dtype, remat=remat)  # every parameter is assigned below
     assign_params(model, loaded.params, source=loaded.source)
     model.preprocess = loaded.preprocess
     return model

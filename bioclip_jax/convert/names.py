@@ -146,7 +146,7 @@ IGNORED_TORCH_KEYS = frozenset({"input_resolution", "context_length", "vocab_siz
 
 def to_torch_state_dict(config: CLIPConfig, params: Mapping[Path, np.ndarray]) -> dict[str, np.ndarray]:
     """bioclip_jax parameters (flat path -> array) -> open_clip state_dict (key -> array)."""
-    return {rule.torch_key: np.ascontiguousarray(rule.to_torch([np.asarray(params[p]) for p in rule.jax_paths]))
+    return {rule.torch_key: np.array(rule.to_torch([np.asarray(params[p]) for p in rule.jax_paths]), order="C")
             for rule in name_table(config)}
 
 

@@ -74,7 +74,7 @@ def write_open_clip_dir(directory: str, model_cfg: dict, preprocess_cfg: dict,
     os.makedirs(directory, exist_ok=True)
     weights = os.path.join(directory, WEIGHTS_NAME)
     config = os.path.join(directory, CONFIG_NAME)
-    save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, weights + ".tmp",
+    save_file({k: np.array(v, order="C") for k, v in state_dict.items()}, weights + ".tmp",
               metadata={"format": "pt"})
     with open(config + ".tmp", "w", encoding="utf-8") as f:
         json.dump({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}, f, indent=2)

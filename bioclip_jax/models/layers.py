@@ -9,19 +9,49 @@ and reshapes only (see `bioclip_jax.convert.names`), which keeps import exact.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 LN_EPSILON = 1e-5  # PyTorch's LayerNorm default, which open_clip uses.
 
 
-def logical_param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], axes: tuple) -> nnx.Param:
-    """A float32 parameter annotated with logical axis names."""
+@dataclasses.dataclass(frozen=True)
+class Init:
+    """How a parameter starts: N(0, std^2), or a constant. Kept as metadata on the parameter
+    so that `bioclip_jax.models.clip.build_model` can fill an abstract model with numpy,
+    which is much faster than compiling one random kernel per parameter shape."""
+
+    std: float = 0.0
+    constant: float = 0.0
+
+    def __call__(self, key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
+        if self.std:
+            return self.std * jax.random.normal(key, shape, dtype)
+        return jnp.full(shape, self.constant, dtype)
+
+    def sample(self, rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+        if self.std:
+            return (self.std * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32)
+        return np.full(shape, self.constant, np.float32)
+
+
+def normal(std: float) -> Init:
+    return Init(std=float(std))
+
+
+ZEROS = Init(constant=0.0)
+ONES = Init(constant=1.0)
+
+
+def logical_param(rngs: nnx.Rngs, init: Init, shape: Sequence[int], axes: tuple) -> nnx.Param:
+    """A float32 parameter annotated with logical axis names and its initialiser."""
     value = init(rngs.params(), tuple(shape), jnp.float32)
-    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False, init=init)
 
 
 def quick_gelu(x: jax.Array) -> jax.Array:
@@ -36,8 +66,8 @@ def exact_gelu(x: jax.Array) -> jax.Array:
 
 class LayerNorm(nnx.Module):
     def __init__(self, width: int, *, rngs: nnx.Rngs):
-        self.scale = logical_param(rngs, nnx.initializers.ones, (width,), ("embed",))
-        self.bias = logical_param(rngs, nnx.initializers.zeros, (width,), ("embed",))
+        self.scale = logical_param(rngs, ONES, (width,), ("embed",))
+        self.bias = logical_param(rngs, ZEROS, (width,), ("embed",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
@@ -54,18 +84,17 @@ class Attention(nnx.Module):
         if width % heads:
             raise ValueError(f"attention width {width} is not divisible by {heads} heads")
         head_dim = width // heads
-        in_init = nnx.initializers.normal(width ** -0.5)
+        in_init = normal(width ** -0.5)
         qkv_axes = ("embed", "heads", "head_dim")
         self.query = logical_param(rngs, in_init, (width, heads, head_dim), qkv_axes)
         self.key = logical_param(rngs, in_init, (width, heads, head_dim), qkv_axes)
         self.value = logical_param(rngs, in_init, (width, heads, head_dim), qkv_axes)
-        zeros = nnx.initializers.zeros
-        self.query_bias = logical_param(rngs, zeros, (heads, head_dim), ("heads", "head_dim"))
-        self.key_bias = logical_param(rngs, zeros, (heads, head_dim), ("heads", "head_dim"))
-        self.value_bias = logical_param(rngs, zeros, (heads, head_dim), ("heads", "head_dim"))
-        self.out = logical_param(rngs, nnx.initializers.normal(proj_std), (heads, head_dim, width),
+        self.query_bias = logical_param(rngs, ZEROS, (heads, head_dim), ("heads", "head_dim"))
+        self.key_bias = logical_param(rngs, ZEROS, (heads, head_dim), ("heads", "head_dim"))
+        self.value_bias = logical_param(rngs, ZEROS, (heads, head_dim), ("heads", "head_dim"))
+        self.out = logical_param(rngs, normal(proj_std), (heads, head_dim, width),
                                  ("heads", "head_dim", "embed"))
-        self.out_bias = logical_param(rngs, zeros, (width,), ("embed",))
+        self.out_bias = logical_param(rngs, ZEROS, (width,), ("embed",))
 
     def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
         dtype = x.dtype
@@ -89,11 +118,11 @@ class MLP(nnx.Module):
     def __init__(self, width: int, hidden: int, activation: Callable, *, proj_std: float,
                  rngs: nnx.Rngs):
         self.activation = activation
-        self.fc = logical_param(rngs, nnx.initializers.normal((2 * width) ** -0.5), (width, hidden),
+        self.fc = logical_param(rngs, normal((2 * width) ** -0.5), (width, hidden),
                                 ("embed", "mlp"))
-        self.fc_bias = logical_param(rngs, nnx.initializers.zeros, (hidden,), ("mlp",))
-        self.proj = logical_param(rngs, nnx.initializers.normal(proj_std), (hidden, width), ("mlp", "embed"))
-        self.proj_bias = logical_param(rngs, nnx.initializers.zeros, (width,), ("embed",))
+        self.fc_bias = logical_param(rngs, ZEROS, (hidden,), ("mlp",))
+        self.proj = logical_param(rngs, normal(proj_std), (hidden, width), ("mlp", "embed"))
+        self.proj_bias = logical_param(rngs, ZEROS, (width,), ("embed",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = x.dtype

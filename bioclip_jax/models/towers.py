@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bioclip_jax.models.config import TextConfig, VisionConfig
-from bioclip_jax.models.layers import LayerNorm, Transformer, exact_gelu, logical_param, quick_gelu
+from bioclip_jax.models.layers import LayerNorm, Transformer, exact_gelu, logical_param, normal, quick_gelu
 
 
 def _activation(use_quick_gelu: bool):
@@ -31,16 +31,16 @@ class VisionTransformer(nnx.Module):
         scale = w ** -0.5
         patch_in = cfg.patch_size * cfg.patch_size * 3
         # Patch kernel rows are ordered (patch row, patch column, channel).
-        self.patch_embed = logical_param(rngs, nnx.initializers.normal(patch_in ** -0.5), (patch_in, w),
+        self.patch_embed = logical_param(rngs, normal(patch_in ** -0.5), (patch_in, w),
                                          ("patch_in", "embed"))
-        self.class_embedding = logical_param(rngs, nnx.initializers.normal(scale), (w,), ("embed",))
+        self.class_embedding = logical_param(rngs, normal(scale), (w,), ("embed",))
         self.positional_embedding = logical_param(
-            rngs, nnx.initializers.normal(scale), (cfg.grid * cfg.grid + 1, w), ("position", "embed"))
+            rngs, normal(scale), (cfg.grid * cfg.grid + 1, w), ("position", "embed"))
         self.ln_pre = LayerNorm(w, rngs=rngs)
         self.transformer = Transformer(w, cfg.layers, cfg.heads, cfg.mlp_width, _activation(quick_gelu),
                                        remat=remat, rngs=rngs)
         self.ln_post = LayerNorm(w, rngs=rngs)
-        self.proj = logical_param(rngs, nnx.initializers.normal(scale), (w, embed_dim), ("embed", "proj_out"))
+        self.proj = logical_param(rngs, normal(scale), (w, embed_dim), ("embed", "proj_out"))
 
     def patchify(self, images: jax.Array) -> jax.Array:
         b, h, w, c = images.shape
@@ -70,14 +70,14 @@ class TextTransformer(nnx.Module):
         self.cfg = cfg
         self.dtype = dtype
         w = cfg.width
-        self.token_embedding = logical_param(rngs, nnx.initializers.normal(0.02), (cfg.vocab_size, w),
+        self.token_embedding = logical_param(rngs, normal(0.02), (cfg.vocab_size, w),
                                              ("vocab", "embed"))
-        self.positional_embedding = logical_param(rngs, nnx.initializers.normal(0.01),
+        self.positional_embedding = logical_param(rngs, normal(0.01),
                                                   (cfg.context_length, w), ("position", "embed"))
         self.transformer = Transformer(w, cfg.layers, cfg.heads, cfg.mlp_width, _activation(quick_gelu),
                                        remat=remat, rngs=rngs)
         self.ln_final = LayerNorm(w, rngs=rngs)
-        self.text_projection = logical_param(rngs, nnx.initializers.normal(w ** -0.5), (w, embed_dim),
+        self.text_projection = logical_param(rngs, normal(w ** -0.5), (w, embed_dim),
                                              ("embed", "proj_out"))
 
     def __call__(self, tokens: jax.Array) -> jax.Array:

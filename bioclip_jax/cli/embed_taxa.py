@@ -1,0 +1,165 @@
+"""`bioclip-jax embed-taxa`: the tree-of-life text-embedding matrix, in pybioclip's file layout.
+
+    bioclip-jax embed-taxa --taxa catalog.csv --out DIR --pretrained local-dir:/models/bioclip
+
+Reads a catalog (TreeOfLife-10M's catalog.csv, or any CSV with kingdom .. species and
+common columns; one row per image or per taxon), keeps each species once, and embeds its
+name in one text type (default taxon_com: "Animalia ... Corvus corax with common name
+common raven", the caption BioCLIP was trained on) through the 80 OpenAI templates.
+Output, as pybioclip's TreeOfLifeClassifier reads it:
+
+    DIR/txt_emb_species.npy   float32 [embed_dim, N], column i = taxon i (normalised)
+    DIR/txt_emb_species.json  [[[kingdom, phylum, class, order, family, genus, epithet], common], ...]
+
+The matrix is written column chunk by column chunk into a memory-mapped .npy, so memory
+stays bounded for any number of taxa.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from bioclip_jax.evaluate.templates import get_templates
+from bioclip_jax.inference import TextEmbedder, load_model
+from bioclip_jax.models.clip import CLIP
+from bioclip_jax.taxonomy import RANKS, TEXT_TYPES, Taxon, check_text_type, class_name
+
+EMBEDDINGS_FILE = "txt_emb_species.npy"
+NAMES_FILE = "txt_emb_species.json"
+
+
+def read_catalog_taxa(path: str) -> tuple[list[Taxon], int]:
+    """Unique species of a catalog, in first-seen order, and how many rows were skipped.
+
+    A row counts when it names a genus and an epithet; a species seen again only fills in a
+    missing common name.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"taxa catalog not found: {path}")
+    found: dict[tuple, Taxon] = {}
+    skipped = 0
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        columns = {c.strip().lower() for c in reader.fieldnames or []}
+        if not {"genus", "species"} <= columns:
+            raise ValueError(f"{path} needs at least genus and species columns (found {sorted(columns)})")
+        for row in reader:
+            try:
+                taxon = Taxon.from_mapping(row)
+            except (TypeError, ValueError):
+                skipped += 1
+                continue
+            if not (taxon.genus and taxon.species):
+                skipped += 1
+                continue
+            key = taxon.ranks_tuple()
+            known = found.get(key)
+            if known is None or (not known.common and taxon.common):
+                found[key] = taxon
+    return list(found.values()), skipped
+
+
+def names_entry(taxon: Taxon) -> list:
+    """pybioclip's per-column name record."""
+    return [list(taxon.ranks_tuple()), taxon.common]
+
+
+def taxon_from_entry(entry: Sequence, where: str = NAMES_FILE) -> Taxon:
+    try:
+        ranks, common = entry
+        return Taxon.from_ranks(**dict(zip(RANKS, ranks)), common=common or "")
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{where}: bad name record {entry!r}; expected [[kingdom, ..., epithet], common]") from error
+
+
+def taxa_class_chunks(model: CLIP, taxa: Sequence[Taxon], text_type: str = "taxon_com", *,
+                      templates: str = "openai", batch_size: int = 2048, progress: bool = True) -> Iterator[np.ndarray]:
+    """[n, D] embeddings of consecutive taxa, chunk by chunk."""
+    check_text_type(text_type)
+    names = (class_name(t, text_type) for t in taxa)
+    embedder = TextEmbedder(model, batch_size=batch_size, progress=progress)
+    return embedder.class_chunks(names, len(taxa), get_templates(templates), desc="taxa")
+
+
+def write_taxa_embeddings(model: CLIP, taxa: Sequence[Taxon], out_dir: str, text_type: str = "taxon_com", *,
+                          templates: str = "openai", batch_size: int = 2048, progress: bool = True) -> str:
+    """Writes the two files; the .npy appears under its name only once complete."""
+    if not taxa:
+        raise ValueError("no taxa to embed")
+    os.makedirs(out_dir, exist_ok=True)
+    npy_path = os.path.join(out_dir, EMBEDDINGS_FILE)
+    partial = npy_path + ".partial.npy"
+    matrix = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32,
+                                       shape=(model.config.embed_dim, len(taxa)))
+    column = 0
+    for chunk in taxa_class_chunks(model, taxa, text_type, templates=templates, batch_size=batch_size,
+                                   progress=progress):
+        matrix[:, column:column + len(chunk)] = chunk.T
+        column += len(chunk)
+    matrix.flush()
+    del matrix
+    os.replace(partial, npy_path)
+    with open(os.path.join(out_dir, NAMES_FILE), "w", encoding="utf-8") as handle:
+        json.dump([names_entry(t) for t in taxa], handle)
+    return npy_path
+
+
+def load_taxa_embeddings(directory: str) -> tuple[np.ndarray, list[Taxon]]:
+    """([D, N] embeddings, N taxa) from an embed-taxa (or pybioclip) folder."""
+    npy_path, json_path = os.path.join(directory, EMBEDDINGS_FILE), os.path.join(directory, NAMES_FILE)
+    for path in (npy_path, json_path):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} not found; build it with: bioclip-jax embed-taxa --taxa CSV --out {directory}")
+    matrix = np.load(npy_path, mmap_mode="r")
+    with open(json_path, encoding="utf-8") as handle:
+        entries = json.load(handle)
+    if matrix.ndim != 2 or matrix.shape[1] != len(entries):
+        raise ValueError(f"{npy_path} has shape {list(matrix.shape)} but {json_path} names {len(entries)} taxa; "
+                         f"expected [embed_dim, {len(entries)}]")
+    return matrix, [taxon_from_entry(e, json_path) for e in entries]
+
+
+def build_parser(prog: str = "bioclip-jax embed-taxa") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Embed every species of a taxa catalog for "
+                                     "tree-of-life prediction (pybioclip's txt_emb_species.npy/.json layout).")
+    parser.add_argument("--taxa", required=True, help="catalog CSV with kingdom .. species (and common) columns")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--pretrained", help="model source (open_clip folder, .safetensors, bioclip_jax dir, 'random')")
+    parser.add_argument("--model", help="architecture name for sources without one (e.g. ViT-B-16)")
+    parser.add_argument("--text-type", "--text_type", dest="text_type", default="taxon_com", choices=TEXT_TYPES,
+                        help="how each taxon is named (default taxon_com, BioCLIP's training caption)")
+    parser.add_argument("--templates", default="openai", help="prompt templates: openai (80) or single")
+    parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=2048,
+                        help="prompts per device batch (default 2048 = 25 taxa x 80 templates)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        taxa, skipped = read_catalog_taxa(args.taxa)
+        if skipped:
+            print(f"{args.taxa}: {skipped} rows without genus and species epithet skipped", file=sys.stderr)
+        model = load_model(args.pretrained, args.model)
+        start = time.perf_counter()
+        path = write_taxa_embeddings(model, taxa, args.out, args.text_type, templates=args.templates,
+                                     batch_size=args.batch_size, progress=args.progress)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"embed-taxa: {error}", file=sys.stderr)
+        return 2
+    seconds = time.perf_counter() - start
+    print(f"wrote {path} and {NAMES_FILE}: {len(taxa)} taxa in {seconds:.1f} s ({len(taxa) / seconds:.1f} names/s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

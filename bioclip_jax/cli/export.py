@@ -1,0 +1,36 @@
+"""`bioclip-jax export --checkpoint CKPT --out DIR`: an open_clip hf-hub folder (numpy + safetensors)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from bioclip_jax.cli.common import run_cli
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bioclip-jax export", description=__doc__)
+    parser.add_argument("--checkpoint", required=True,
+                        help="bioclip_jax model directory or training workdir (latest step), "
+                             "or any other pretrained source")
+    parser.add_argument("--model", default=None, help="architecture, if the source does not carry it")
+    parser.add_argument("--out", required=True, help="output folder (open_clip_config.json + weights)")
+    return parser
+
+
+def _run(argv) -> int:
+    args = _parser().parse_args(argv)
+    from bioclip_jax.pretrained import create_model, export_open_clip  # noqa: PLC0415
+    model = create_model(args.model, args.checkpoint)
+    export_open_clip(model, args.out)
+    print(f"wrote open_clip folder {args.out} (load with open_clip.create_model_and_transforms"
+          f"('local-dir:{args.out}'))")
+    return 0
+
+
+def main(argv=None) -> int:
+    return run_cli(_run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""`bioclip-jax import --pretrained SRC --out CKPT [--model NAME]`: open_clip weights -> bioclip_jax."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from bioclip_jax.cli.common import run_cli
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bioclip-jax import", description=__doc__)
+    parser.add_argument("--pretrained", required=True,
+                        help="local-dir:PATH (open_clip folder), PATH.safetensors, or PATH.bin/.pt (needs torch)")
+    parser.add_argument("--model", default=None,
+                        help="architecture (e.g. ViT-B-16-quickgelu); read from open_clip_config.json when present")
+    parser.add_argument("--out", required=True, help="bioclip_jax checkpoint directory to write")
+    return parser
+
+
+def _run(argv) -> int:
+    args = _parser().parse_args(argv)
+    from bioclip_jax.pretrained import create_model, save_model  # noqa: PLC0415
+    model = create_model(args.model, args.pretrained)
+    save_model(model, args.out)
+    print(f"wrote bioclip_jax checkpoint {args.out}")
+    return 0
+
+
+def main(argv=None) -> int:
+    return run_cli(_run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

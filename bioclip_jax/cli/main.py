@@ -1,0 +1,47 @@
+"""`bioclip-jax <command> ...`: one entry point; each command is also `python -m <module>`."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command -> (module with `main(argv) -> int`, one-line help)
+COMMANDS = {
+    "train": ("bioclip_jax.train.__main__", "train a CLIP on tree-of-life shards (ml_collections config)"),
+    "eval": ("bioclip_jax.evaluate.__main__", "zero-shot / few-shot / per-rank evaluation"),
+    "predict": ("bioclip_jax.cli.predict", "classify images with custom labels or the tree of life"),
+    "embed": ("bioclip_jax.cli.embed", "write image or text embeddings to .npy"),
+    "embed-taxa": ("bioclip_jax.cli.embed_taxa", "text embeddings for every taxon of a catalog"),
+    "export": ("bioclip_jax.cli.export", "write an open_clip hf-hub folder from a checkpoint"),
+    "import": ("bioclip_jax.cli.import_weights", "turn open_clip weights into a bioclip_jax checkpoint"),
+    "make-synthetic": ("bioclip_jax.cli.make_synthetic", "generate the synthetic tree of life"),
+    "check-data": ("bioclip_jax.cli.check_data", "read every sample of some shards and report problems"),
+    "convert-shards": ("bioclip_jax.cli.convert_shards", "convert webdataset shards to ArrayRecord"),
+    "plan": ("bioclip_jax.cli.plan", "per-device memory and FLOPs of a train config on a mesh"),
+    "main-job": ("bioclip_jax.cli.main_job", "synthetic data -> train -> evaluate -> export, end to end"),
+}
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: bioclip-jax <command> [options]", "", "commands:"]
+    lines += [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "`bioclip-jax <command> --help` describes a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"bioclip-jax: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[command][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

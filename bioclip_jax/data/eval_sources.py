@@ -1,0 +1,294 @@
+"""Labelled evaluation data behind one interface: class list + (image, class index) stream.
+
+    folder:PATH               PATH/<class name>/*.jpg (one directory per class)
+    tfds:NAME[:SPLIT]         a prepared TFDS dataset, read without TensorFlow (`tfds.data_source`)
+    shards:PATTERN            webdataset tar shards (glob or {000..031} range) with a label member
+
+Classes can carry a taxonomy from a taxa.csv (columns kingdom, phylum, class, order, family,
+genus, species, common; optional `class_name`), matched to class names by `class_name`, by
+scientific name ("Corvus corax", also "Corvus_corax") or by the full taxonomic name. That
+lets zero-shot use any text type and enables per-rank scoring. A folder dataset picks up a
+taxa.csv inside it or next to it when none is given.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import glob
+import os
+import re
+import sys
+import tarfile
+from typing import Iterator, Sequence
+
+import numpy as np
+from PIL import Image
+
+from bioclip_jax.inference import IMAGE_EXTENSIONS, ImageItem, bytes_item, file_item
+from bioclip_jax.taxonomy import Taxon
+
+TAXA_FILE = "taxa.csv"
+DEFAULT_LABEL_KEY = "scientific_name.txt"
+SHARD_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalClass:
+    name: str
+    taxon: Taxon | None = None
+
+
+class EvalData:
+    """A labelled image set: `classes` in label order, `items()` yields ImageItems labelled by index."""
+
+    name: str
+    classes: list[EvalClass]
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def items(self) -> Iterator[ImageItem]:
+        raise NotImplementedError
+
+    @property
+    def class_names(self) -> list[str]:
+        return [c.name for c in self.classes]
+
+    @property
+    def has_taxonomy(self) -> bool:
+        return bool(self.classes) and all(c.taxon is not None for c in self.classes)
+
+
+class FolderData(EvalData):
+    def __init__(self, root: str, name: str | None = None):
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"image folder not found: {root}")
+        self.root = root
+        self.name = name or os.path.basename(os.path.normpath(root))
+        self._files: list[tuple[str, int]] = []
+        self.classes = []
+        for entry in sorted(os.listdir(root)):
+            directory = os.path.join(root, entry)
+            if entry.startswith(".") or not os.path.isdir(directory):
+                continue
+            images = sorted(f for f in os.listdir(directory) if f.lower().endswith(IMAGE_EXTENSIONS))
+            if not images:
+                print(f"{self.name}: class directory {directory} has no images; ignored", file=sys.stderr)
+                continue
+            self._files += [(os.path.join(directory, f), len(self.classes)) for f in images]
+            self.classes.append(EvalClass(entry))
+        if not self.classes:
+            raise ValueError(f"{root} has no class directories with images (expected {root}/<class>/*.jpg)")
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def items(self) -> Iterator[ImageItem]:
+        return (file_item(path, label) for path, label in self._files)
+
+
+class TfdsData(EvalData):
+    """A prepared TFDS dataset; images and labels come from the supervised keys or the features."""
+
+    def __init__(self, dataset: str, split: str | None = None, *, data_dir: str | None = None,
+                 download: bool = False, name: str | None = None):
+        import tensorflow_datasets as tfds  # noqa: PLC0415 - only this source needs it
+
+        builder = tfds.builder(dataset, data_dir=data_dir)
+        features = builder.info.features
+        self.image_key, self.label_key = _tfds_keys(dataset, builder.info)
+        if split is None:
+            split = next((s for s in ("test", "validation", "train") if s in builder.info.splits), None)
+            if split is None:
+                split = next(iter(builder.info.splits), "test")
+        self.source = tfds.data_source(dataset, split=split, data_dir=data_dir, download=download)
+        self.name = name or f"{dataset}:{split}"
+        self.classes = [EvalClass(n) for n in features[self.label_key].names]
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def _read(self, index: int) -> tuple[Image.Image, int]:
+        """Runs in the loader's threads: one record read gives the decoded image and its label."""
+        record = self.source[index]
+        return Image.fromarray(np.asarray(record[self.image_key])), int(record[self.label_key])
+
+    def items(self) -> Iterator[ImageItem]:
+        return (ImageItem(f"{self.name}[{i}]", functools.partial(self._read, i)) for i in range(len(self.source)))
+
+
+def _tfds_keys(dataset: str, info) -> tuple[str, str]:
+    import tensorflow_datasets as tfds  # noqa: PLC0415
+
+    features = info.features
+    keys = info.supervised_keys
+    if keys and len(keys) == 2 and all(isinstance(k, str) for k in keys):
+        image_key, label_key = keys
+    else:
+        image_key = next((k for k, f in features.items() if isinstance(f, tfds.features.Image)), None)
+        label_key = next((k for k, f in features.items() if isinstance(f, tfds.features.ClassLabel)), None)
+    if image_key is None or label_key is None or not isinstance(features[label_key], tfds.features.ClassLabel):
+        raise ValueError(f"TFDS dataset {dataset!r} has no (Image, ClassLabel) feature pair to evaluate on")
+    return image_key, label_key
+
+
+class ShardData(EvalData):
+    """Webdataset shards read front to back; a first pass over the tar headers finds the labels."""
+
+    def __init__(self, pattern: str, label_key: str = DEFAULT_LABEL_KEY, name: str | None = None):
+        self.paths = expand_shard_pattern(pattern)
+        self.label_key = label_key.lstrip(".")
+        self.name = name or os.path.basename(os.path.dirname(self.paths[0])) or "shards"
+        labels = [label for _, label in self._labels()]
+        if not labels:
+            raise ValueError(f"no sample in {pattern} has both an image and a {self.label_key!r} member")
+        self.classes = [EvalClass(n) for n in sorted(set(labels), key=_natural_key)]
+        self._index = {c.name: i for i, c in enumerate(self.classes)}
+        self._count = len(labels)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def _samples(self, with_images: bool) -> Iterator[tuple[str, dict[str, bytes]]]:
+        wanted = {self.label_key, *SHARD_IMAGE_KEYS} if with_images else {self.label_key}
+        for path in self.paths:
+            yield from _tar_samples(path, wanted, SHARD_IMAGE_KEYS)
+
+    def _labels(self) -> Iterator[tuple[str, str]]:
+        for key, members in self._samples(with_images=False):
+            if self.label_key in members and members.get("__has_image__"):
+                yield key, members[self.label_key].decode("utf-8", "replace").strip()
+
+    def items(self) -> Iterator[ImageItem]:
+        for key, members in self._samples(with_images=True):
+            image = next((members[k] for k in SHARD_IMAGE_KEYS if k in members), None)
+            if image is None or self.label_key not in members:
+                continue
+            label = members[self.label_key].decode("utf-8", "replace").strip()
+            yield bytes_item(key, image, self._index[label])
+
+
+def _natural_key(text: str):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
+
+
+def expand_shard_pattern(pattern: str) -> list[str]:
+    """`dir/shard-{000000..000031}.tar` (webdataset ranges) and/or glob patterns -> existing files."""
+    match = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
+    if match:
+        first, last = match.group(1), match.group(2)
+        names = [pattern[: match.start()] + str(i).zfill(len(first)) + pattern[match.end():]
+                 for i in range(int(first), int(last) + 1)]
+    else:
+        names = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+    missing = [n for n in names if not os.path.isfile(n)]
+    if missing or not names:
+        raise FileNotFoundError(f"shard(s) not found for {pattern!r}: {', '.join(missing[:3]) or 'no match'}")
+    return names
+
+
+def _tar_samples(path: str, wanted: set[str], image_keys: Sequence[str]) -> Iterator[tuple[str, dict]]:
+    """(key, {ext: bytes}) per sample, reading only `wanted` members; a damaged tail ends the shard."""
+    current_key, members = None, {}
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                base = os.path.basename(info.name)
+                key, _, ext = base.partition(".")
+                key = os.path.join(os.path.dirname(info.name), key)
+                if key != current_key:
+                    if current_key is not None:
+                        yield current_key, members
+                    current_key, members = key, {}
+                ext = ext.lower()
+                if ext in image_keys:
+                    members["__has_image__"] = b"1"
+                if ext in wanted:
+                    members[ext] = tar.extractfile(info).read()
+    except (tarfile.TarError, OSError, EOFError) as error:
+        print(f"{path}: unreadable after sample {current_key!r} ({error}); rest of shard skipped", file=sys.stderr)
+        return
+    if current_key is not None:
+        yield current_key, members
+
+
+# ---- taxonomy --------------------------------------------------------------------------------------
+
+
+def _name_key(name: str) -> str:
+    return " ".join(name.replace("_", " ").split()).lower()
+
+
+def read_taxa_lookup(path: str) -> dict[str, Taxon]:
+    """Name -> Taxon from a taxa.csv; keys are `class_name`, scientific and taxonomic names."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"taxa file not found: {path}")
+    lookup: dict[str, Taxon] = {}
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        columns = {c.strip().lower() for c in reader.fieldnames or []}
+        if not columns & {"genus", "species", "kingdom"}:
+            raise ValueError(f"{path} has no taxonomy columns (expected kingdom .. species, common)")
+        for line, row in enumerate(reader, start=2):
+            try:
+                taxon = Taxon.from_mapping(row)
+            except (TypeError, ValueError) as error:
+                print(f"{path}:{line}: skipped ({error})", file=sys.stderr)
+                continue
+            if taxon.is_empty:
+                continue
+            lowered = {k.strip().lower(): v for k, v in row.items() if k}
+            names = [lowered.get("class_name") or "", taxon.scientific_name, taxon.taxonomic_name]
+            for name in names:
+                if name and _name_key(name) not in lookup:
+                    lookup[_name_key(name)] = taxon
+    return lookup
+
+
+def attach_taxa(data: EvalData, taxa_csv: str) -> int:
+    """Gives classes their taxonomy where the table names them; returns how many matched."""
+    lookup = read_taxa_lookup(taxa_csv)
+    matched = 0
+    for i, cls in enumerate(data.classes):
+        taxon = lookup.get(_name_key(cls.name))
+        if taxon is not None:
+            data.classes[i] = dataclasses.replace(cls, taxon=taxon)
+            matched += 1
+    if matched < len(data.classes):
+        missing = [c.name for c in data.classes if c.taxon is None]
+        print(f"{data.name}: {len(missing)} of {len(data.classes)} classes not in {taxa_csv} "
+              f"(e.g. {missing[0]!r}); those use their directory name as text", file=sys.stderr)
+    return matched
+
+
+def _default_taxa_file(root: str) -> str | None:
+    for candidate in (os.path.join(root, TAXA_FILE), os.path.join(os.path.dirname(os.path.normpath(root)), TAXA_FILE)):
+        if os.path.isfile(candidate):
+            return candidate
+    return None
+
+
+def open_eval_data(spec: str, *, name: str | None = None, taxa: str | None = None,
+                   label_key: str | None = None, tfds_data_dir: str | None = None,
+                   tfds_download: bool = False) -> EvalData:
+    """Opens `folder:PATH`, `tfds:NAME[:SPLIT]` or `shards:PATTERN` (a bare directory means folder:)."""
+    kind, _, target = spec.partition(":")
+    if not target and os.path.isdir(spec):
+        kind, target = "folder", spec
+    if kind == "folder":
+        data: EvalData = FolderData(target, name)
+        taxa = taxa or _default_taxa_file(target)
+    elif kind == "tfds":
+        dataset, _, split = target.partition(":")
+        data = TfdsData(dataset, split or None, data_dir=tfds_data_dir, download=tfds_download, name=name)
+    elif kind == "shards":
+        data = ShardData(target, label_key or DEFAULT_LABEL_KEY, name)
+    else:
+        raise ValueError(f"unknown data source {spec!r}; use folder:PATH, tfds:NAME[:SPLIT] or shards:PATTERN")
+    if taxa:
+        attach_taxa(data, taxa)
+    return data

@@ -1,0 +1,83 @@
+"""Every field a training config has, with defaults; configs/*.py change what they need.
+
+The config is locked after `get_config`, so a misspelt command-line override
+(`--config.optimizer.lrr=1e-4`) is an error that names the field.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.total_steps = 1000            # length of the schedule
+    c.log_every_steps = 10
+    c.init = ""                     # any pretrained= source; "" = random initialisation
+    c.dtype = "float32"             # compute dtype: float32 | bfloat16 (parameters stay float32)
+    c.remat = False                 # recompute each transformer block in the backward pass
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "ViT-B-16"
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train_shards = ""        # brace pattern, e.g. /data/train/shard-{000000..000159}.tar
+    c.data.batch_size = 256         # global batch over all hosts and devices
+    c.data.text_type = "random"     # fixed type | random | per_sample | weighted "sci:0.5,taxon_com:0.5"
+    c.data.workers = 0              # Grain worker processes per host (0 = in the main process)
+    c.data.crop_scale = (0.9, 1.0)  # RandomResizedCrop scale, as in BioCLIP
+    c.data.max_bad_fraction = 0.01  # stop when more than this fraction of samples is unusable
+    c.data.index_cache_dir = ""     # where shard indexes go when the data directory is read-only
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.kind = "softmax"         # softmax (CLIP) | sigmoid (SigLIP)
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.name = "adamw"
+    c.optimizer.lr = 1e-4
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.98
+    c.optimizer.eps = 1e-6
+    c.optimizer.weight_decay = 0.2
+    c.optimizer.grad_clip_norm = 0.0   # 0 = no clipping
+    c.optimizer.accumulate_steps = 1   # gradient accumulation (micro-batches per update)
+
+    c.schedule = ml_collections.ConfigDict()
+    c.schedule.name = "cosine"
+    c.schedule.warmup_steps = 1000
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1                # -1 = all devices not used by the other axes
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 1000
+    c.checkpoint.keep = 3
+    c.checkpoint.async_save = True
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every_steps = 0          # 0 = only at the end
+    c.eval.held_out_dir = ""        # image folder (one directory per species) for zero-shot
+    c.eval.taxa_file = ""           # taxa.csv for the held-out species (enables per-rank scores)
+    c.eval.text_type = "taxon_com"
+    c.eval.batch_size = 256
+
+    c.device_peak_tflops = 0.0      # for MFU; 0 = look up the device kind, unknown -> no MFU
+    return c
+
+
+def sized(config: ml_collections.ConfigDict, arg: str | None, sizes: dict) -> ml_collections.ConfigDict:
+    """Applies a big_vision-style size argument (`config.py:local`) from a table of overrides."""
+    if not arg:
+        return config
+    if arg not in sizes:
+        raise ValueError(f"unknown config argument {arg!r}; choose one of {sorted(sizes)}")
+    for dotted, value in sizes[arg].items():
+        node = config
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return config

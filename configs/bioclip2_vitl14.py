@@ -1,0 +1,31 @@
+"""BioCLIP 2's recipe without the LAION replay data: ViT-L/14, TreeOfLife-200M, pure bf16.
+
+Per-GPU batch 2,816 on 32 GPUs (global 90,112), lr 1e-4, 1,875 warm-up steps, 30 epochs.
+Initialise from LAION-2B ViT-L-14 weights with --config.init=local-dir:PATH.
+The replay of 320 LAION samples per GPU with a separate visual projector is not implemented.
+"""
+
+from bioclip_jax.train.config_base import base_config, sized
+
+TREE_OF_LIFE_200M_IMAGES = 214_000_000
+GLOBAL_BATCH = 2816 * 32
+EPOCHS = 30
+
+
+def get_config(arg=None):
+    c = base_config()
+    c.model.name = "ViT-L-14"
+    c.data.batch_size = GLOBAL_BATCH
+    c.data.text_type = "random"
+    c.total_steps = EPOCHS * TREE_OF_LIFE_200M_IMAGES // GLOBAL_BATCH
+    c.optimizer.lr = 1e-4
+    c.schedule.warmup_steps = 1875
+    c.dtype = "bfloat16"
+    c.remat = True
+    c.mesh.data, c.mesh.fsdp = -1, 8
+    c.checkpoint.every_steps = 1000
+    c.log_every_steps = 50
+    return sized(c, arg, {
+        "local": {"data.batch_size": 16, "total_steps": 20, "schedule.warmup_steps": 5,
+                  "checkpoint.every_steps": 10, "dtype": "float32", "mesh.fsdp": 1, "log_every_steps": 5},
+    })

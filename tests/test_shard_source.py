@@ -1,0 +1,250 @@
+"""Shard patterns, the cached tar index, and random access to samples (incl. damaged shards)."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bioclip_jax.data import shard_index
+from bioclip_jax.data.shard_index import ShardNotFoundError, expand_braces, expand_shard_pattern
+from bioclip_jax.data.tar_source import ERROR, TarShardSource
+from bioclip_jax.data.tar_writer import ShardWriter
+from bioclip_jax.taxonomy import Taxon, sample_captions
+
+
+def tiny_jpeg(seed: int, size: int = 32) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def sample_files(i: int) -> dict[str, bytes]:
+    """A TreeOfLife-10M style sample: image plus every caption member."""
+    taxon = Taxon(kingdom="Animalia", phylum="Chordata", cls="Aves", order=f"Order{i % 3}",
+                  family=f"Family{i % 5}", genus=f"Genus{i % 7}", species=f"ep{i % 11}", common=f"bird {i}")
+    files = {"jpg": tiny_jpeg(i)}
+    files.update({ext: text.encode() for ext, text in sample_captions(taxon).items()})
+    return files
+
+
+def write_shards(out_dir, num_samples: int, per_shard: int, edit=None) -> list[str]:
+    """Shards of `num_samples` samples keyed s00000...; `edit(i, files)` may damage a sample."""
+    with ShardWriter(str(out_dir), per_shard) as writer:
+        for i in range(num_samples):
+            files = sample_files(i)
+            if edit is not None:
+                files = edit(i, files)
+            writer.write(f"s{i:05d}", files)
+    return writer.shard_paths
+
+
+def read_members(path: str) -> dict[str, dict[str, bytes]]:
+    """Reference reader: every sample of a shard via tarfile's own streaming."""
+    samples: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(path) as archive:
+        for info in archive:
+            key, ext = info.name.split(".", 1)
+            samples.setdefault(key, {})[ext] = archive.extractfile(info).read()
+    return samples
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    directory = tmp_path / "index_cache"
+    monkeypatch.setenv(shard_index.CACHE_DIR_ENV, str(directory))
+    return directory
+
+
+# ----------------------------------------------------------------------------- patterns
+
+
+def test_brace_expansion_forms():
+    assert expand_braces("s-{000..002}.tar") == ["s-000.tar", "s-001.tar", "s-002.tar"]
+    assert expand_braces("{a,b}/x{1..2}") == ["a/x1", "a/x2", "b/x1", "b/x2"]
+    assert expand_braces("x{0..4..2}") == ["x0", "x2", "x4"]
+    assert expand_braces("{8..10}") == ["8", "9", "10"]
+    assert expand_braces("{a,{b,c}}d") == ["ad", "bd", "cd"]
+    assert expand_braces("lit{x}") == ["lit{x}"]
+    with pytest.raises(ValueError, match="unbalanced"):
+        expand_braces("s-{000..002.tar")
+
+
+def test_shard_patterns_dirs_globs_and_missing(tmp_path, cache_dir):
+    train = write_shards(tmp_path / "train", 6, 2)
+    extra = write_shards(tmp_path / "extra", 2, 2)
+    assert expand_shard_pattern(str(tmp_path / "train" / "shard-{000000..000002}.tar")) == train
+    assert expand_shard_pattern(str(tmp_path / "train")) == train
+    assert expand_shard_pattern(str(tmp_path / "train" / "shard-*.tar")) == train
+    TarShardSource(train)  # writes shard-*.tar.idx.json beside the shards
+    assert expand_shard_pattern(str(tmp_path / "train" / "shard-*")) == train
+    joined = f"{tmp_path}/train/shard-{{000000,000002}}.tar::{tmp_path}/extra"
+    assert expand_shard_pattern(joined) == [train[0], train[2], extra[0]]
+    with pytest.raises(ShardNotFoundError, match=r"shard-000003.tar does not exist \(and 2 more\)"):
+        expand_shard_pattern(str(tmp_path / "train" / "shard-{000000..000005}.tar"))
+    with pytest.raises(ShardNotFoundError, match="matches no files"):
+        expand_shard_pattern(str(tmp_path / "nowhere" / "*.tar"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ShardNotFoundError, match="holds no"):
+        expand_shard_pattern(str(tmp_path / "empty"))
+
+
+# ----------------------------------------------------------------------------- index
+
+
+def test_random_access_returns_exact_member_bytes(tmp_path, cache_dir):
+    paths = write_shards(tmp_path, 7, 3)
+    source = TarShardSource(str(tmp_path / "shard-{000000..000002}.tar"))
+    assert len(source) == 7
+    expected = {}
+    for shard, path in enumerate(paths):
+        for key, members in read_members(path).items():
+            expected[key] = (shard, members)
+    for i in [6, 0, 3, 5, 1, 2, 4]:  # out of order on purpose
+        sample = source[i]
+        shard, members = expected[sample["__key__"]]
+        assert sample["__key__"] == f"s{i:05d}"
+        assert sample["__shard__"] == shard
+        assert {k: v for k, v in sample.items() if not k.startswith("__")} == members
+    with pytest.raises(IndexError):
+        source[7]
+
+
+def test_index_cached_beside_shard_and_rebuilt_when_stale(tmp_path, cache_dir, monkeypatch):
+    (path,) = write_shards(tmp_path, 3, 10)
+    TarShardSource(path)
+    cached = path + shard_index.INDEX_SUFFIX
+    assert os.path.exists(cached)
+    scans = []
+    real_build = shard_index.build_shard_index
+    monkeypatch.setattr(shard_index, "build_shard_index", lambda p: scans.append(p) or real_build(p))
+    assert len(TarShardSource(path)) == 3
+    assert scans == []  # served from the cache
+    write_shards(tmp_path, 5, 10)  # same name, new content: size and mtime change
+    source = TarShardSource(path)
+    assert scans == [path] and len(source) == 5
+    assert source[4]["__key__"] == "s00004"
+
+
+def test_index_scan_skips_payloads(tmp_path, cache_dir, monkeypatch):
+    big = lambda i, files: {**files, "jpg": os.urandom(200_000)}
+    (path,) = write_shards(tmp_path, 4, 10, edit=big)
+    read_bytes = []
+
+    class CountingFile(io.FileIO):
+        def read(self, size=-1):
+            data = super().read(size)
+            read_bytes.append(len(data))
+            return data
+
+    monkeypatch.setattr(shard_index, "open_for_scan", CountingFile)
+    assert len(TarShardSource(path)) == 4
+    assert 0 < sum(read_bytes) < 0.05 * os.path.getsize(path)
+
+
+def test_read_only_data_dir_uses_cache_dir(tmp_path, cache_dir, monkeypatch):
+    (path,) = write_shards(tmp_path / "data", 4, 10)
+    real_write = shard_index.write_text_atomically
+
+    def refuse_data_dir(target, text):
+        if os.fspath(target).startswith(str(tmp_path / "data")):
+            raise PermissionError(13, "Read-only file system", os.fspath(target))
+        real_write(target, text)
+
+    monkeypatch.setattr(shard_index, "write_text_atomically", refuse_data_dir)
+    assert len(TarShardSource(path)) == 4
+    assert not os.path.exists(path + shard_index.INDEX_SUFFIX)
+    cached = list(cache_dir.iterdir())
+    assert len(cached) == 1 and cached[0].name.startswith("shard-000000.tar.")
+    monkeypatch.setattr(shard_index, "build_shard_index", lambda p: pytest.fail("index rebuilt"))
+    assert len(TarShardSource(path)) == 4
+
+
+@pytest.mark.parametrize("tar_format", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_long_names_and_extended_headers(tmp_path, cache_dir, tar_format):
+    """Keys with directories (ustar prefix field) and keys too long for ustar (GNU/pax headers)."""
+    keys = ["d" * 120 + "/short", "plain"]
+    if tar_format != tarfile.USTAR_FORMAT:
+        keys.append("x" * 300)
+    path = str(tmp_path / "names.tar")
+    with tarfile.open(path, "w", format=tar_format) as archive:
+        directory = tarfile.TarInfo("somedir")
+        directory.type = tarfile.DIRTYPE
+        archive.addfile(directory)  # directory entries are not samples
+        for i, key in enumerate(keys):
+            for ext, payload in sample_files(i).items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(payload)
+                archive.addfile(info, io.BytesIO(payload))
+    source = TarShardSource(path)
+    assert [source[i]["__key__"] for i in range(len(source))] == keys
+    for i, key in enumerate(keys):
+        assert {k: v for k, v in source[i].items() if not k.startswith("__")} == sample_files(i)
+
+
+def test_source_pickles_and_reopens(tmp_path, cache_dir):
+    write_shards(tmp_path, 4, 2)
+    source = TarShardSource(str(tmp_path))
+    first = source[3]
+    clone = pickle.loads(pickle.dumps(source))
+    assert clone[3] == first and clone[0]["__key__"] == "s00000"
+
+
+# ----------------------------------------------------------------------------- damage
+
+
+def test_truncated_tar_indexed_up_to_cut(tmp_path, cache_dir):
+    (path,) = write_shards(tmp_path, 5, 10)
+    members = read_members(path)
+    with tarfile.open(path) as archive:
+        cut_inside = next(m for m in archive if m.name == "s00003.jpg")
+    with open(path, "r+b") as f:
+        f.truncate(cut_inside.offset_data + cut_inside.size // 2)
+    source = TarShardSource(path)
+    assert len(source) == 4
+    for i in range(3):
+        assert source[i]["__key__"] == f"s{i:05d}" and source[i]["jpg"] == members[f"s{i:05d}"]["jpg"]
+    assert source[3] == {"__key__": "s00003", "__shard__": 0, ERROR: "truncated_tar",
+                         "__detail__": source[3]["__detail__"]}
+    assert "truncated" in source.problems[path] and "s00003" in source.problems[path]
+
+
+def test_tar_cut_at_member_boundary_is_flagged(tmp_path, cache_dir):
+    (path,) = write_shards(tmp_path, 3, 10)
+    with tarfile.open(path) as archive:
+        last = archive.getmembers()[-1]
+    with open(path, "r+b") as f:
+        f.truncate(shard_index._padded(last.offset_data + last.size))  # drop the end-of-archive blocks
+    source = TarShardSource(path)
+    assert len(source) == 3 and source[2][ERROR] == "truncated_tar"
+    assert source[1]["__key__"] == "s00001" and ERROR not in source[1]
+
+
+def test_damaged_header_ends_the_index_there(tmp_path, cache_dir):
+    (path,) = write_shards(tmp_path, 6, 10)
+    with tarfile.open(path) as archive:
+        damaged = next(m for m in archive if m.name == "s00003.jpg")
+    with open(path, "r+b") as f:
+        f.seek(damaged.offset)
+        f.write(b"\x17garbage" * 8)
+    source = TarShardSource(path)
+    assert len(source) == 3  # s00002 is the last sample before the damage, so it counts as cut
+    assert source[1]["__key__"] == "s00001" and source[2][ERROR] == "truncated_tar"
+
+
+def test_unreadable_shards_reported_not_fatal(tmp_path, cache_dir):
+    paths = write_shards(tmp_path, 4, 2)
+    with open(tmp_path / "shard-000002.tar", "wb") as f:
+        f.write(b"this is not a tar file" * 40)
+    source = TarShardSource(str(tmp_path))
+    assert len(source) == 4
+    assert "cannot read" in source.problems[str(tmp_path / "shard-000002.tar")]
+    os.remove(paths[1])  # vanishes after indexing: reads come back as errors, not exceptions
+    assert source[2][ERROR] == "unreadable_shard" and "shard-000001.tar" in source[2]["__detail__"]
+    assert source[0]["__key__"] == "s00000"
