@@ -1,0 +1,200 @@
+"""Logical axis names -> mesh axes -> `NamedSharding`s, for parameters, optimiser state and batches.
+
+Modules speak only logical names ("embed", "mlp", ...), stored on each `nnx.Param` as
+`out_sharding` metadata. The rules here (data, overridable from the config) decide
+which mesh axes each name is split over; a mesh axis that does not divide a dimension,
+or that an earlier dimension already uses, is dropped, so every rule set gives a valid
+sharding for every shape (at worst, replication).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MeshAxes = str | Sequence[str] | None
+Rules = Sequence[tuple[str, MeshAxes]]
+
+LOGICAL_RULES: tuple[tuple[str, MeshAxes], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("vocab", "tensor"),
+    ("head_dim", None),
+    ("position", None),
+    ("patch_in", None),
+    ("proj_out", None),
+)
+
+
+def _as_axis_tuple(mesh_axes: MeshAxes) -> tuple[str, ...]:
+    if mesh_axes is None:
+        return ()
+    if isinstance(mesh_axes, str):
+        return (mesh_axes,)
+    return tuple(mesh_axes)
+
+
+def rules_as_dict(rules: Rules | Iterable[Sequence[Any]]) -> dict[str, tuple[str, ...]]:
+    """Normalises (name, axes) pairs, e.g. lists read from a ConfigDict, to {name: (axes...)}."""
+    table: dict[str, tuple[str, ...]] = {}
+    for entry in rules:
+        if len(entry) != 2 or not isinstance(entry[0], str):
+            raise ValueError(f"sharding rule {entry!r} is not a (logical name, mesh axes) pair.")
+        name, mesh_axes = entry
+        if name in table:
+            raise ValueError(f"logical axis {name!r} appears twice in the sharding rules.")
+        table[name] = _as_axis_tuple(mesh_axes)
+    return table
+
+
+def logical_to_mesh_spec(
+    logical_spec: Sequence[str | Sequence[str] | None] | PartitionSpec,
+    rules: Rules,
+    mesh: Mesh,
+    shape: Sequence[int],
+) -> PartitionSpec:
+    """Maps one array's logical spec to a mesh `PartitionSpec` that is valid for `shape`.
+
+    Per dimension, the rule's mesh axes are kept in order while their product still
+    divides the dimension; axes missing from the mesh, of size 1, or already used by an
+    earlier dimension are dropped. Unknown logical names are an error (a typo would
+    otherwise silently replicate a large weight).
+    """
+    table = rules_as_dict(rules)
+    logical_spec = tuple(logical_spec)
+    if len(logical_spec) > len(shape):
+        raise ValueError(f"logical spec {logical_spec} has more entries than the array has dimensions {tuple(shape)}.")
+    used: set[str] = set()
+    mesh_spec: list[str | tuple[str, ...] | None] = []
+    for dim, names in zip(shape, logical_spec):
+        kept: list[str] = []
+        shards = 1
+        for name in _as_axis_tuple(names):
+            if name not in table:
+                raise ValueError(f"logical axis {name!r} has no sharding rule; known names: {sorted(table)}.")
+            for axis in table[name]:
+                size = mesh.shape.get(axis, 1)
+                if axis in used or size == 1 or dim % (shards * size):
+                    continue
+                kept.append(axis)
+                used.add(axis)
+                shards *= size
+        mesh_spec.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    while mesh_spec and mesh_spec[-1] is None:
+        mesh_spec.pop()
+    return PartitionSpec(*mesh_spec)
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh, rules: Rules = LOGICAL_RULES) -> Any:
+    """A pytree of `NamedSharding`s matching `abstract_state` (an NNX State or any array pytree).
+
+    Logical specs come from `nnx.get_partition_spec` (the `out_sharding` metadata of each
+    Variable); leaves without one are replicated. Works on concrete arrays and on
+    `jax.ShapeDtypeStruct`s from `nnx.eval_shape`, so nothing has to be materialised.
+    """
+    logical_specs = nnx.get_partition_spec(abstract_state)
+
+    def to_sharding(logical_spec, leaf):
+        if logical_spec is None or not hasattr(leaf, "shape"):
+            return None
+        return NamedSharding(mesh, logical_to_mesh_spec(logical_spec, rules, mesh, leaf.shape))
+
+    return jax.tree.map(to_sharding, logical_specs, abstract_state, is_leaf=lambda x: x is None)
+
+
+def key_path_names(path: tuple) -> tuple:
+    """Key path -> plain names, without the `.value` step of NNX Variables.
+
+    Dropping `.value` makes paths of an NNX State, of its pure-dict form and of optax
+    states built from either comparable.
+    """
+    names = []
+    for key in path:
+        if isinstance(key, jax.tree_util.DictKey):
+            names.append(key.key)
+        elif isinstance(key, jax.tree_util.GetAttrKey):
+            if key.name != "value":
+                names.append(key.name)
+        elif isinstance(key, jax.tree_util.SequenceKey):
+            names.append(key.idx)
+        elif isinstance(key, jax.tree_util.FlattenedIndexKey):
+            names.append(key.key)
+        else:
+            names.append(str(key))
+    return tuple(names)
+
+
+def optimizer_state_shardings(
+    abstract_opt_state: Any,
+    abstract_params: Any,
+    mesh: Mesh,
+    rules: Rules = LOGICAL_RULES,
+) -> Any:
+    """Shardings for a pure optax state: leaves that mirror a parameter get its sharding.
+
+    optax states hold per-parameter trees (Adam's mu/nu, MultiSteps' accumulated
+    gradients) under prefixes such as `[0].mu`. A leaf whose key path ends with a
+    parameter's path and has the same shape is sharded like that parameter; everything
+    else (step counts, scalars) is replicated.
+    """
+    param_shardings = state_shardings(abstract_params, mesh, rules)
+    by_path: dict[tuple, tuple[tuple[int, ...], NamedSharding]] = {}
+    for (path, leaf), sharding in zip(
+        jax.tree_util.tree_leaves_with_path(abstract_params),
+        jax.tree.leaves(param_shardings),
+    ):
+        by_path[key_path_names(path)] = (tuple(leaf.shape), sharding)
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def to_sharding(path, leaf):
+        names = key_path_names(path)
+        for start in range(len(names)):
+            match = by_path.get(names[start:])
+            if match is not None and match[0] == tuple(np.shape(leaf)):
+                return match[1]
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(to_sharding, abstract_opt_state)
+
+
+def batch_axes(mesh: Mesh, rules: Rules = LOGICAL_RULES) -> tuple[str, ...]:
+    """Mesh axes that the "batch" logical axis is split over on this mesh."""
+    return tuple(axis for axis in rules_as_dict(rules).get("batch", ()) if axis in mesh.shape)
+
+
+def batch_sharding(mesh: Mesh, rules: Rules = LOGICAL_RULES) -> NamedSharding:
+    """Sharding for [B, ...] inputs: the leading axis split over the batch mesh axes."""
+    axes = batch_axes(mesh, rules)
+    return NamedSharding(mesh, PartitionSpec(axes if axes else None))
+
+
+def host_batch_to_global(local_batch: Mapping[str, Any] | Any, mesh: Mesh, rules: Rules = LOGICAL_RULES) -> Any:
+    """Turns each process's slice of the batch (a pytree of numpy arrays) into global `jax.Array`s.
+
+    Every process passes its own rows; the global batch is their concatenation in
+    process order, sharded over the batch mesh axes. On one process this is a plain
+    device_put with the batch sharding.
+    """
+    sharding = batch_sharding(mesh, rules)
+    shards = int(np.prod([mesh.shape[axis] for axis in batch_axes(mesh, rules)]))
+    processes = jax.process_count()
+
+    def place(path, local):
+        local = np.asarray(local)
+        global_rows = local.shape[0] * processes if local.ndim else 0
+        if local.ndim == 0 or global_rows % shards:
+            where = jax.tree_util.keystr(path) or "batch"
+            raise ValueError(
+                f"{where}: {local.shape[0] if local.ndim else 'scalar'} rows per process x {processes} processes "
+                f"cannot be split over {shards} batch shards; the global batch must be a multiple of {shards}."
+            )
+        return jax.make_array_from_process_local_data(sharding, local, (global_rows, *local.shape[1:]))
+
+    return jax.tree_util.tree_map_with_path(place, local_batch)

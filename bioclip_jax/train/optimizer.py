@@ -1,0 +1,130 @@
+"""AdamW + learning-rate schedule as in open_clip's training script (the BioCLIP recipe).
+
+open_clip puts gains, biases, `logit_scale` and every parameter with fewer than two
+dimensions in a group without weight decay; `weight_decay_mask` reproduces that rule
+from NNX State paths. The schedules reproduce `open_clip_train/scheduler.py` value for
+value; note its warm-up is `lr * (step + 1) / warmup`, so step 0 already trains.
+Steps count optimiser updates: with gradient accumulation over k micro-batches the
+schedule advances once per k micro-steps.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from bioclip_jax.parallel.sharding import key_path_names
+
+OPTIMIZERS = ("adamw",)
+SCHEDULES = ("cosine", "constant", "const-cooldown")
+NO_DECAY_NAME_PARTS = ("bn", "ln", "bias", "logit_scale")
+
+
+def _config_value(section: ml_collections.ConfigDict, key: str, default: Any, where: str) -> Any:
+    """Reads an optional field, so older configs keep working when fields are added."""
+    if section is None:
+        raise ValueError(f"config has no '{where}' section.")
+    return section.get(key, default) if hasattr(section, "get") else getattr(section, key, default)
+
+
+def _path_name(path: tuple) -> str:
+    """'visual.ln_pre.scale'-style name of a key path, comparable to open_clip parameter names."""
+    return ".".join(str(name) for name in key_path_names(path))
+
+
+def decays_weight(name: str, ndim: int) -> bool:
+    """open_clip's rule: no decay for ndim < 2 or names containing 'bn', 'ln', 'bias', 'logit_scale'."""
+    return ndim >= 2 and not any(part in name for part in NO_DECAY_NAME_PARTS)
+
+
+def weight_decay_mask(params: Any) -> Any:
+    """A pytree of bools, like `params`: True where AdamW weight decay applies."""
+    return jax.tree_util.tree_map_with_path(lambda path, leaf: decays_weight(_path_name(path), jnp.ndim(leaf)), params)
+
+
+def _warmup(lr: float, warmup_steps: int, step: jax.Array) -> jax.Array:
+    return lr * (step + 1) / warmup_steps
+
+
+def make_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+    """Learning rate per optimiser step: linear warm-up, then cosine to 0, constant, or constant + cool-down.
+
+    Fields: `optimizer.lr`, `schedule.name`, `schedule.warmup_steps`, and for
+    "const-cooldown" `schedule.cooldown_steps`, `schedule.cooldown_power` (1 = linear),
+    `schedule.cooldown_end_lr`.
+    """
+    lr = _config_value(config.get("optimizer"), "lr", None, "optimizer")
+    if lr is None:
+        raise ValueError("config.optimizer.lr is not set.")
+    lr = float(lr)
+    schedule_config = config.get("schedule")
+    name = _config_value(schedule_config, "name", "cosine", "schedule")
+    warmup_steps = int(_config_value(schedule_config, "warmup_steps", 0, "schedule"))
+    if name not in SCHEDULES:
+        raise ValueError(f"schedule.name {name!r} is unknown; choose one of {SCHEDULES}.")
+    if total_steps <= warmup_steps and name != "constant":
+        raise ValueError(f"total_steps {total_steps} must exceed schedule.warmup_steps {warmup_steps}.")
+    cooldown_steps = int(_config_value(schedule_config, "cooldown_steps", 0, "schedule"))
+    cooldown_power = float(_config_value(schedule_config, "cooldown_power", 1.0, "schedule"))
+    cooldown_end_lr = float(_config_value(schedule_config, "cooldown_end_lr", 0.0, "schedule"))
+    if name == "const-cooldown" and not 0 < cooldown_steps <= total_steps - warmup_steps:
+        raise ValueError(
+            f"schedule.cooldown_steps {cooldown_steps} must be in (0, total_steps - warmup_steps = "
+            f"{total_steps - warmup_steps}] for the const-cooldown schedule."
+        )
+
+    def after_warmup(step: jax.Array) -> jax.Array:
+        if name == "constant":
+            return jnp.full_like(step, lr)
+        if name == "cosine":
+            progress = (step - warmup_steps) / (total_steps - warmup_steps)
+            return 0.5 * (1.0 + jnp.cos(jnp.pi * progress)) * lr
+        cooldown_start = total_steps - cooldown_steps
+        progress = jnp.clip((step - cooldown_start) / cooldown_steps, 0.0, None)
+        cooled = (1.0 - progress) ** cooldown_power * (lr - cooldown_end_lr) + cooldown_end_lr
+        return jnp.where(step < cooldown_start, lr, cooled)
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        if warmup_steps == 0:
+            return after_warmup(step)
+        return jnp.where(step < warmup_steps, _warmup(lr, warmup_steps, step), after_warmup(step))
+
+    return schedule
+
+
+def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+    """Global-norm clipping (optional) -> AdamW with masked decay; wrapped in MultiSteps if accumulating.
+
+    Fields: `optimizer.{name, lr, b1, b2, eps, weight_decay, grad_clip_norm, accumulate_steps}`.
+    Accumulation averages the gradients of k micro-batches (each with its own negatives)
+    before one update; the train step must be called k times per optimiser step.
+    """
+    opt = config.get("optimizer")
+    name = _config_value(opt, "name", "adamw", "optimizer")
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer.name {name!r} is unknown; choose one of {OPTIMIZERS}.")
+    grad_clip_norm = _config_value(opt, "grad_clip_norm", None, "optimizer")
+    accumulate_steps = _config_value(opt, "accumulate_steps", 1, "optimizer")
+    accumulate_steps = 1 if accumulate_steps is None else int(accumulate_steps)
+    if accumulate_steps < 1:
+        raise ValueError(f"optimizer.accumulate_steps must be >= 1, got {accumulate_steps}.")
+    if grad_clip_norm is not None and grad_clip_norm <= 0:
+        raise ValueError(f"optimizer.grad_clip_norm must be positive (or None to disable), got {grad_clip_norm}.")
+
+    adamw = optax.adamw(
+        learning_rate=make_schedule(config, total_steps),
+        b1=float(_config_value(opt, "b1", 0.9, "optimizer")),
+        b2=float(_config_value(opt, "b2", 0.98, "optimizer")),
+        eps=float(_config_value(opt, "eps", 1e-6, "optimizer")),
+        weight_decay=float(_config_value(opt, "weight_decay", 0.2, "optimizer")),
+        mask=weight_decay_mask,
+    )
+    tx = adamw if grad_clip_norm is None else optax.chain(optax.clip_by_global_norm(float(grad_clip_norm)), adamw)
+    if accumulate_steps > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=accumulate_steps).gradient_transformation()
+    return tx

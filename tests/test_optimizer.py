@@ -1,0 +1,183 @@
+"""AdamW, weight-decay mask, schedules and accumulation against open_clip and hand-written numpy."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from open_clip_train import scheduler as open_clip_scheduler
+
+from bioclip_jax.parallel.sharding import key_path_names
+from bioclip_jax.train.optimizer import make_optimizer, make_schedule, weight_decay_mask
+
+TOTAL_STEPS, WARMUP, LR = 50, 10, 1e-3
+
+
+def _config(schedule="cosine", warmup=WARMUP, **optimizer):
+    fields = dict(name="adamw", lr=LR, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.2, grad_clip_norm=None)
+    fields.update(accumulate_steps=1)
+    fields.update(optimizer)
+    return ml_collections.ConfigDict(
+        {
+            "optimizer": fields,
+            "schedule": {"name": schedule, "warmup_steps": warmup, "cooldown_steps": 15, "cooldown_power": 2.0},
+        }
+    )
+
+
+class _FakeTorchOptimizer:
+    """Enough of a torch optimiser for open_clip's schedulers to write their lr into."""
+
+    param_groups = [{}]
+
+
+@pytest.mark.parametrize("name", ["cosine", "constant", "const-cooldown"])
+def test_schedules_match_open_clip(name):
+    fake = _FakeTorchOptimizer()
+    reference = {
+        "cosine": lambda: open_clip_scheduler.cosine_lr(fake, LR, WARMUP, TOTAL_STEPS),
+        "constant": lambda: open_clip_scheduler.const_lr(fake, LR, WARMUP, TOTAL_STEPS),
+        "const-cooldown": lambda: open_clip_scheduler.const_lr_cooldown(
+            fake, LR, WARMUP, TOTAL_STEPS, cooldown_steps=15, cooldown_power=2.0
+        ),
+    }[name]()
+    schedule = make_schedule(_config(name), TOTAL_STEPS)
+    steps = np.arange(TOTAL_STEPS + 1)
+    want = [reference(int(step)) for step in steps]
+    np.testing.assert_allclose(jax.vmap(schedule)(steps), want, rtol=1e-5, atol=LR * 1e-6)
+
+
+def test_cosine_schedule_formula_at_chosen_steps():
+    schedule = make_schedule(_config("cosine"), TOTAL_STEPS)
+    np.testing.assert_allclose(schedule(0), LR / WARMUP, rtol=1e-6)  # open_clip: lr * (step + 1) / warmup
+    np.testing.assert_allclose(schedule(WARMUP - 1), LR, rtol=1e-6)
+    np.testing.assert_allclose(schedule(WARMUP), LR, rtol=1e-6)
+    middle = (WARMUP + TOTAL_STEPS) // 2
+    np.testing.assert_allclose(schedule(middle), 0.5 * LR, rtol=1e-5)
+    np.testing.assert_allclose(schedule(TOTAL_STEPS), 0.0, atol=1e-12)
+
+
+class _ToyClip(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.proj = nnx.Linear(4, 3, rngs=rngs)
+        self.ln_final = nnx.LayerNorm(3, rngs=rngs)
+        self.positional_embedding = nnx.Param(jax.random.normal(rngs.params(), (5, 3)))
+        self.class_embedding = nnx.Param(jax.random.normal(rngs.params(), (3,)))
+        self.ln_proj = nnx.Param(jax.random.normal(rngs.params(), (3, 3)))
+        self.logit_scale = nnx.Param(jnp.asarray(math.log(1 / 0.07)))
+
+
+def _params():
+    return nnx.state(_ToyClip(nnx.Rngs(0)), nnx.Param)
+
+
+def test_weight_decay_mask_follows_open_clip_rule():
+    mask = weight_decay_mask(_params())
+    assert mask["proj"]["kernel"].value is True
+    assert mask["positional_embedding"].value is True
+    for no_decay in (
+        mask["proj"]["bias"],
+        mask["ln_final"]["scale"],
+        mask["ln_final"]["bias"],
+        mask["class_embedding"],
+        mask["ln_proj"],  # 2-D, but named like a LayerNorm: open_clip leaves it undecayed
+        mask["logit_scale"],
+    ):
+        assert no_decay.value is False
+
+
+def _numpy_adamw(params, grads_per_step, lrs, decay_mask, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.2):
+    """torch.optim.AdamW's update, written out for plain numpy arrays."""
+    params = dict(params)
+    mu = {name: np.zeros_like(value) for name, value in params.items()}
+    nu = {name: np.zeros_like(value) for name, value in params.items()}
+    for step, (grads, lr) in enumerate(zip(grads_per_step, lrs), start=1):
+        for name, grad in grads.items():
+            mu[name] = b1 * mu[name] + (1 - b1) * grad
+            nu[name] = b2 * nu[name] + (1 - b2) * grad**2
+            adam = (mu[name] / (1 - b1**step)) / (np.sqrt(nu[name] / (1 - b2**step)) + eps)
+            decay = weight_decay * params[name] if decay_mask[name] else 0.0
+            params[name] = params[name] - lr * (adam + decay)
+    return params
+
+
+def _flat(tree):
+    """{'proj.kernel': np.ndarray, ...} of an NNX State."""
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    return {".".join(map(str, key_path_names(path))): np.asarray(value) for path, value in leaves}
+
+
+def _random_grads(params, seed):
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(treedef, [jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+
+
+def _run(tx, params, grads_per_step):
+    """Applies the updates one by one; returns the params after every step and the last state."""
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    history = []
+    for grads in grads_per_step:
+        updates, state = update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        history.append(params)
+    return history, state
+
+
+def test_adamw_steps_equal_numpy_adamw():
+    params = _params()
+    grads = [_random_grads(params, seed) for seed in range(3)]
+    got = _run(make_optimizer(_config(), TOTAL_STEPS), params, grads)[0][-1]
+
+    schedule = make_schedule(_config(), TOTAL_STEPS)
+    mask = _flat(weight_decay_mask(params))
+    want = _numpy_adamw(_flat(params), [_flat(g) for g in grads], [float(schedule(s)) for s in range(3)], mask)
+    got = _flat(got)
+    assert got.keys() == want.keys()
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-7, err_msg=name)
+    assert not np.allclose(got["proj.kernel"], _flat(params)["proj.kernel"])
+
+
+def test_gradient_clipping_scales_to_the_global_norm():
+    params = _params()
+    grads = _random_grads(params, 0)
+    norm = float(optax.global_norm(grads))
+    assert norm > 1.0, "the test gradient must be large enough to be clipped"
+    _, state = _run(make_optimizer(_config(grad_clip_norm=0.5), TOTAL_STEPS), params, [grads])
+    first_moment = state[1][0].mu  # chain(clip, adamw): adamw's first state is Adam's
+    clipped = grads["proj"]["kernel"].value * 0.5 / norm
+    np.testing.assert_allclose(first_moment["proj"]["kernel"].value, (1 - 0.9) * clipped, rtol=1e-5)
+
+
+def test_accumulating_k_micro_steps_equals_one_step_on_the_mean_gradient():
+    params, k = _params(), 3
+    micro_grads = [_random_grads(params, seed) for seed in range(k)]
+    mean_grad = jax.tree.map(lambda *g: sum(g) / k, *micro_grads)
+
+    history, _ = _run(make_optimizer(_config(accumulate_steps=k), TOTAL_STEPS), params, micro_grads)
+    single = _run(make_optimizer(_config(), TOTAL_STEPS), params, [mean_grad])[0][-1]
+
+    for name, value in _flat(single).items():
+        np.testing.assert_allclose(_flat(history[-1])[name], value, rtol=1e-5, atol=1e-7, err_msg=name)
+        for partial in history[:-1]:
+            np.testing.assert_array_equal(_flat(partial)[name], _flat(params)[name])
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (_config(name="sgd"), "optimizer.name 'sgd' is unknown"),
+        (_config("linear"), "schedule.name 'linear' is unknown"),
+        (_config(warmup=TOTAL_STEPS), "must exceed schedule.warmup_steps"),
+        (_config(accumulate_steps=0), "accumulate_steps must be >= 1"),
+    ],
+)
+def test_bad_config_gives_clear_errors(config, message):
+    with pytest.raises(ValueError, match=message):
+        make_optimizer(config, TOTAL_STEPS)
