@@ -51,6 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.data = -1                # -1 = all devices not used by the other axes
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
+    c.mesh.num_devices = 0          # use the first N devices only (0 = all of them)
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 1000

@@ -113,8 +113,9 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax
     accumulate_steps = 1 if accumulate_steps is None else int(accumulate_steps)
     if accumulate_steps < 1:
         raise ValueError(f"optimizer.accumulate_steps must be >= 1, got {accumulate_steps}.")
-    if grad_clip_norm is not None and grad_clip_norm <= 0:
-        raise ValueError(f"optimizer.grad_clip_norm must be positive (or None to disable), got {grad_clip_norm}.")
+    if grad_clip_norm is not None and grad_clip_norm < 0:
+        raise ValueError(f"optimizer.grad_clip_norm must be >= 0 (0 or None disables it), got {grad_clip_norm}.")
+    grad_clip_norm = grad_clip_norm or None
 
     adamw = optax.adamw(
         learning_rate=make_schedule(config, total_steps),

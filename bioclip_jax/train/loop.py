@@ -1,0 +1,207 @@
+"""The training loop: data -> jitted step -> metrics, checkpoints, periodic zero-shot eval.
+
+`train(config, workdir)` resumes automatically from the latest checkpoint in WORKDIR,
+data order included, and stops cleanly (with a checkpoint) at `stop_after` steps, on
+SIGTERM, or when Orbax reports a preemption.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from typing import Callable
+
+import jax
+import ml_collections
+import numpy as np
+
+from bioclip_jax.checkpoint import model_dir
+from bioclip_jax.data.pipeline import SKIP_REASONS, SkipBudget, make_train_dataset
+from bioclip_jax.models.config import get_model_config, to_open_clip
+from bioclip_jax.parallel import sharding as sharding_lib
+from bioclip_jax.parallel.mesh import make_mesh
+from bioclip_jax.tokenizer import get_tokenizer
+from bioclip_jax.train import state as state_lib
+from bioclip_jax.train.checkpointing import TrainCheckpointer
+from bioclip_jax.train.metrics import MetricsWriter
+from bioclip_jax.train.optimizer import make_schedule
+from bioclip_jax.train.step import device_peak_tflops, make_train_step, model_flops_per_pair
+from bioclip_jax.transforms import PreprocessConfig
+
+EvalFn = Callable[[object, int], dict]  # (model, step) -> metrics
+
+
+class _StopSignal:
+    """Turns SIGTERM (preemption notice from SLURM, Kubernetes, TPU maintenance) into a flag."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _any_process(flag: bool) -> bool:
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+
+
+def initial_params(config: ml_collections.ConfigDict, skeleton: state_lib.ModelSkeleton
+                   ) -> tuple[dict, PreprocessConfig]:
+    """Parameters to start from: `config.init` (any pretrained source) or a seeded random init."""
+    from bioclip_jax.models.clip import build_model  # noqa: PLC0415
+    from bioclip_jax.models.params import flat_params  # noqa: PLC0415
+    from bioclip_jax.pretrained import load_source  # noqa: PLC0415
+
+    arch = get_model_config(config.model.name)
+    if config.init:
+        loaded = load_source(config.init, config.model.name)
+        if loaded.config != arch:
+            raise ValueError(f"config.init={config.init} holds a different architecture than "
+                             f"config.model.name={config.model.name}")
+        params, preprocess = loaded.params, loaded.preprocess
+    else:
+        params = flat_params(build_model(arch, seed=config.seed))
+        preprocess = PreprocessConfig(size=arch.vision.image_size)
+    flat = {model_dir.path_to_key(p): np.asarray(v) for p, v in params.items()}
+    if config.loss.kind == "sigmoid" and not config.init:
+        flat["logit_scale"] = np.asarray(math.log(10.0), np.float32)  # SigLIP's initial temperature
+    return flat, preprocess
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None = None,
+          eval_fn: EvalFn | None = None) -> dict:
+    """Runs (or resumes) training; returns the last logged metrics."""
+    if not config.data.train_shards:
+        raise ValueError("config.data.train_shards is empty: give the training shards "
+                         "(e.g. --config.data.train_shards=/data/train/shard-{000000..000159}.tar)")
+    if config.loss.kind != "softmax":
+        # The model has no logit_bias parameter yet, which SigLIP needs.
+        raise ValueError(f"config.loss.kind={config.loss.kind!r}: only 'softmax' training is wired up; "
+                         f"the sigmoid loss exists in bioclip_jax.train.loss but the model lacks logit_bias")
+    os.makedirs(workdir, exist_ok=True)
+    devices = jax.devices()[:config.mesh.num_devices] if config.mesh.num_devices else None
+    mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
+    skeleton = state_lib.model_skeleton(config)
+    layout = state_lib.state_layout(config, skeleton, mesh)
+    schedule = make_schedule(config, config.total_steps)
+    arch = get_model_config(config.model.name)
+
+    dataset = make_train_dataset(
+        config.data.train_shards, global_batch_size=config.data.batch_size, seed=config.seed,
+        text_type=config.data.text_type, tokenizer=get_tokenizer(config.model.name),
+        image_size=arch.vision.image_size, process_index=jax.process_index(),
+        process_count=jax.process_count(), worker_count=config.data.workers,
+        crop_scale=tuple(config.data.crop_scale), max_bad_fraction=config.data.max_bad_fraction,
+        cache_dir=config.data.index_cache_dir or None)
+    data_iterator = iter(dataset)
+    budget = SkipBudget(config.data.max_bad_fraction, config.data.train_shards)
+
+    checkpointer = TrainCheckpointer(workdir, config.checkpoint.every_steps, config.checkpoint.keep,
+                                     config.checkpoint.async_save)
+    start = checkpointer.latest_step()
+    if start is not None:
+        state = checkpointer.restore(start, layout.abstract, layout.shardings, data_iterator)
+        meta = model_dir.read_model_json(workdir)
+        preprocess = PreprocessConfig.from_open_clip(meta["preprocess_cfg"], arch.vision.image_size)
+        _log0(f"resumed from step {start} in {checkpointer.directory}")
+    else:
+        params, preprocess = initial_params(config, skeleton)
+        state = state_lib.initial_state(layout, params)
+        start = 0
+        if jax.process_index() == 0:
+            model_dir.write_model_json(workdir, to_open_clip(arch), preprocess.to_open_clip())
+            with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+                f.write(config.to_json_best_effort(indent=2))
+
+    step_fn = make_train_step(config, skeleton, layout, mesh, schedule, preprocess.mean, preprocess.std)
+    writer = MetricsWriter(workdir, config.total_steps)
+    end = config.total_steps if stop_after is None else min(stop_after, config.total_steps)
+    flops_per_step = model_flops_per_pair(arch) * config.data.batch_size
+    peak = device_peak_tflops(config.device_peak_tflops)
+    skipped_total = np.zeros(len(SKIP_REASONS), np.int64)
+    last: dict = {}
+    step = start
+    window_start, window_steps = time.time(), 0
+    with _StopSignal() as stop_signal:
+        while step < end:
+            batch = next(data_iterator)
+            budget.update(config.data.batch_size // jax.process_count(), batch["skipped"], batch["last_bad_shard"])
+            skipped_total += np.asarray(batch["skipped"], np.int64)
+            global_batch = sharding_lib.host_batch_to_global(
+                {"image": batch["image"], "tokens": batch["tokens"]}, mesh)
+            state, metrics = step_fn(state, global_batch)
+            step += 1
+            window_steps += 1
+
+            if step % config.log_every_steps == 0 or step == end:
+                metrics = jax.device_get(metrics)
+                elapsed = time.time() - window_start
+                seconds_per_step = elapsed / window_steps
+                last = _step_record(metrics, seconds_per_step, config.data.batch_size, flops_per_step, peak,
+                                    _all_hosts_skipped(skipped_total))
+                writer.write(step, last)
+                writer.progress(step, last)
+                if not math.isfinite(last["loss"]):
+                    raise FloatingPointError(f"loss is {last['loss']} at step {step}; lower the lr or check data")
+                window_start, window_steps = time.time(), 0
+
+            if eval_fn is not None and config.eval.every_steps and step % config.eval.every_steps == 0 \
+                    and step != end:
+                writer.write(step, eval_fn(skeleton.merge(state["params"]), step))
+                window_start, window_steps = time.time(), 0
+
+            preempted = _any_process(stop_signal.requested) or checkpointer.reached_preemption(step)
+            checkpointer.save(step, state, data_iterator, force=preempted or step == end)
+            if preempted:
+                _log0(f"stop requested: saved step {step}, exiting")
+                break
+
+    checkpointer.close()
+    if eval_fn is not None and step == config.total_steps:
+        result = eval_fn(skeleton.merge(state["params"]), step)
+        writer.write(step, result)
+        last = {**last, **result}
+    writer.close()
+    return last
+
+
+def _all_hosts_skipped(local: np.ndarray) -> int:
+    if jax.process_count() == 1:
+        return int(local.sum())
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+    return int(np.asarray(multihost_utils.process_allgather(local)).sum())
+
+
+def _step_record(metrics: dict, seconds_per_step: float, batch_size: int, flops_per_step: float,
+                 peak_tflops: float, skipped: int) -> dict:
+    record = {k: float(v) for k, v in metrics.items()}
+    record["images_per_sec"] = batch_size / seconds_per_step
+    record["seconds_per_step"] = seconds_per_step
+    tflops = flops_per_step / seconds_per_step / jax.device_count() / 1e12
+    record["model_tflops_per_device"] = tflops
+    record["mfu"] = tflops / peak_tflops if math.isfinite(peak_tflops) else float("nan")
+    record["skipped_samples"] = skipped
+    return record
+
+
+def _log0(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
