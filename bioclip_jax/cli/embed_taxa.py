@@ -26,6 +26,7 @@ import time
 from typing import Iterator, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from bioclip_jax.evaluate.templates import get_templates
 from bioclip_jax.inference import TextEmbedder, load_model
@@ -36,31 +37,43 @@ EMBEDDINGS_FILE = "txt_emb_species.npy"
 NAMES_FILE = "txt_emb_species.json"
 
 
-def read_catalog_taxa(path: str) -> tuple[list[Taxon], int]:
+def read_catalog_taxa(path: str, progress: bool = False) -> tuple[list[Taxon], int]:
     """Unique species of a catalog, in first-seen order, and how many rows were skipped.
 
     A row counts when it names a genus and an epithet; a species seen again only fills in a
-    missing common name.
+    missing common name. Rows repeating an already seen spelling are not parsed again, so a
+    10M-row catalog.csv costs about one pass of the CSV reader.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"taxa catalog not found: {path}")
     found: dict[tuple, Taxon] = {}
+    seen: dict[tuple, tuple | None] = {}  # raw spelling of the ranks -> normalised key (None: unusable)
     skipped = 0
     with open(path, newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
-        columns = {c.strip().lower() for c in reader.fieldnames or []}
-        if not {"genus", "species"} <= columns:
-            raise ValueError(f"{path} needs at least genus and species columns (found {sorted(columns)})")
-        for row in reader:
+        header = {c.strip().lower(): c for c in reader.fieldnames or []}
+        if not {"genus", "species"} <= set(header):
+            raise ValueError(f"{path} needs at least genus and species columns (found {sorted(header)})")
+        rank_columns = [header.get(rank) for rank in RANKS]
+        common_column = header.get("common")
+        for row in tqdm(reader, unit="row", desc="catalog", disable=not progress, file=sys.stderr):
+            raw = tuple(row.get(c) if c else None for c in rank_columns)
+            common = row.get(common_column) if common_column else None
+            if raw in seen:
+                key = seen[raw]
+                if key is None:
+                    skipped += 1
+                if key is None or not common or found[key].common:
+                    continue
             try:
                 taxon = Taxon.from_mapping(row)
             except (TypeError, ValueError):
+                taxon = None
+            if taxon is None or not (taxon.genus and taxon.species):
+                seen[raw] = None
                 skipped += 1
                 continue
-            if not (taxon.genus and taxon.species):
-                skipped += 1
-                continue
-            key = taxon.ranks_tuple()
+            key = seen[raw] = taxon.ranks_tuple()
             known = found.get(key)
             if known is None or (not known.common and taxon.common):
                 found[key] = taxon
@@ -117,7 +130,8 @@ def load_taxa_embeddings(directory: str) -> tuple[np.ndarray, list[Taxon]]:
     npy_path, json_path = os.path.join(directory, EMBEDDINGS_FILE), os.path.join(directory, NAMES_FILE)
     for path in (npy_path, json_path):
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} not found; build it with: bioclip-jax embed-taxa --taxa CSV --out {directory}")
+            raise FileNotFoundError(f"{path} not found; build it with: "
+                                    f"bioclip-jax embed-taxa --taxa CSV --out {directory}")
     matrix = np.load(npy_path, mmap_mode="r")
     with open(json_path, encoding="utf-8") as handle:
         entries = json.load(handle)
@@ -146,7 +160,7 @@ def build_parser(prog: str = "bioclip-jax embed-taxa") -> argparse.ArgumentParse
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        taxa, skipped = read_catalog_taxa(args.taxa)
+        taxa, skipped = read_catalog_taxa(args.taxa, progress=args.progress)
         if skipped:
             print(f"{args.taxa}: {skipped} rows without genus and species epithet skipped", file=sys.stderr)
         model = load_model(args.pretrained, args.model)

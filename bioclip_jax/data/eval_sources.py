@@ -7,8 +7,8 @@
 Classes can carry a taxonomy from a taxa.csv (columns kingdom, phylum, class, order, family,
 genus, species, common; optional `class_name`), matched to class names by `class_name`, by
 scientific name ("Corvus corax", also "Corvus_corax") or by the full taxonomic name. That
-lets zero-shot use any text type and enables per-rank scoring. A folder dataset picks up a
-taxa.csv inside it or next to it when none is given.
+lets zero-shot use any text type and enables per-rank scoring. Folder and shard datasets pick up
+a taxa.csv inside their directory or next to it when none is given.
 """
 
 from __future__ import annotations
@@ -103,7 +103,12 @@ class TfdsData(EvalData):
             split = next((s for s in ("test", "validation", "train") if s in builder.info.splits), None)
             if split is None:
                 split = next(iter(builder.info.splits), "test")
-        self.source = tfds.data_source(dataset, split=split, data_dir=data_dir, download=download)
+        try:
+            self.source = tfds.data_source(dataset, split=split, data_dir=data_dir, download=download)
+        except Exception as error:  # noqa: BLE001 - TFDS raises several types for "not there"
+            raise FileNotFoundError(f"TFDS dataset {dataset}:{split} is not available in "
+                                    f"{data_dir or '~/tensorflow_datasets'} (prepare it with `tfds build "
+                                    f"{dataset}` or allow --tfds_download): {error}") from error
         self.name = name or f"{dataset}:{split}"
         self.classes = [EvalClass(n) for n in features[self.label_key].names]
 
@@ -287,6 +292,7 @@ def open_eval_data(spec: str, *, name: str | None = None, taxa: str | None = Non
         data = TfdsData(dataset, split or None, data_dir=tfds_data_dir, download=tfds_download, name=name)
     elif kind == "shards":
         data = ShardData(target, label_key or DEFAULT_LABEL_KEY, name)
+        taxa = taxa or _default_taxa_file(os.path.dirname(data.paths[0]))
     else:
         raise ValueError(f"unknown data source {spec!r}; use folder:PATH, tfds:NAME[:SPLIT] or shards:PATTERN")
     if taxa:

@@ -1,0 +1,291 @@
+"""`bioclip-jax predict`: pybioclip's predictions, streamed in batches over any number of images.
+
+    bioclip-jax predict photos/ --pretrained local-dir:/models/bioclip --cls "crow,raven,rook"
+    bioclip-jax predict a.jpg b.jpg --pretrained ... --taxa-embeddings tol/ --rank family --k 3
+    bioclip-jax predict photos/ --pretrained ... --taxa-embeddings tol/ --subset ohio_birds.csv --format json
+
+Custom labels are embedded exactly as pybioclip's CustomLabelsClassifier does (80 OpenAI
+templates, normalised mean), and scores are softmax(exp(logit_scale) * cosine), so the same
+model gives the same probabilities. Tree-of-life mode scores every species of an embed-taxa
+(or pybioclip) folder and, for a higher rank, sums the species probabilities above
+--min-prob per taxon at that rank, as pybioclip does. `--subset` keeps only the taxa listed in
+a CSV whose first column is named by a rank. Rows are written as each batch finishes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import functools
+import json
+import os
+import sys
+from typing import IO, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bioclip_jax.cli import embed_taxa
+from bioclip_jax.inference import ImageEmbedder, TextEmbedder, file_item, list_image_files, load_model, report_skipped
+from bioclip_jax.models.clip import CLIP
+from bioclip_jax.taxonomy import RANKS, TEXT_TYPES, Taxon
+
+FORMATS = ("csv", "table", "json")
+
+
+@dataclasses.dataclass
+class Labels:
+    """What images are scored against: [C, D] embeddings, C groups to report, and their row fields."""
+
+    features: np.ndarray
+    group_ids: np.ndarray  # class -> reported group (identity unless summing species to a rank)
+    groups: list[dict]  # fields of each reported group, in output-column order
+    min_prob: float = 0.0  # species probabilities at or below this are not summed (pybioclip: 1e-9)
+
+
+def custom_labels(model: CLIP, names: Sequence[str], batch_size: int) -> Labels:
+    classes = [n.strip() for n in names]
+    features = TextEmbedder(model, batch_size=batch_size).classes(classes)
+    return Labels(features, np.arange(len(classes)), [{"classification": c} for c in classes])
+
+
+def _rank_fields(taxon: Taxon, rank: str) -> dict:
+    """pybioclip's columns: kingdom .. rank, and for species also the epithet and common name."""
+    ranks = taxon.ranks_tuple()
+    depth = RANKS.index(rank) + 1
+    fields = dict(zip(RANKS[: min(depth, 6)], ranks[: min(depth, 6)]))
+    if rank == "species":
+        fields.update(species_epithet=taxon.species, species=f"{taxon.genus} {taxon.species}",
+                      common_name=taxon.common)
+    return fields
+
+
+def tree_of_life_labels(features: np.ndarray, taxa: Sequence[Taxon], rank: str, min_prob: float) -> Labels:
+    """Species embeddings grouped by their lineage down to `rank`."""
+    if rank == "species":
+        return Labels(features, np.arange(len(taxa)), [_rank_fields(t, rank) for t in taxa])
+    ids: dict[tuple, int] = {}
+    groups: list[dict] = []
+    group_ids = np.zeros(len(taxa), np.int32)
+    for i, taxon in enumerate(taxa):
+        lineage = taxon.lineage(rank)
+        if lineage not in ids:
+            ids[lineage] = len(groups)
+            groups.append(_rank_fields(taxon, rank))
+        group_ids[i] = ids[lineage]
+    return Labels(features, group_ids, groups, min_prob)
+
+
+def read_subset(path: str) -> tuple[str, set[str]]:
+    """(rank, values) from a CSV whose first column is named by a rank, as pybioclip's --subset."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"subset file not found: {path}")
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.reader(handle))
+    if not rows or not rows[0]:
+        raise ValueError(f"{path} is empty; its first column must be named one of {', '.join(RANKS)}")
+    rank = rows[0][0].strip().lower()
+    if rank not in RANKS:
+        raise ValueError(f"the first column of {path} is named {rows[0][0]!r} but must be one of {', '.join(RANKS)}")
+    return rank, {" ".join(r[0].split()).lower() for r in rows[1:] if r and r[0].strip()}
+
+
+def subset_mask(taxa: Sequence[Taxon], rank: str, values: set[str], where: str) -> np.ndarray:
+    """Which taxa match; every listed value must name at least one taxon."""
+    def value(taxon: Taxon) -> str:
+        return (taxon.scientific_name if rank == "species" else taxon.lineage(rank)[-1]).lower()
+
+    names = [value(t) for t in taxa]
+    unknown = sorted(values - set(names))
+    if unknown:
+        raise ValueError(f"{where}: unknown {rank} {', '.join(unknown[:10])}" + (" ..." if len(unknown) > 10 else "")
+                         + f"; only {rank} present in the taxa embeddings may be used")
+    return np.asarray([n in values for n in names])
+
+
+def load_tree_of_life(model: CLIP, args) -> tuple[np.ndarray, list[Taxon]]:
+    """[N, D] species embeddings and taxa from --taxa-embeddings, built from --taxa when absent."""
+    directory = args.taxa_embeddings
+    have_files = directory and os.path.isfile(os.path.join(directory, embed_taxa.EMBEDDINGS_FILE))
+    if not have_files and not args.taxa:
+        raise ValueError("tree-of-life prediction needs --taxa-embeddings DIR (from `bioclip-jax embed-taxa`) "
+                         "or --taxa CSV; for your own labels pass --cls")
+    if have_files:
+        matrix, taxa = embed_taxa.load_taxa_embeddings(directory)
+        features = np.ascontiguousarray(np.asarray(matrix, np.float32).T)
+    else:
+        taxa, _ = embed_taxa.read_catalog_taxa(args.taxa)
+        if directory:  # build once, reuse next time
+            embed_taxa.write_taxa_embeddings(model, taxa, directory, args.text_type, progress=args.progress)
+            return load_tree_of_life(model, args)
+        chunks = embed_taxa.taxa_class_chunks(model, taxa, args.text_type, progress=args.progress)
+        features = np.concatenate(list(chunks))
+    if features.shape[1] != model.config.embed_dim:
+        raise ValueError(f"taxa embeddings have dimension {features.shape[1]} but the model embeds into "
+                         f"{model.config.embed_dim}; they were made with another model")
+    return features, taxa
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5))
+def _top_k(image_features, class_features, scale, group_ids, num_groups: int, k: int, min_prob):
+    probs = jax.nn.softmax(scale * image_features @ class_features.T, axis=-1)
+    probs = jnp.where(probs > min_prob, probs, 0.0)
+    grouped = jax.ops.segment_sum(probs.T, group_ids, num_segments=num_groups).T
+    return jax.lax.top_k(grouped, k)
+
+
+class Predictor:
+    """Top-k rows per image for one set of labels."""
+
+    def __init__(self, model: CLIP, labels: Labels, k: int, batch_size: int):
+        self.labels = labels
+        self.k = max(1, min(k, len(labels.groups)))
+        self.batch_size = batch_size
+        self._classes = jnp.asarray(labels.features, jnp.float32)
+        self._groups = jnp.asarray(labels.group_ids, jnp.int32)
+        self._scale = jnp.exp(jnp.asarray(model.logit_scale[...], jnp.float32))
+
+    def rows(self, keys: Sequence[str], image_features: np.ndarray) -> list[dict]:
+        padded = np.zeros((self.batch_size, image_features.shape[1]), np.float32)
+        padded[: len(keys)] = image_features
+        scores, indices = _top_k(jnp.asarray(padded), self._classes, self._scale, self._groups,
+                                 len(self.labels.groups), self.k, self.labels.min_prob)
+        scores, indices = np.asarray(scores), np.asarray(indices)
+        out = []
+        for i, key in enumerate(keys):
+            for score, index in zip(scores[i], indices[i]):
+                out.append({"file_name": key, **self.labels.groups[index], "score": float(score)})
+        return out
+
+
+class RowWriter:
+    """CSV and JSON rows go out as they come; a table is aligned once all rows are known."""
+
+    def __init__(self, stream: IO[str], fmt: str):
+        self.stream, self.fmt = stream, fmt
+        self._csv = None
+        self._table: list[dict] = []
+        self._first = True
+
+    def write(self, rows: list[dict]) -> None:
+        if self.fmt == "table":
+            self._table += rows
+        elif self.fmt == "csv":
+            for row in rows:
+                if self._csv is None:
+                    self._csv = csv.DictWriter(self.stream, fieldnames=list(row), lineterminator="\n")
+                    self._csv.writeheader()
+                self._csv.writerow(row)
+        else:
+            for row in rows:
+                self.stream.write(("[\n" if self._first else ",\n") + json.dumps(row, ensure_ascii=False))
+                self._first = False
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.fmt == "json":
+            self.stream.write("[]\n" if self._first else "\n]\n")
+        elif self.fmt == "table" and self._table:
+            columns = list(self._table[0])
+            cells = [[_format(row[c]) for c in columns] for row in self._table]
+            widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+            self.stream.write("  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip() + "\n")
+            for r in cells:
+                self.stream.write("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() + "\n")
+        self.stream.flush()
+
+
+def _format(value) -> str:
+    return f"{value:.6f}" if isinstance(value, float) else str(value)
+
+
+def build_parser(prog: str = "bioclip-jax predict") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Classify images with a BioCLIP model: your own "
+                                     "labels (--cls) or the tree of life (--taxa-embeddings / --taxa).")
+    parser.add_argument("images", nargs="+", help="image files and/or directories (searched recursively)")
+    parser.add_argument("--pretrained", help="model source (open_clip folder, .safetensors, bioclip_jax dir, 'random')")
+    parser.add_argument("--model", help="architecture name for sources without one (e.g. ViT-B-16)")
+    labels = parser.add_mutually_exclusive_group()
+    labels.add_argument("--cls", help="comma-separated labels, or a text file with one label per line")
+    labels.add_argument("--cls-file", "--cls_file", dest="cls_file", help="text file with one label per line")
+    parser.add_argument("--rank", choices=RANKS, default="species", help="tree-of-life rank (default species)")
+    parser.add_argument("--taxa", help="taxa catalog CSV (kingdom .. species, common) for tree-of-life mode")
+    parser.add_argument("--taxa-embeddings", "--taxa_embeddings", dest="taxa_embeddings",
+                        help="folder with txt_emb_species.npy/.json (from embed-taxa or pybioclip); "
+                             "built from --taxa when empty")
+    parser.add_argument("--subset", help="CSV whose first column (named by a rank) lists the taxa to keep")
+    parser.add_argument("--text-type", "--text_type", dest="text_type", default="taxon_com", choices=TEXT_TYPES,
+                        help="how taxa from --taxa are named when embedding them (default taxon_com)")
+    parser.add_argument("--k", type=int, default=5, help="predictions per image (default 5)")
+    parser.add_argument("--min-prob", "--min_prob", dest="min_prob", type=float, default=1e-9,
+                        help="species probabilities at or below this are not summed into a rank (default 1e-9)")
+    parser.add_argument("--format", choices=FORMATS, default="csv", help="output format (default csv)")
+    parser.add_argument("--output", help="write to this file instead of stdout")
+    parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=32,
+                        help="images per batch (default 32)")
+    parser.add_argument("--workers", type=int, default=8, help="image decoding threads (default 8)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    return parser
+
+
+def _class_names(args) -> list[str] | None:
+    source = args.cls_file or (args.cls if args.cls and os.path.isfile(args.cls) else None)
+    if source:
+        with open(source, encoding="utf-8") as handle:
+            names = [line.strip() for line in handle]
+    elif args.cls:
+        names = [n.strip() for n in args.cls.split(",")]
+    else:
+        return None
+    names = [n for n in names if n]
+    if not names:
+        raise ValueError(f"no labels in {source or repr(args.cls)}")
+    return names
+
+
+def build_labels(model: CLIP, args) -> Labels:
+    names = _class_names(args)
+    if names is not None:
+        if args.subset or args.taxa or args.taxa_embeddings or args.rank != "species":
+            raise ValueError("--cls/--cls-file cannot be combined with --rank, --taxa, --taxa-embeddings or --subset")
+        return custom_labels(model, names, batch_size=256)
+    features, taxa = load_tree_of_life(model, args)
+    if args.subset:
+        rank, values = read_subset(args.subset)
+        keep = subset_mask(taxa, rank, values, args.subset)
+        features, taxa = features[keep], [t for t, k in zip(taxa, keep) if k]
+    return tree_of_life_labels(features, taxa, args.rank, args.min_prob)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.k < 1 or args.batch_size < 1:
+            raise ValueError(f"--k and --batch-size must be >= 1, got {args.k} and {args.batch_size}")
+        files = list_image_files(args.images)
+        if not files:
+            raise ValueError(f"no image files found in {', '.join(args.images)}")
+        model = load_model(args.pretrained, args.model)
+        labels = build_labels(model, args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"predict: {error}", file=sys.stderr)
+        return 2
+    embedder = ImageEmbedder(model, batch_size=args.batch_size, workers=args.workers, progress=args.progress)
+    predictor = Predictor(model, labels, args.k, embedder.batch_size)
+    stream = open(args.output, "w", newline="", encoding="utf-8") if args.output else sys.stdout
+    writer = RowWriter(stream, args.format)
+    try:
+        for features, items in embedder.stream((file_item(f) for f in files), total=len(files)):
+            writer.write(predictor.rows([item.key for item in items], features))
+        writer.close()
+    finally:
+        if args.output:
+            stream.close()
+    report_skipped(embedder.skipped)
+    return 0 if len(embedder.skipped) < len(files) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

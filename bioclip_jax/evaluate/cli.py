@@ -1,0 +1,153 @@
+"""`python -m bioclip_jax.evaluate` / `bioclip-jax eval`: flags and config files -> runner.
+
+    python -m bioclip_jax.evaluate --pretrained=local-dir:bioclip --data=folder:rare_species \\
+        --tasks=zero_shot,few_shot --text_type=taxon_com --shots=1,5 --trials=5 --out=results.json
+    python -m bioclip_jax.evaluate --config=configs/eval/bioclip_suite.py:/data/eval --pretrained=...
+    python -m bioclip_jax.evaluate --workdir=runs/tiny --watch --data=folder:synthetic/held_out/images
+
+A config file defines `get_config(arg=None)` returning a ConfigDict whose fields are
+those of `runner.default_config()`; flags given on the command line win over the file,
+and `--config.FIELD=VALUE` changes any field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.util
+import os
+import sys
+
+import ml_collections
+
+from bioclip_jax.evaluate import runner
+from bioclip_jax.inference import load_model
+
+# flag -> (config field, argparse keyword arguments)
+_FLAGS = {
+    "pretrained": dict(help="model source: open_clip folder (local-dir:PATH), .safetensors, bioclip_jax model "
+                            "dir, or 'random'"),
+    "model": dict(help="architecture name for sources without one (e.g. ViT-B-16)"),
+    "workdir": dict(help="training workdir: evaluate its latest checkpoint (or each new one with --watch)"),
+    "watch": dict(action="store_true", default=None, help="evaluate every new checkpoint of --workdir as it appears"),
+    "poll_seconds": dict(type=float, help="how often --watch looks for checkpoints (default 60)"),
+    "watch_timeout": dict(type=float, help="--watch stops after this many seconds without a new checkpoint"),
+    "data": dict(help="folder:PATH | tfds:NAME[:SPLIT] | shards:PATTERN"),
+    "name": dict(help="dataset name in the results (default: from --data)"),
+    "taxa": dict(help="taxa.csv giving classes a taxonomy (kingdom..species, common[, class_name])"),
+    "label_key": dict(help="label member of shards (default scientific_name.txt)"),
+    "tasks": dict(help=f"comma list of {', '.join(runner.TASKS)} (default zero_shot,few_shot)"),
+    "text_type": dict(help="class names for zero-shot: com, sci, sci_com, taxon, taxon_com, ... "
+                           "(default taxon_com)"),
+    "templates": dict(help="prompt templates: openai (80, default) or single"),
+    "shots": dict(help="comma list of k for few-shot (default 1,5)"),
+    "trials": dict(type=int, help="few-shot trials, seeds 0..T-1 (default 5)"),
+    "batch_size": dict(type=int, help="images per device batch (default 64)"),
+    "text_batch_size": dict(type=int, help="prompts per text batch (default 256)"),
+    "workers": dict(type=int, help="image decoding threads (default 8)"),
+    "out": dict(help="results JSON path; the .md table and .png chart go beside it (default results.json)"),
+    "plot_embeddings": dict(help="also save a 2-D PCA of image embeddings coloured by this rank"),
+    "tfds_data_dir": dict(help="TFDS data directory"),
+}
+
+
+def build_parser(prog: str = "bioclip-jax eval") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Zero-shot, few-shot and per-rank evaluation "
+                                     "of a CLIP model on labelled image sets.")
+    parser.add_argument("--config", help="config file: PATH.py or PATH.py:ARG (get_config(ARG))")
+    for flag, kwargs in _FLAGS.items():
+        names = [f"--{flag}"] + ([f"--{flag.replace('_', '-')}"] if "_" in flag else [])
+        parser.add_argument(*names, dest=flag, **kwargs)
+    parser.add_argument("--no_plot", "--no-plot", dest="plot", action="store_false", default=None,
+                        help="skip the bar chart")
+    parser.add_argument("--tfds_download", "--tfds-download", action="store_true", default=None,
+                        help="let TFDS download and prepare missing datasets")
+    parser.add_argument("--no_progress", "--no-progress", dest="progress", action="store_false", default=None,
+                        help="hide progress bars")
+    return parser
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """runner.default_config() updated by PATH.py's get_config(ARG)."""
+    path, _, arg = spec.partition(".py:")
+    path = path if path.endswith(".py") else path + ".py"
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file not found: {path}")
+    module_spec = importlib.util.spec_from_file_location("_bioclip_eval_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"{path} defines no get_config(arg=None)")
+    loaded = module.get_config(arg) if arg else module.get_config()
+    config = runner.default_config()
+    for key, value in dict(loaded).items():
+        _set(config, key, value, path)
+    return config
+
+
+def _set(config: ml_collections.ConfigDict, key: str, value, where: str) -> None:
+    *parents, leaf = key.split(".")
+    node = config
+    for part in parents:
+        node = node[part]
+    if leaf not in node:
+        raise ValueError(f"{where}: unknown config field {key!r}; known: {', '.join(sorted(config.keys()))}")
+    if isinstance(value, ml_collections.ConfigDict):
+        value = value.to_dict()
+    if isinstance(node[leaf], tuple) and isinstance(value, (list, int)):
+        value = tuple(value) if isinstance(value, list) else (value,)
+    try:
+        node[leaf] = value
+    except TypeError as error:
+        raise ValueError(f"{where}: config field {key!r} cannot be set to {value!r} ({error})") from error
+
+
+def _parse_value(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def build_config(argv: list[str] | None) -> ml_collections.ConfigDict:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    config = load_config_file(args.config) if args.config else runner.default_config()
+    for flag in [*_FLAGS, "plot", "tfds_download", "progress"]:
+        value = getattr(args, flag)
+        if value is None:
+            continue
+        if flag == "shots":
+            value = tuple(int(k) for k in str(value).split(",") if k.strip())
+        _set(config, flag, value, "command line")
+    for item in rest:
+        if not item.startswith("--config.") or "=" not in item:
+            parser.error(f"unrecognised argument {item!r}")
+        key, _, text = item[len("--config."):].partition("=")
+        value = _parse_value(text)
+        if key == "shots" and isinstance(value, int):
+            value = (value,)
+        _set(config, key, value, "command line")
+    return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config = build_config(argv)
+        runner.check_config(config)
+        runner.dataset_specs(config)
+        if config.workdir and config.watch:
+            runner.watch(config.workdir, config)
+            return 0
+        if config.workdir:
+            model = load_model(config.workdir, config.model or None)
+        else:
+            model = load_model(config.pretrained or None, config.model or None)
+        records = runner.evaluate(model, config)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"eval: {error}", file=sys.stderr)
+        return 2
+    if not records:
+        print("eval: no dataset could be evaluated", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,284 @@
+"""Runs the evaluation tasks of a config on a model: every dataset embedded once, then scored.
+
+`evaluate(model, config)` opens each dataset (a missing one is reported and skipped),
+streams its images through the model once, and scores zero-shot, few-shot, linear
+probe and per-rank metrics on the stored embeddings. `watch(workdir, config)` does the
+same for every new checkpoint of a training run and logs to the run's metrics.jsonl
+and TensorBoard, so evaluation can run on other hardware beside training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import sys
+import time
+from typing import Callable
+
+import ml_collections
+import numpy as np
+
+from bioclip_jax.checkpoint import model_dir
+from bioclip_jax.data.eval_sources import EvalData, open_eval_data
+from bioclip_jax.evaluate import few_shot, per_rank, plots, results, zero_shot
+from bioclip_jax.evaluate.templates import get_templates
+from bioclip_jax.inference import ImageEmbedder, TextEmbedder, report_skipped
+from bioclip_jax.models.clip import CLIP
+from bioclip_jax.models.params import assign_params
+from bioclip_jax.pretrained import create_model
+from bioclip_jax.taxonomy import RANKS, check_text_type
+
+TASKS = ("zero_shot", "few_shot", "linear_probe")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every field the evaluation reads; config files start from this and change what they need."""
+    config = ml_collections.ConfigDict()
+    config.pretrained = ""  # any source create_model accepts, or "random"
+    config.model = ""  # architecture name, for sources that carry none (a .safetensors state dict)
+    config.workdir = ""  # a training run: its latest checkpoint, or every new one with watch
+    config.watch = False
+    config.poll_seconds = 60.0
+    config.watch_timeout = 3600.0  # stop watching after this long without a new checkpoint
+    config.datasets = []  # [{"name", "data", "taxa", "label_key"}]; or use `data` for one dataset
+    config.data = ""
+    config.name = ""
+    config.taxa = ""
+    config.label_key = ""
+    config.tasks = "zero_shot,few_shot"
+    config.text_type = "taxon_com"
+    config.templates = "openai"
+    config.shots = (1, 5)
+    config.trials = 5
+    config.linear_probe_steps = 300
+    config.batch_size = 64
+    config.text_batch_size = 256
+    config.workers = 8
+    config.out = "results.json"
+    config.plot = True
+    config.plot_embeddings = ""  # a rank, e.g. "family": PCA of image embeddings coloured by it
+    config.tfds_data_dir = ""
+    config.tfds_download = False
+    config.progress = True
+    return config
+
+
+def parse_tasks(tasks: str) -> tuple[str, ...]:
+    chosen = tuple(t.strip() for t in str(tasks).split(",") if t.strip())
+    unknown = [t for t in chosen if t not in TASKS]
+    if unknown or not chosen:
+        raise ValueError(f"unknown task(s) {unknown or tasks!r}; valid: {', '.join(TASKS)}")
+    return chosen
+
+
+def dataset_specs(config) -> list[dict]:
+    """The datasets to run: `config.datasets`, plus `config.data` when given."""
+    specs = [dict(spec) for spec in config.datasets]
+    if config.data:
+        specs.append({"name": config.name, "data": config.data, "taxa": config.taxa, "label_key": config.label_key})
+    if not specs:
+        raise ValueError("no dataset: pass --data=folder:PATH|tfds:NAME[:SPLIT]|shards:PATTERN "
+                         "or a config with datasets")
+    for spec in specs:
+        if not spec.get("data"):
+            raise ValueError(f"dataset entry {spec} has no 'data' source")
+    return specs
+
+
+def check_config(config) -> None:
+    parse_tasks(config.tasks)
+    check_text_type(config.text_type)
+    get_templates(config.templates)
+    if config.plot_embeddings and config.plot_embeddings not in RANKS:
+        raise ValueError(f"--plot_embeddings must be a rank ({', '.join(RANKS)}), got {config.plot_embeddings!r}")
+    if config.trials < 1 or any(int(k) < 1 for k in config.shots):
+        raise ValueError(f"trials and shots must be >= 1, got trials={config.trials}, shots={tuple(config.shots)}")
+
+
+@dataclasses.dataclass
+class Embedded:
+    data: EvalData
+    features: np.ndarray
+    labels: np.ndarray
+
+
+def embed_dataset(model: CLIP, data: EvalData, config) -> Embedded:
+    embedder = ImageEmbedder(model, batch_size=config.batch_size, workers=config.workers, progress=config.progress)
+    out = embedder.embed_all(data.items(), total=len(data), desc=data.name)
+    report_skipped(out.skipped)
+    if not len(out.features):
+        raise ValueError(f"{data.name}: no readable image")
+    return Embedded(data, out.features, np.asarray(out.labels, np.int64))
+
+
+def _rank_records(dataset: str, prefix: str, codes, predicted_by_trial, true_by_trial) -> list[results.Record]:
+    """Accuracy at genus .. kingdom and the mean mistake distance, averaged over trials."""
+    per_trial = [per_rank.per_rank_accuracy(codes, p, t) for p, t in zip(predicted_by_trial, true_by_trial)]
+    records = [results.summarise(dataset, f"{prefix}_{rank}", [a[rank] for a in per_trial])
+               for rank in reversed(RANKS[:-1])]
+    distances = [per_rank.mistake_distance(codes, p, t) for p, t in zip(predicted_by_trial, true_by_trial)]
+    records.append(results.summarise(dataset, prefix.replace("_top1", "_mistake_distance"), distances, scale=1.0))
+    return records
+
+
+def score(model: CLIP, embedded: Embedded, config) -> list[results.Record]:
+    """All requested metrics from one dataset's stored embeddings."""
+    data, features, labels = embedded.data, embedded.features, embedded.labels
+    tasks = parse_tasks(config.tasks)
+    codes = per_rank.lineage_codes([c.taxon for c in data.classes]) if data.has_taxonomy else None
+    records: list[results.Record] = []
+    if "zero_shot" in tasks:
+        texts = zero_shot.class_texts(data.classes, config.text_type)
+        classifier = TextEmbedder(model, batch_size=config.text_batch_size, progress=config.progress)
+        class_features = classifier.classes(texts, get_templates(config.templates), desc=f"{data.name} classes")
+        top = zero_shot.top_k_classes(features, class_features, k=5)
+        accuracy = zero_shot.top_k_accuracy(top, labels, ks=(1, 5))
+        records += [results.summarise(data.name, f"zero_shot_top{k}", [accuracy[k]]) for k in (1, 5)]
+        if codes is not None:
+            records += _rank_records(data.name, "zero_shot_top1", codes, [top[:, 0]], [labels])
+    for method, name in (("few_shot", ""), ("linear_probe", "_linear")):
+        if method not in tasks:
+            continue
+        for k in config.shots:
+            trials = few_shot.few_shot_trials(features, labels, int(k), config.trials,
+                                              "centroid" if method == "few_shot" else "linear")
+            prefix = f"{k}_shot{name}_top1"
+            records.append(results.summarise(data.name, prefix, [t.accuracy for t in trials]))
+            if codes is not None and method == "few_shot":
+                records += _rank_records(data.name, prefix, codes, [t.predictions for t in trials],
+                                         [labels[t.query] for t in trials])
+    return records
+
+
+def _plot_embeddings(embedded: Embedded, rank: str, path: str) -> None:
+    data = embedded.data
+    if not data.has_taxonomy:
+        print(f"{data.name}: no taxonomy for --plot_embeddings={rank}; colouring by class", file=sys.stderr)
+        groups = [data.classes[i].name for i in embedded.labels]
+    else:
+        def name(taxon):
+            return taxon.scientific_name if rank == "species" else taxon.lineage(rank)[-1]
+
+        groups = [name(data.classes[i].taxon) for i in embedded.labels]
+    plots.embedding_plot(embedded.features, groups, path, f"{data.name}: image embeddings by {rank} (PCA)")
+    print(f"wrote {path}")
+
+
+def _output_paths(out: str) -> tuple[str, str, str]:
+    stem = out[:-5] if out.endswith(".json") else out
+    return out, stem + ".md", stem + ".png"
+
+
+def evaluate(model: CLIP, config, out: str | None = None) -> list[results.Record]:
+    """Every dataset of the config; writes results.json, a markdown table and the bar chart."""
+    check_config(config)
+    records: list[results.Record] = []
+    json_path, md_path, png_path = _output_paths(out or config.out)
+    for spec in dataset_specs(config):
+        try:
+            data = open_eval_data(spec["data"], name=spec.get("name") or None, taxa=spec.get("taxa") or None,
+                                  label_key=spec.get("label_key") or None,
+                                  tfds_data_dir=config.tfds_data_dir or None, tfds_download=config.tfds_download)
+        except Exception as error:  # noqa: BLE001 - a missing dataset must not stop the suite
+            print(f"skipped dataset {spec.get('name') or spec['data']}: {error}", file=sys.stderr)
+            continue
+        try:
+            embedded = embed_dataset(model, data, config)
+            found = score(model, embedded, config)
+        except ValueError as error:
+            print(f"skipped dataset {data.name}: {error}", file=sys.stderr)
+            continue
+        records += found
+        if config.plot_embeddings:
+            stem = json_path[:-5] if json_path.endswith(".json") else json_path
+            rank = config.plot_embeddings
+            _plot_embeddings(embedded, rank, f"{stem}_{_safe(data.name)}_{rank}.png")
+    results.write_json(records, json_path)
+    table = results.markdown_table(records)
+    with open(md_path, "w", encoding="utf-8") as handle:
+        handle.write(table)
+    print(table)
+    if config.plot and plots.comparison_chart(records, png_path):
+        print(f"wrote {json_path}, {md_path}, {png_path}")
+    else:
+        print(f"wrote {json_path}, {md_path}")
+    return records
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+# ---- evaluating a training run -----------------------------------------------------------------
+
+
+def finished_steps(workdir: str) -> list[int]:
+    """Steps whose checkpoint is complete (Orbax renames a step folder into place when done)."""
+    root = os.path.join(workdir, model_dir.CHECKPOINTS_DIR)
+    if not os.path.isdir(root):
+        return []
+    return sorted(int(d) for d in os.listdir(root)
+                  if re.fullmatch(r"\d+", d) and os.path.isdir(os.path.join(root, d, model_dir.PARAMS_DIR)))
+
+
+def log_step(workdir: str, step: int, records: list[results.Record], writer=None) -> None:
+    """Appends one line to WORKDIR/metrics.jsonl and the scalars to TensorBoard."""
+    line = {"step": step, "time": time.time()}
+    line.update({f"eval/{r.dataset}/{r.metric}": round(r.mean, 4) for r in records})
+    with open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(line) + "\n")  # one write: safe beside the trainer's appends
+    if writer is not None:
+        for r in records:
+            writer.add_scalar(f"eval/{r.dataset}/{r.metric}", r.mean, step)
+        writer.flush()
+
+
+def _tensorboard(workdir: str):
+    try:
+        from tensorboardX import SummaryWriter  # noqa: PLC0415 - optional
+    except ImportError:
+        print("tensorboardX is not installed; logging to metrics.jsonl only", file=sys.stderr)
+        return None
+    return SummaryWriter(os.path.join(workdir, "tensorboard"), filename_suffix=".eval")
+
+
+def watch(workdir: str, config, *, sleep: Callable[[float], None] = time.sleep) -> dict[int, list[results.Record]]:
+    """Evaluates each finished checkpoint once, in step order, until none appears for watch_timeout s."""
+    check_config(config)
+    if not model_dir.is_model_dir(workdir):
+        raise FileNotFoundError(f"{workdir} is not a training workdir (no {model_dir.MODEL_JSON})")
+    out_root = os.path.join(workdir, "eval")
+    done = {s for s in finished_steps(workdir) if os.path.isfile(os.path.join(out_root, str(s), "results.json"))}
+    model = None
+    writer = _tensorboard(workdir)
+    evaluated: dict[int, list[results.Record]] = {}
+    last_new = time.monotonic()
+    try:
+        while True:
+            new = [s for s in finished_steps(workdir) if s not in done]
+            for step in new:
+                step_dir = os.path.join(workdir, model_dir.CHECKPOINTS_DIR, str(step))
+                try:
+                    if model is None:
+                        model = create_model(None, pretrained=workdir)
+                    assign_params(model, model_dir.load_params(step_dir), source=step_dir)
+                except (OSError, ValueError, FileNotFoundError) as error:
+                    print(f"step {step}: checkpoint unreadable ({error}); skipped", file=sys.stderr)
+                    done.add(step)
+                    continue
+                print(f"evaluating step {step}", file=sys.stderr)
+                records = evaluate(model, config, out=os.path.join(out_root, str(step), "results.json"))
+                log_step(workdir, step, records, writer)
+                evaluated[step] = records
+                done.add(step)
+            if new:
+                last_new = time.monotonic()
+            elif time.monotonic() - last_new > config.watch_timeout:
+                return evaluated
+            else:
+                sleep(config.poll_seconds)
+    finally:
+        if writer is not None:
+            writer.close()

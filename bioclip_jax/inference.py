@@ -1,0 +1,285 @@
+"""Streaming embedding of images and texts with bounded memory.
+
+Images: a small thread pool opens, decodes and crops images a few batches ahead of the
+device (PIL releases the GIL while decoding), batches are a fixed size (the last one is
+padded) so one shape compiles, the device normalises the uint8 pixels, and results are
+handed out batch by batch. Unreadable images are skipped and listed by key.
+Texts: tokenised in fixed-size chunks; the host tokenises chunk i+1 while the device
+runs chunk i (JAX dispatch is asynchronous).
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import functools
+import io
+import os
+import sys
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from PIL import Image
+from tqdm import tqdm
+
+from bioclip_jax.evaluate.templates import OPENAI_IMAGENET_TEMPLATES, fill_templates
+from bioclip_jax.models.clip import CLIP, l2_normalize
+from bioclip_jax.pretrained import create_model, image_transform
+from bioclip_jax.tokenizer import get_tokenizer
+from bioclip_jax.transforms import normalize
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+RANDOM_MODEL = "random"
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageItem:
+    """One image to embed: a key for reports, how to open it, and an optional label.
+
+    `open()` returns a PIL image, or an (image, label) pair for sources that read the
+    label in the same record as the image (the pair's label replaces `label`).
+    """
+
+    key: str
+    open: Callable[[], Any]
+    label: Any = None
+
+
+def file_item(path: str, label: Any = None) -> ImageItem:
+    return ImageItem(path, functools.partial(Image.open, path), label)
+
+
+def bytes_item(key: str, data: bytes, label: Any = None) -> ImageItem:
+    return ImageItem(key, lambda: Image.open(io.BytesIO(data)), label)
+
+
+def list_image_files(paths: Sequence[str]) -> list[str]:
+    """Files as given plus image files found (recursively, sorted) under directories."""
+    files: list[str] = []
+    for path in paths:
+        if os.path.isdir(path):
+            found = []
+            for root, dirs, names in os.walk(path):
+                dirs.sort()
+                found += [os.path.join(root, n) for n in sorted(names) if n.lower().endswith(IMAGE_EXTENSIONS)]
+            files += found
+        elif os.path.exists(path):
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"image path not found: {path}")
+    return files
+
+
+def load_model(pretrained: str | None, model_name: str | None = None, *, seed: int = 0) -> CLIP:
+    """The model a command line asked for; `random` gives a seeded random model (for tests)."""
+    if pretrained in (None, ""):
+        raise ValueError("no model given: pass --pretrained=SRC (an open_clip folder, a .safetensors file, "
+                         "a bioclip_jax model directory or training workdir), or --pretrained=random")
+    if pretrained == RANDOM_MODEL:
+        return create_model(model_name or "ViT-B-16", None, seed=seed)
+    return create_model(model_name, pretrained, seed=seed)
+
+
+@dataclasses.dataclass
+class Skipped:
+    key: str
+    reason: str
+
+
+@dataclasses.dataclass
+class ImageEmbeddings:
+    """Every embedded image of a stream: features [N, D] (L2-normalised) in input order."""
+
+    features: np.ndarray
+    keys: list[str]
+    labels: list[Any]
+    skipped: list[Skipped]
+
+
+def _decode(item: ImageItem, crop: Callable[[Image.Image], Image.Image]) -> tuple[ImageItem, np.ndarray | Skipped]:
+    try:
+        opened = item.open()
+        if isinstance(opened, tuple):
+            opened, label = opened
+            item = dataclasses.replace(item, label=label)
+        with opened as image:
+            image.load()  # a truncated file fails here, not later inside the crop
+            return item, np.asarray(crop(image.convert("RGB")), dtype=np.uint8)
+    except Exception as error:  # noqa: BLE001 - any unreadable image is skipped and reported
+        return item, Skipped(item.key, f"{type(error).__name__}: {error}")
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+def _image_features(graphdef, state, pixels, mean, std):
+    model = nnx.merge(graphdef, state)
+    return model.image_features(normalize(pixels, mean, std), normalize=True)
+
+
+def default_devices() -> list:
+    """All local accelerators; one device on CPU (simulated CPU devices share the same cores)."""
+    devices = jax.local_devices()
+    return devices if devices[0].platform != "cpu" else devices[:1]
+
+
+class ImageEmbedder:
+    """Embeds image streams of any length; only `prefetch` batches are ever held in memory."""
+
+    def __init__(self, model: CLIP, *, batch_size: int = 64, workers: int = 8, prefetch: int = 2,
+                 progress: bool = True, devices: Sequence | None = None):
+        if batch_size < 1 or workers < 1 or prefetch < 1:
+            raise ValueError(f"batch_size, workers and prefetch must be >= 1, got {batch_size}, {workers}, {prefetch}")
+        self.devices = list(devices or default_devices())
+        self.batch_size = -(-batch_size // len(self.devices)) * len(self.devices)
+        self.workers, self.prefetch, self.progress = workers, prefetch, progress
+        self.transform = image_transform(model)
+        self.size = self.transform.cfg.size
+        self.embed_dim = model.config.embed_dim
+        self.skipped: list[Skipped] = []
+        graphdef, state = nnx.split(model)
+        mesh = jax.sharding.Mesh(np.asarray(self.devices), ("data",))
+        self._batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+        self._graphdef = graphdef
+        self._state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+    def _run(self, pixels: np.ndarray) -> jax.Array:
+        cfg = self.transform.cfg
+        batch = jax.device_put(pixels, self._batch_sharding)
+        return _image_features(self._graphdef, self._state, batch, tuple(cfg.mean), tuple(cfg.std))
+
+    def _decoded(self, items: Iterable[ImageItem]) -> Iterator[tuple[ImageItem, np.ndarray | Skipped]]:
+        """Items with their pixels, in input order, decoded by the pool a bounded window ahead."""
+        window = self.batch_size * self.prefetch
+        with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:
+            pending: collections.deque[concurrent.futures.Future] = collections.deque()
+            for item in items:
+                pending.append(pool.submit(_decode, item, self.transform.crop))
+                if len(pending) >= window:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+
+    def stream(self, items: Iterable[ImageItem], total: int | None = None,
+               desc: str = "images") -> Iterator[tuple[np.ndarray, list[ImageItem]]]:
+        """Yields (features [b, D] float32, the b items embedded) per batch; skips go to `self.skipped`."""
+        buffer = np.zeros((self.batch_size, self.size, self.size, 3), np.uint8)
+        filled: list[ImageItem] = []
+        in_flight: tuple[jax.Array, list[ImageItem]] | None = None
+        with tqdm(total=total, unit="img", desc=desc, disable=not self.progress, file=sys.stderr) as bar:
+            for item, pixels in self._decoded(items):
+                bar.update()
+                if isinstance(pixels, Skipped):
+                    self.skipped.append(pixels)
+                    continue
+                buffer[len(filled)] = pixels
+                filled.append(item)
+                if len(filled) == self.batch_size:
+                    launched = (self._run(buffer.copy()), filled)  # dispatch, then collect the previous
+                    if in_flight is not None:
+                        yield np.asarray(in_flight[0]), in_flight[1]
+                    in_flight, filled = launched, []
+            if in_flight is not None:
+                yield np.asarray(in_flight[0]), in_flight[1]
+            if filled:
+                buffer[len(filled):] = 0
+                yield np.asarray(self._run(buffer))[: len(filled)], filled
+
+    def embed_all(self, items: Iterable[ImageItem], total: int | None = None,
+                  desc: str = "images") -> ImageEmbeddings:
+        """Collects a whole stream (N x D floats; the images themselves are never all in memory)."""
+        start = len(self.skipped)
+        chunks, keys, labels = [], [], []
+        for features, batch in self.stream(items, total, desc):
+            chunks.append(features)
+            keys += [item.key for item in batch]
+            labels += [item.label for item in batch]
+        features = np.concatenate(chunks) if chunks else np.zeros((0, self.embed_dim), np.float32)
+        return ImageEmbeddings(features, keys, labels, self.skipped[start:])
+
+
+def report_skipped(skipped: Sequence[Skipped], what: str = "images", limit: int = 20) -> None:
+    """One line per unreadable input on stderr (the first `limit` of them)."""
+    if not skipped:
+        return
+    print(f"skipped {len(skipped)} unreadable {what}:", file=sys.stderr)
+    for entry in skipped[:limit]:
+        print(f"  {entry.key}: {entry.reason}", file=sys.stderr)
+    if len(skipped) > limit:
+        print(f"  ... and {len(skipped) - limit} more", file=sys.stderr)
+
+
+# ---- texts -------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _template_means(graphdef, state, tokens, num_templates: int):
+    """[n * T, L] tokens -> [n, D]: normalise per prompt, average the T prompts, normalise again."""
+    model = nnx.merge(graphdef, state)
+    features = model.text_features(tokens, normalize=True)
+    return l2_normalize(features.reshape(-1, num_templates, features.shape[-1]).mean(axis=1))
+
+
+class TextEmbedder:
+    """Text embeddings in fixed-size chunks (one compiled shape), for any number of texts."""
+
+    def __init__(self, model: CLIP, *, batch_size: int = 256, progress: bool = False):
+        if batch_size < 1:
+            raise ValueError(f"text batch_size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
+        self.progress = progress
+        self.embed_dim = model.config.embed_dim
+        self.tokenizer = get_tokenizer("ViT-B-16", context_length=model.config.text.context_length)
+        self._graphdef, self._state = nnx.split(model)
+
+    def class_chunks(self, class_names: Iterable[str], num_classes: int | None = None,
+                     templates: Sequence[str] = OPENAI_IMAGENET_TEMPLATES,
+                     desc: str = "class names") -> Iterator[np.ndarray]:
+        """Yields [n, D] class embeddings (normalised mean over templates), chunk by chunk, in order."""
+        templates = tuple(templates)
+        per_chunk = max(1, self.batch_size // len(templates))
+        if num_classes:
+            per_chunk = min(per_chunk, num_classes)  # a short list is not padded to a full batch
+        in_flight: tuple[jax.Array, int] | None = None
+        with tqdm(total=num_classes, unit="name", desc=desc, disable=not self.progress, file=sys.stderr) as bar:
+            for names in _chunked(class_names, per_chunk):
+                prompts = [p for name in names for p in fill_templates(name, templates)]
+                prompts += [""] * ((per_chunk - len(names)) * len(templates))  # pad: one shape
+                launched = (_template_means(self._graphdef, self._state, self.tokenizer(prompts),
+                                            len(templates)), len(names))
+                if in_flight is not None:
+                    yield np.asarray(in_flight[0])[: in_flight[1]]
+                    bar.update(in_flight[1])
+                in_flight = launched
+            if in_flight is not None:
+                yield np.asarray(in_flight[0])[: in_flight[1]]
+                bar.update(in_flight[1])
+
+    def classes(self, class_names: Sequence[str], templates: Sequence[str] = OPENAI_IMAGENET_TEMPLATES,
+                desc: str = "class names") -> np.ndarray:
+        """[C, D] class embeddings for a list of class names."""
+        chunks = list(self.class_chunks(class_names, len(class_names), templates, desc))
+        return np.concatenate(chunks) if chunks else np.zeros((0, self.embed_dim), np.float32)
+
+    def texts(self, texts: Sequence[str]) -> np.ndarray:
+        """[N, D] normalised embeddings of plain texts (no templates)."""
+        return self.classes(texts, templates=("{}",), desc="texts")
+
+
+def _chunked(values: Iterable, size: int) -> Iterator[list]:
+    chunk: list = []
+    for value in values:
+        chunk.append(value)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def softmax_probabilities(image_features: np.ndarray, class_features: np.ndarray, logit_scale: float) -> np.ndarray:
+    """pybioclip's scores: softmax(exp(logit_scale) * image @ classes.T) over classes, float32."""
+    logits = jnp.float32(np.exp(logit_scale)) * jnp.asarray(image_features) @ jnp.asarray(class_features).T
+    return np.asarray(jax.nn.softmax(logits, axis=-1))

@@ -1,0 +1,125 @@
+"""`python -m bioclip_jax.evaluate` end to end on tiny image folders, a TFDS mock and a training workdir."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import bioclip_jax
+from bioclip_jax.checkpoint import model_dir
+from bioclip_jax.evaluate import cli, results
+from bioclip_jax.models.params import flat_params
+from bioclip_jax.pretrained import model_metadata
+
+COLOURS = {"Corvus corax": (15, 15, 20), "Corvus albus": (235, 235, 230), "Passer domesticus": (200, 60, 30),
+           "Rosa canina": (40, 170, 60)}
+TAXA = """kingdom,phylum,class,order,family,genus,species,common
+Animalia,Chordata,Aves,Passeriformes,Corvidae,Corvus,corax,common raven
+Animalia,Chordata,Aves,Passeriformes,Corvidae,Corvus,albus,pied crow
+Animalia,Chordata,Aves,Passeriformes,Passeridae,Passer,domesticus,house sparrow
+Plantae,Tracheophyta,Magnoliopsida,Rosales,Rosaceae,Rosa,canina,dog rose
+"""
+TINY = ["--pretrained=random", "--model=ViT-Tiny-8", "--no_progress", "--text_batch_size=160", "--batch_size=16"]
+
+
+@pytest.fixture(scope="module")
+def colour_folder(tmp_path_factory):
+    """Four clearly separable classes: flat colours with a little noise, 7 images each."""
+    root = tmp_path_factory.mktemp("eval") / "held_out"
+    rng = np.random.default_rng(0)
+    for name, colour in COLOURS.items():
+        os.makedirs(root / "images" / name)
+        for i in range(7):
+            pixels = np.clip(np.asarray(colour) + rng.normal(0, 12, (72, 80, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / "images" / name / f"{i}.jpg")
+    (root / "taxa.csv").write_text(TAXA)
+    return root / "images"
+
+
+def _records(path):
+    return {(r["dataset"], r["metric"]): r for r in json.load(open(path))}
+
+
+def test_folder_zero_and_few_shot_with_per_rank(colour_folder, tmp_path, capsys):
+    out = tmp_path / "res" / "results.json"
+    code = cli.main([*TINY, f"--data=folder:{colour_folder}", "--tasks=zero_shot,few_shot,linear_probe",
+                     "--text_type=taxon_com", "--shots=1,5", "--trials=3", f"--out={out}",
+                     "--plot_embeddings=family"])
+    assert code == 0
+    records = _records(out)
+    five = records[("images", "5_shot_top1")]
+    assert five["mean"] >= 95.0 and five["trials"] == 3  # random features still separate colours
+    assert records[("images", "5_shot_linear_top1")]["mean"] >= 90.0
+    for metric in ("zero_shot_top1", "zero_shot_top5", "1_shot_top1", "zero_shot_top1_genus",
+                   "zero_shot_top1_kingdom", "zero_shot_mistake_distance", "5_shot_top1_family"):
+        record = records[("images", metric)]
+        assert set(record) == {"dataset", "metric", "mean", "std", "trials"}
+        assert 0.0 <= record["mean"] <= (7.0 if "distance" in metric else 100.0)
+    assert records[("images", "zero_shot_top5")]["mean"] == 100.0  # only 4 classes
+    for rank_pair in (("genus", "family"), ("family", "kingdom")):
+        lower, higher = (records[("images", f"zero_shot_top1_{r}")]["mean"] for r in rank_pair)
+        assert lower <= higher
+    table = (tmp_path / "res" / "results.md").read_text()
+    assert "| images |" in table and "Accuracy per rank" in table
+    assert (tmp_path / "res" / "results.png").stat().st_size > 1000
+    assert (tmp_path / "res" / "results_images_family.png").stat().st_size > 1000
+    assert "| dataset |" in capsys.readouterr().out
+
+
+def test_config_file_overrides_and_missing_dataset(colour_folder, tmp_path, capsys):
+    config = tmp_path / "suite.py"
+    config.write_text(
+        "from bioclip_jax.evaluate.runner import default_config\n"
+        "def get_config(arg=None):\n"
+        "    c = default_config()\n"
+        "    c.tasks = 'few_shot'\n"
+        "    c.shots = (1,)\n"
+        f"    c.datasets = [dict(name='colours', data='folder:{colour_folder}', taxa='', label_key=''),\n"
+        "                  dict(name='gone', data='folder:' + arg, taxa='', label_key='')]\n"
+        "    return c\n")
+    out = tmp_path / "suite.json"
+    code = cli.main([f"--config={config}:{tmp_path}/nowhere", *TINY, f"--out={out}", "--config.trials=2", "--no_plot"])
+    assert code == 0
+    assert "skipped dataset gone" in capsys.readouterr().err
+    records = _records(out)
+    assert list(records) == [("colours", "1_shot_top1"), ("colours", "1_shot_top1_genus"),
+                             ("colours", "1_shot_top1_family"), ("colours", "1_shot_top1_order"),
+                             ("colours", "1_shot_top1_class"), ("colours", "1_shot_top1_phylum"),
+                             ("colours", "1_shot_top1_kingdom"), ("colours", "1_shot_mistake_distance")]
+    assert records[("colours", "1_shot_top1")]["trials"] == 2
+    assert not (tmp_path / "suite.png").exists()
+    assert cli.main([f"--config={config}:x", "--config.no_such_field=1"]) == 2
+    assert "unknown config field 'no_such_field'" in capsys.readouterr().err
+    assert cli.main([*TINY, f"--data=folder:{colour_folder}", "--text_type=latin"]) == 2
+
+
+def test_tfds_dataset_zero_shot(tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    out = tmp_path / "tfds.json"
+    with tfds.testing.mock_data(num_examples=6):
+        code = cli.main([*TINY, "--data=tfds:oxford_flowers102:test", "--tasks=zero_shot", "--templates=single",
+                         "--text_type=com", f"--out={out}"])
+    assert code == 0
+    records = _records(out)
+    assert set(records) == {("oxford_flowers102:test", "zero_shot_top1"), ("oxford_flowers102:test", "zero_shot_top5")}
+
+
+def test_watch_workdir_evaluates_each_checkpoint_once(colour_folder, tmp_path, capsys):
+    workdir = tmp_path / "run"
+    model = bioclip_jax.create_model("ViT-Tiny-8", seed=1)
+    model_dir.write_model_json(str(workdir), *model_metadata(model))
+    model_dir.save_params(str(workdir / "checkpoints" / "10"), flat_params(model))
+    os.makedirs(workdir / "checkpoints" / "20.orbax-checkpoint-tmp-123")  # unfinished: ignored
+    args = ["--workdir", str(workdir), "--watch", "--watch_timeout=0", "--poll_seconds=0.01", "--no_progress",
+            f"--data=folder:{colour_folder}", "--tasks=few_shot", "--shots=1", "--trials=1", "--no_plot"]
+    assert cli.main(args) == 0
+    lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 1 and lines[0]["step"] == 10
+    assert lines[0]["eval/images/1_shot_top1"] > 50.0
+    assert results.read_json(str(workdir / "eval" / "10" / "results.json"))
+    assert any(name.startswith("events") for name in os.listdir(workdir / "tensorboard"))
+    assert cli.main(args) == 0  # nothing new: no second evaluation
+    assert len((workdir / "metrics.jsonl").read_text().splitlines()) == 1
+    assert "evaluating step 10" in capsys.readouterr().err

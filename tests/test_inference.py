@@ -1,0 +1,111 @@
+"""Streaming image/text embedding: same numbers as the eager model calls, bounded look-ahead, skips."""
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+import bioclip_jax
+from bioclip_jax import inference
+from bioclip_jax.evaluate.templates import fill_templates
+
+
+@pytest.fixture(scope="module")
+def model():
+    return bioclip_jax.create_model("ViT-Tiny-8", seed=0)
+
+
+@pytest.fixture(scope="module")
+def image_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (w, h, mode) in enumerate([(80, 64, "RGB"), (64, 100, "L"), (70, 70, "RGBA"), (90, 66, "RGB"),
+                                      (64, 64, "P"), (100, 80, "RGB")]):
+        array = (rng.random((h, w, 3)) * 255).astype(np.uint8)
+        path = root / f"{i}.png"
+        Image.fromarray(array).convert(mode).save(path)
+        paths.append(str(path))
+    (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    good = Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8))
+    good.save(root / "truncated.jpg")
+    data = (root / "truncated.jpg").read_bytes()
+    (root / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    return paths, [str(root / "broken.jpg"), str(root / "truncated.jpg")]
+
+
+def _reference(model, paths):
+    transform = bioclip_jax.image_transform(model)
+    batch = np.stack([transform(Image.open(p).convert("RGB")) for p in paths])
+    return model.encode_image(batch, normalize=True)
+
+
+def test_image_stream_matches_eager_encode_and_skips_bad_files(model, image_files):
+    good, bad = image_files
+    files = good[:3] + [bad[0]] + good[3:] + [bad[1]]
+    embedder = inference.ImageEmbedder(model, batch_size=4, workers=2, progress=False)
+    out = embedder.embed_all([inference.file_item(p, label=i) for i, p in enumerate(files)])
+    assert out.keys == good  # order kept, unreadable files left out
+    assert out.labels == [0, 1, 2, 4, 5, 6]
+    assert [s.key for s in out.skipped] == bad
+    assert all("Error" in s.reason for s in out.skipped)  # "OSError: Truncated File Read", ...
+    np.testing.assert_allclose(out.features, _reference(model, good), atol=2e-5)
+    np.testing.assert_allclose(np.linalg.norm(out.features, axis=1), 1.0, atol=1e-5)
+
+
+def test_stream_reads_a_bounded_window_ahead(model, image_files):
+    good, _ = image_files
+    opened = []
+
+    def items():
+        for i in range(40):
+            opened.append(i)
+            yield inference.file_item(good[i % len(good)])
+
+    embedder = inference.ImageEmbedder(model, batch_size=4, workers=2, prefetch=2, progress=False)
+    seen = 0
+    for features, batch in embedder.stream(items()):
+        seen += len(batch)
+        assert len(opened) - seen <= 4 * 2 + 4 + 1  # window + the batch being filled
+        assert features.shape == (len(batch), model.config.embed_dim)
+    assert seen == 40
+
+
+def test_data_parallel_over_two_devices_gives_same_features(model, image_files):
+    if len(jax.devices()) < 2:
+        pytest.skip("needs 2 devices (tests run with 8 simulated CPU devices from conftest.py)")
+    good, _ = image_files
+    embedder = inference.ImageEmbedder(model, batch_size=3, workers=2, progress=False, devices=jax.devices()[:2])
+    assert embedder.batch_size == 4  # rounded up to a multiple of the device count
+    out = embedder.embed_all(inference.file_item(p) for p in good)
+    np.testing.assert_allclose(out.features, _reference(model, good), atol=2e-5)
+
+
+def test_text_embedder_template_means_match_eager(model):
+    tokenizer = bioclip_jax.get_tokenizer("ViT-B-16")
+    templates = ("a photo of a {}.", "a {} in the wild.", "itap of my {}.")
+    names = ["Corvus corax", "house sparrow", "Rosa canina", "dog rose", "x"]
+    embedder = inference.TextEmbedder(model, batch_size=6)  # 2 names per chunk: uneven last chunk
+    got = embedder.classes(names, templates)
+    expected = []
+    for name in names:
+        feats = model.encode_text(tokenizer(fill_templates(name, templates)), normalize=True)
+        mean = feats.mean(axis=0)
+        expected.append(mean / np.linalg.norm(mean))
+    np.testing.assert_allclose(got, np.stack(expected), atol=2e-5)
+    plain = embedder.texts(["a photo of a bird.", "a photo of a rose."])
+    np.testing.assert_allclose(plain, model.encode_text(tokenizer(["a photo of a bird.", "a photo of a rose."]),
+                                                        normalize=True), atol=2e-5)
+    assert embedder.classes([], templates).shape == (0, model.config.embed_dim)
+
+
+def test_list_image_files_and_model_loading_errors(tmp_path):
+    (tmp_path / "b").mkdir()
+    for name in ("b/2.JPG", "b/1.png", "b/notes.txt", "a.jpeg"):
+        (tmp_path / name).write_bytes(b"")
+    files = inference.list_image_files([str(tmp_path / "b"), str(tmp_path / "a.jpeg")])
+    assert files == [str(tmp_path / "b/1.png"), str(tmp_path / "b/2.JPG"), str(tmp_path / "a.jpeg")]
+    with pytest.raises(FileNotFoundError, match="image path not found"):
+        inference.list_image_files([str(tmp_path / "missing.jpg")])
+    with pytest.raises(ValueError, match="--pretrained"):
+        inference.load_model(None)
