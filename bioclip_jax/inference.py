@@ -27,7 +27,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from bioclip_jax.evaluate.templates import OPENAI_IMAGENET_TEMPLATES, fill_templates
-from bioclip_jax.models.clip import CLIP, l2_normalize
+from bioclip_jax.models.clip import CLIP, l2_normalize, used_text_length
 from bioclip_jax.pretrained import create_model, image_transform
 from bioclip_jax.tokenizer import get_tokenizer
 from bioclip_jax.transforms import normalize
@@ -113,10 +113,10 @@ def _decode(item: ImageItem, crop: Callable[[Image.Image], Image.Image]) -> tupl
         return item, Skipped(item.key, f"{type(error).__name__}: {error}")
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3, 4))
-def _image_features(graphdef, state, pixels, mean, std):
+@functools.partial(jax.jit, static_argnums=(0, 3, 4, 5))
+def _image_features(graphdef, state, pixels, mean, std, unit_length: bool = True):
     model = nnx.merge(graphdef, state)
-    return model.image_features(normalize(pixels, mean, std), normalize=True)
+    return model.image_features(normalize(pixels, mean, std), normalize=unit_length)
 
 
 def default_devices() -> list:
@@ -129,12 +129,13 @@ class ImageEmbedder:
     """Embeds image streams of any length; only `prefetch` batches are ever held in memory."""
 
     def __init__(self, model: CLIP, *, batch_size: int = 64, workers: int = 8, prefetch: int = 2,
-                 progress: bool = True, devices: Sequence | None = None):
+                 progress: bool = True, devices: Sequence | None = None, unit_length: bool = True):
         if batch_size < 1 or workers < 1 or prefetch < 1:
             raise ValueError(f"batch_size, workers and prefetch must be >= 1, got {batch_size}, {workers}, {prefetch}")
         self.devices = list(devices or default_devices())
         self.batch_size = -(-batch_size // len(self.devices)) * len(self.devices)
         self.workers, self.prefetch, self.progress = workers, prefetch, progress
+        self.unit_length = unit_length  # False: raw features, like open_clip's encode_image
         self.transform = image_transform(model)
         self.size = self.transform.cfg.size
         self.embed_dim = model.config.embed_dim
@@ -148,7 +149,8 @@ class ImageEmbedder:
     def _run(self, pixels: np.ndarray) -> jax.Array:
         cfg = self.transform.cfg
         batch = jax.device_put(pixels, self._batch_sharding)
-        return _image_features(self._graphdef, self._state, batch, tuple(cfg.mean), tuple(cfg.std))
+        return _image_features(self._graphdef, self._state, batch, tuple(cfg.mean), tuple(cfg.std),
+                               self.unit_length)
 
     def _decoded(self, items: Iterable[ImageItem]) -> Iterator[tuple[ImageItem, np.ndarray | Skipped]]:
         """Items with their pixels, in input order, decoded by the pool a bounded window ahead."""
@@ -247,8 +249,9 @@ class TextEmbedder:
             for names in _chunked(class_names, per_chunk):
                 prompts = [p for name in names for p in fill_templates(name, templates)]
                 prompts += [""] * ((per_chunk - len(names)) * len(templates))  # pad: one shape
-                launched = (_template_means(self._graphdef, self._state, self.tokenizer(prompts),
-                                            len(templates)), len(names))
+                tokens = self.tokenizer(prompts)
+                tokens = tokens[:, :used_text_length(tokens, self.tokenizer.context_length)]
+                launched = (_template_means(self._graphdef, self._state, tokens, len(templates)), len(names))
                 if in_flight is not None:
                     yield np.asarray(in_flight[0])[: in_flight[1]]
                     bar.update(in_flight[1])

@@ -14,6 +14,7 @@ def get_config(arg=None):
     c.log_every_steps = 25
     c.data.batch_size = 128
     c.data.text_type = "random"
+    c.data.text_tokens = 48  # the longest synthetic caption of the random pool is 43 tokens
     c.optimizer.lr = 1e-3
     c.optimizer.weight_decay = 0.1
     c.schedule.warmup_steps = 50
@@ -21,6 +22,7 @@ def get_config(arg=None):
     c.checkpoint.keep = 2
     c.eval.every_steps = 200
     c.eval.batch_size = 128
+    c.eval.text_type = "taxon_com,sci,com"
     return sized(c, arg, {
         "smoke": {"total_steps": 6, "data.batch_size": 16, "log_every_steps": 1, "schedule.warmup_steps": 2,
                   "checkpoint.every_steps": 3, "eval.every_steps": 0, "checkpoint.async_save": False},

@@ -57,9 +57,24 @@ class CLIP(nnx.Module):
         return np.asarray(_encode(graphdef, state, jnp.asarray(images, jnp.float32), "image", normalize))
 
     def encode_text(self, tokens, normalize: bool = False) -> np.ndarray:
-        """[B, context_length] int token ids -> [B, embed_dim]."""
+        """[B, context_length] int token ids -> [B, embed_dim].
+
+        Rows are cut after the last end-of-text token of the batch (rounded up to a
+        multiple of 16, so few shapes compile): the result is the same, and short
+        captions such as taxon names cost a fraction of the full 77 positions.
+        """
+        tokens = np.asarray(tokens)
         graphdef, state = nnx.split(self)
-        return np.asarray(_encode(graphdef, state, jnp.asarray(tokens, jnp.int32), "text", normalize))
+        trimmed = tokens[:, :used_text_length(tokens, self.config.text.context_length)]
+        return np.asarray(_encode(graphdef, state, jnp.asarray(trimmed, jnp.int32), "text", normalize))
+
+
+def used_text_length(tokens: np.ndarray, context_length: int, multiple: int = 16) -> int:
+    """Positions up to the last end-of-text token (the row maximum), rounded up to `multiple`."""
+    if tokens.size == 0:
+        return min(multiple, context_length)
+    last = int(np.max(np.argmax(tokens, axis=-1))) + 1
+    return min(context_length, -(-last // multiple) * multiple)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3, 4))

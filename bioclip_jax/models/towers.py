@@ -83,10 +83,13 @@ class TextTransformer(nnx.Module):
     def __call__(self, tokens: jax.Array) -> jax.Array:
         dtype = self.dtype
         b, length = tokens.shape
-        if length != self.cfg.context_length:
-            raise ValueError(f"expected tokens of shape [B, {self.cfg.context_length}], got {list(tokens.shape)}")
+        if not 1 <= length <= self.cfg.context_length:
+            raise ValueError(f"expected tokens of shape [B, L] with L <= {self.cfg.context_length}, "
+                             f"got {list(tokens.shape)}")
+        # Shorter rows are exact, not an approximation: with a causal mask no position sees
+        # the padding after it, and pooling reads the end-of-text position.
         x = jnp.take(self.token_embedding[...], tokens, axis=0).astype(dtype)
-        x = x + self.positional_embedding[...].astype(dtype)
+        x = x + self.positional_embedding[:length].astype(dtype)
         causal = jnp.tril(jnp.ones((length, length), dtype=bool))
         x = self.transformer(x, causal)
         x = self.ln_final(x)

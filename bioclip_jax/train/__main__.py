@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from bioclip_jax.train.distributed import maybe_initialize_distributed
@@ -26,13 +26,14 @@ def _main(argv) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if FLAGS.config is None or FLAGS.workdir is None:
         raise app.UsageError("--config and --workdir are required")
+    # Orbax and Grain log every save at INFO through absl; keep the console for progress lines.
+    logging.set_verbosity(logging.WARNING)
     maybe_initialize_distributed()
-    from bioclip_jax.train.loop import train  # noqa: PLC0415 - after distributed init
-    from bioclip_jax.train.periodic_eval import eval_fn_from_config  # noqa: PLC0415
+    from bioclip_jax.train.job import run_job  # noqa: PLC0415 - after distributed init
     from bioclip_jax.data.pipeline import BadDataError  # noqa: PLC0415
     config = FLAGS.config
     try:
-        train(config, FLAGS.workdir, stop_after=FLAGS.stop_after, eval_fn=eval_fn_from_config(config))
+        run_job(config, FLAGS.workdir, stop_after=FLAGS.stop_after)
     except (ValueError, FileNotFoundError, BadDataError, FloatingPointError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)

@@ -25,10 +25,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.train_shards = ""        # brace pattern, e.g. /data/train/shard-{000000..000159}.tar
     c.data.batch_size = 256         # global batch over all hosts and devices
     c.data.text_type = "random"     # fixed type | random | per_sample | weighted "sci:0.5,taxon_com:0.5"
+    c.data.text_tokens = 0          # token positions fed to the text tower (0 = the model's 77);
+                                    # captions longer than this are truncated (end-of-text kept)
     c.data.workers = 0              # Grain worker processes per host (0 = in the main process)
     c.data.crop_scale = (0.9, 1.0)  # RandomResizedCrop scale, as in BioCLIP
     c.data.max_bad_fraction = 0.01  # stop when more than this fraction of samples is unusable
     c.data.index_cache_dir = ""     # where shard indexes go when the data directory is read-only
+    c.data.synthetic = ml_collections.ConfigDict()  # generated into WORKDIR/synthetic if no shards
+    c.data.synthetic.species = 200
+    c.data.synthetic.images_per_species = 40
+    c.data.synthetic.held_out_species = 0.1
+    c.data.synthetic.image_size = 64
+    c.data.synthetic.seed = 0
 
     c.loss = ml_collections.ConfigDict()
     c.loss.kind = "softmax"         # softmax (CLIP) | sigmoid (SigLIP)
@@ -62,7 +70,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.every_steps = 0          # 0 = only at the end
     c.eval.held_out_dir = ""        # image folder (one directory per species) for zero-shot
     c.eval.taxa_file = ""           # taxa.csv for the held-out species (enables per-rank scores)
-    c.eval.text_type = "taxon_com"
+    c.eval.text_type = "taxon_com"  # comma list, e.g. "taxon_com,com"
     c.eval.batch_size = 256
 
     c.device_peak_tflops = 0.0      # for MFU; 0 = look up the device kind, unknown -> no MFU

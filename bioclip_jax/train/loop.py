@@ -7,6 +7,7 @@ SIGTERM, or when Orbax reports a preemption.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import signal
@@ -105,7 +106,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_after: int | Non
 
     dataset = make_train_dataset(
         config.data.train_shards, global_batch_size=config.data.batch_size, seed=config.seed,
-        text_type=config.data.text_type, tokenizer=get_tokenizer(config.model.name),
+        text_type=config.data.text_type, tokenizer=_train_tokenizer(config, arch),
         image_size=arch.vision.image_size, process_index=jax.process_index(),
         process_count=jax.process_count(), worker_count=config.data.workers,
         crop_scale=tuple(config.data.crop_scale), max_bad_fraction=config.data.max_bad_fraction,
@@ -180,6 +181,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_after: int | Non
         last = {**last, **result}
     writer.close()
     return last
+
+
+def _train_tokenizer(config: ml_collections.ConfigDict, arch) -> functools.partial:
+    length = config.data.text_tokens or arch.text.context_length
+    if not 2 <= length <= arch.text.context_length:
+        raise ValueError(f"config.data.text_tokens={length} must be in [2, {arch.text.context_length}]")
+    return functools.partial(get_tokenizer(config.model.name), context_length=length)
 
 
 def _all_hosts_skipped(local: np.ndarray) -> int:
