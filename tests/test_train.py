@@ -98,3 +98,19 @@ def test_misspelt_override_names_the_field(tmp_path):
         capture_output=True, text=True, cwd=os.path.join(os.path.dirname(__file__), ".."), timeout=120)
     assert result.returncode != 0
     assert "lrr" in result.stderr
+
+
+def test_sigmoid_loss_trains_and_exports_logit_bias(shards, tmp_path):
+    import open_clip
+
+    from bioclip_jax import create_model, export_open_clip
+
+    records = run(tmp_path / "siglip", shards, loss__kind="sigmoid")
+    values = as_array(records)
+    assert len(values) == 6 and np.all(np.isfinite(values))
+    assert "logit_bias" in records[-1]
+    model = create_model(None, str(tmp_path / "siglip"))
+    export_open_clip(model, str(tmp_path / "export"))
+    reference = open_clip.create_model(f"local-dir:{tmp_path / 'export'}")
+    assert float(reference.logit_bias) == pytest.approx(float(model.logit_bias[...]))
+    assert float(reference.logit_bias) != -10.0  # it was trained

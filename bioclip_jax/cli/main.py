@@ -18,7 +18,6 @@ COMMANDS = {
     "check-data": ("bioclip_jax.cli.check_data", "read every sample of some shards and report problems"),
     "convert-shards": ("bioclip_jax.cli.convert_shards", "convert webdataset shards to ArrayRecord"),
     "plan": ("bioclip_jax.cli.plan", "per-device memory and FLOPs of a train config on a mesh"),
-    "main-job": ("bioclip_jax.cli.main_job", "synthetic data -> train -> evaluate -> export, end to end"),
 }
 
 
@@ -40,7 +39,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bioclip-jax: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[command][0])
-    return int(module.main(rest) or 0)
+    try:
+        return int(module.main(rest) or 0)
+    except SystemExit as exit_:  # argparse exits on --help and on usage errors
+        code = exit_.code
+        return code if isinstance(code, int) else (0 if code is None else 2)
 
 
 if __name__ == "__main__":

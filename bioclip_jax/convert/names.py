@@ -132,6 +132,8 @@ def name_table(config: CLIPConfig) -> list[Rule]:
         _identity("text_projection", ("text", "text_projection")),
         _identity("logit_scale", ("logit_scale",)),
     ]
+    if config.init_logit_bias is not None:
+        rules.append(_identity("logit_bias", ("logit_bias",)))
     for i in range(config.vision.layers):
         rules += _block_rules(f"visual.transformer.resblocks.{i}", ("visual", "transformer", "blocks", i))
     for i in range(config.text.layers):

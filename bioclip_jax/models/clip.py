@@ -11,6 +11,7 @@ import numpy as np
 from flax import nnx
 
 from bioclip_jax.models.config import CLIPConfig
+from bioclip_jax.models.layers import Init
 from bioclip_jax.models.towers import TextTransformer, VisionTransformer
 
 INIT_LOGIT_SCALE = math.log(1 / 0.07)
@@ -36,7 +37,9 @@ class CLIP(nnx.Module):
                                         dtype=dtype, remat=remat, rngs=rngs)
         self.text = TextTransformer(config.text, config.embed_dim, quick_gelu=config.quick_gelu,
                                     dtype=dtype, remat=remat, rngs=rngs)
-        self.logit_scale = nnx.Param(jnp.asarray(INIT_LOGIT_SCALE, jnp.float32))
+        self.logit_scale = _scalar_param(INIT_LOGIT_SCALE)
+        if config.init_logit_bias is not None:
+            self.logit_bias = _scalar_param(config.init_logit_bias)
 
     def image_features(self, images: jax.Array, normalize: bool = False) -> jax.Array:
         features = self.visual(images).astype(jnp.float32)
@@ -94,12 +97,13 @@ def build_model(config: CLIPConfig, *, seed: int = 0, dtype=jnp.float32, remat: 
     model = abstract_model(config, dtype=dtype, remat=remat)
     rng = np.random.default_rng(seed)
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        init = var.get_metadata("init", None)
-        if init is None:  # the temperature
-            var.value = jnp.asarray(INIT_LOGIT_SCALE, jnp.float32)
-        else:
-            var.value = jnp.asarray(init.sample(rng, tuple(var.value.shape)))
+        var.value = jnp.asarray(var.get_metadata("init").sample(rng, tuple(var.value.shape)))
     return model
+
+
+def _scalar_param(value: float) -> nnx.Param:
+    init = Init(constant=float(value))
+    return nnx.Param(jnp.asarray(value, jnp.float32), init=init)
 
 
 def abstract_model(config: CLIPConfig, *, dtype=jnp.float32, remat: bool = False) -> CLIP:

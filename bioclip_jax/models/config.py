@@ -56,6 +56,7 @@ class CLIPConfig:
     vision: VisionConfig = VisionConfig()
     text: TextConfig = TextConfig()
     quick_gelu: bool = False
+    init_logit_bias: float | None = None  # set for SigLIP-style (sigmoid loss) models
 
 
 def _clip(embed_dim, vision: dict, text: dict, quick_gelu=False) -> CLIPConfig:
@@ -134,6 +135,7 @@ def from_open_clip(model_cfg: Mapping[str, Any]) -> CLIPConfig:
         vision=VisionConfig(**_pick("vision_cfg", vision, _VISION_KEYS, _VISION_DEFAULTS)),
         text=TextConfig(**_pick("text_cfg", text, _TEXT_KEYS, _TEXT_DEFAULTS)),
         quick_gelu=bool(model_cfg.get("quick_gelu", False)),
+        init_logit_bias=model_cfg.get("init_logit_bias"),
     )
 
 
@@ -146,4 +148,6 @@ def to_open_clip(config: CLIPConfig) -> dict[str, Any]:
     }
     if config.quick_gelu:
         out["quick_gelu"] = True
+    if config.init_logit_bias is not None:
+        out["init_logit_bias"] = config.init_logit_bias
     return out

@@ -42,6 +42,10 @@ def _main(argv) -> None:
 def main(argv=None) -> int:
     """Entry point for `bioclip-jax train ...` (argv without the program name)."""
     args = [sys.argv[0]] + list(sys.argv[1:] if argv is None else argv)
+    if "--help" in args or "-h" in args:  # absl exits 1 on --help and lists only __main__'s flags
+        print(__doc__)
+        print(FLAGS.module_help(sys.modules[__name__]))
+        return 0
     try:
         app.run(_main, argv=args)
     except SystemExit as exit_:

@@ -7,6 +7,7 @@ SIGTERM, or when Orbax reports a preemption.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -20,7 +21,7 @@ import numpy as np
 
 from bioclip_jax.checkpoint import model_dir
 from bioclip_jax.data.pipeline import SKIP_REASONS, SkipBudget, make_train_dataset
-from bioclip_jax.models.config import get_model_config, to_open_clip
+from bioclip_jax.models.config import to_open_clip
 from bioclip_jax.parallel import sharding as sharding_lib
 from bioclip_jax.parallel.mesh import make_mesh
 from bioclip_jax.tokenizer import get_tokenizer
@@ -70,13 +71,15 @@ def initial_params(config: ml_collections.ConfigDict, skeleton: state_lib.ModelS
     from bioclip_jax.models.params import flat_params  # noqa: PLC0415
     from bioclip_jax.pretrained import load_source  # noqa: PLC0415
 
-    arch = get_model_config(config.model.name)
+    arch = state_lib.train_architecture(config)
     if config.init:
         loaded = load_source(config.init, config.model.name)
-        if loaded.config != arch:
+        if dataclasses.replace(loaded.config, init_logit_bias=None) != dataclasses.replace(arch, init_logit_bias=None):
             raise ValueError(f"config.init={config.init} holds a different architecture than "
                              f"config.model.name={config.model.name}")
-        params, preprocess = loaded.params, loaded.preprocess
+        params, preprocess = dict(loaded.params), loaded.preprocess
+        if arch.init_logit_bias is not None and ("logit_bias",) not in params:
+            params[("logit_bias",)] = np.asarray(arch.init_logit_bias, np.float32)
     else:
         params = flat_params(build_model(arch, seed=config.seed))
         preprocess = PreprocessConfig(size=arch.vision.image_size)
@@ -92,17 +95,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_after: int | Non
     if not config.data.train_shards:
         raise ValueError("config.data.train_shards is empty: give the training shards "
                          "(e.g. --config.data.train_shards=/data/train/shard-{000000..000159}.tar)")
-    if config.loss.kind != "softmax":
-        # The model has no logit_bias parameter yet, which SigLIP needs.
-        raise ValueError(f"config.loss.kind={config.loss.kind!r}: only 'softmax' training is wired up; "
-                         f"the sigmoid loss exists in bioclip_jax.train.loss but the model lacks logit_bias")
     os.makedirs(workdir, exist_ok=True)
     devices = jax.devices()[:config.mesh.num_devices] if config.mesh.num_devices else None
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
     skeleton = state_lib.model_skeleton(config)
     layout = state_lib.state_layout(config, skeleton, mesh)
     schedule = make_schedule(config, config.total_steps)
-    arch = get_model_config(config.model.name)
+    arch = state_lib.train_architecture(config)
 
     dataset = make_train_dataset(
         config.data.train_shards, global_batch_size=config.data.batch_size, seed=config.seed,

@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from bioclip_jax.checkpoint.model_dir import path_to_key
 from bioclip_jax.models.clip import CLIP, abstract_model
-from bioclip_jax.models.config import get_model_config
+from bioclip_jax.models.config import CLIPConfig, get_model_config
 from bioclip_jax.parallel import sharding as sharding_lib
 from bioclip_jax.train.optimizer import make_optimizer
 
@@ -49,10 +49,21 @@ class ModelSkeleton:
         return nnx.merge(self.graphdef, flat_to_state(self.template, params), self.rest)
 
 
+SIGLIP_INIT_LOGIT_BIAS = -10.0
+
+
+def train_architecture(config: ml_collections.ConfigDict) -> CLIPConfig:
+    """The named architecture, plus a learned logit bias when training with the sigmoid loss."""
+    arch = get_model_config(config.model.name)
+    if config.loss.kind == "sigmoid" and arch.init_logit_bias is None:
+        arch = dataclasses.replace(arch, init_logit_bias=SIGLIP_INIT_LOGIT_BIAS)
+    return arch
+
+
 def model_skeleton(config: ml_collections.ConfigDict) -> ModelSkeleton:
     if config.dtype not in COMPUTE_DTYPES:
         raise ValueError(f"config.dtype={config.dtype!r}; choose one of {sorted(COMPUTE_DTYPES)}")
-    model = abstract_model(get_model_config(config.model.name), dtype=COMPUTE_DTYPES[config.dtype],
+    model = abstract_model(train_architecture(config), dtype=COMPUTE_DTYPES[config.dtype],
                            remat=bool(config.remat))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     return ModelSkeleton(graphdef, params, rest)

@@ -36,7 +36,7 @@ def make_train_step(config: ml_collections.ConfigDict, skeleton: ModelSkeleton, 
         image_features = model.image_features(images)
         text_features = model.text_features(batch["tokens"])
         return contrastive_loss(image_features, text_features, params[LOGIT_SCALE_KEY], mesh,
-                                batch_axes=axes, kind=config.loss.kind)
+                                batch_axes=axes, kind=config.loss.kind, logit_bias=params.get("logit_bias"))
 
     def step(state, batch):
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch)
