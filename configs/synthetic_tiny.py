@@ -10,17 +10,17 @@ from bioclip_jax.train.config_base import base_config, sized
 def get_config(arg=None):
     c = base_config()
     c.model.name = "ViT-Tiny-8"
-    c.total_steps = 600
+    c.total_steps = 300
     c.log_every_steps = 25
     c.data.batch_size = 128
     c.data.text_type = "random"
     c.data.text_tokens = 48  # the longest synthetic caption of the random pool is 43 tokens
     c.optimizer.lr = 1e-3
     c.optimizer.weight_decay = 0.1
-    c.schedule.warmup_steps = 50
-    c.checkpoint.every_steps = 200
+    c.schedule.warmup_steps = 30
+    c.checkpoint.every_steps = 100
     c.checkpoint.keep = 2
-    c.eval.every_steps = 200
+    c.eval.every_steps = 100
     c.eval.batch_size = 128
     c.eval.text_type = "taxon_com,sci,com"
     return sized(c, arg, {
