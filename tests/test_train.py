@@ -114,3 +114,32 @@ def test_sigmoid_loss_trains_and_exports_logit_bias(shards, tmp_path):
     reference = open_clip.create_model(f"local-dir:{tmp_path / 'export'}")
     assert float(reference.logit_bias) == pytest.approx(float(model.logit_bias[...]))
     assert float(reference.logit_bias) != -10.0  # it was trained
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(shards, tmp_path):
+    import signal
+    import time
+
+    from bioclip_jax.checkpoint.model_dir import latest_step_dir
+    from bioclip_jax.train.metrics import read_metrics
+
+    workdir = tmp_path / "preempted"
+    command = [sys.executable, "-m", "bioclip_jax.train", "--config=configs/synthetic_tiny.py:smoke",
+               f"--workdir={workdir}", f"--config.data.train_shards={shards}", "--config.total_steps=500",
+               "--config.checkpoint.every_steps=1000"]
+    process = subprocess.Popen(command, cwd=os.path.join(os.path.dirname(__file__), ".."),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 240
+        while len(read_metrics(str(workdir))) < 2 and time.time() < deadline and process.poll() is None:
+            time.sleep(0.5)
+        assert process.poll() is None, process.stdout.read()
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, output
+    assert "stop requested" in output
+    saved = int(os.path.basename(latest_step_dir(str(workdir))))
+    assert 2 <= saved < 500  # a save at the step where the signal arrived, not at a schedule boundary
