@@ -143,3 +143,12 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(shards, tmp_path):
     assert "stop requested" in output
     saved = int(os.path.basename(latest_step_dir(str(workdir))))
     assert 2 <= saved < 500  # a save at the step where the signal arrived, not at a schedule boundary
+
+
+def test_bfloat16_compute_with_remat_tracks_float32(shards, tmp_path):
+    reference = as_array(run(tmp_path / "f32", shards, total_steps=4, stop_after=4))
+    low = as_array(run(tmp_path / "bf16", shards, total_steps=4, stop_after=4, dtype="bfloat16", remat=True))
+    assert np.all(np.isfinite(low))
+    np.testing.assert_allclose(low, reference, rtol=3e-2)
+    params = load_params(str(tmp_path / "bf16"))
+    assert all(v.dtype == np.float32 for v in params.values())  # parameters stay float32
