@@ -12,7 +12,7 @@ import ml_collections
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.total_steps = 1000            # length of the schedule
+    c.total_steps = 1000            # batches to train on (the schedule has total_steps / accumulate_steps updates)
     c.log_every_steps = 10
     c.init = ""                     # any pretrained= source; "" = random initialisation
     c.dtype = "float32"             # compute dtype: float32 | bfloat16 (parameters stay float32)

@@ -100,7 +100,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_after: int | Non
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
     skeleton = state_lib.model_skeleton(config)
     layout = state_lib.state_layout(config, skeleton, mesh)
-    schedule = make_schedule(config, config.total_steps)
+    schedule = make_schedule(config, state_lib.optimizer_updates(config))
     arch = state_lib.train_architecture(config)
 
     dataset = make_train_dataset(

@@ -82,8 +82,14 @@ class StateLayout:
     optimizer: optax.GradientTransformation
 
 
+def optimizer_updates(config: ml_collections.ConfigDict) -> int:
+    """Schedule length in optimiser updates: `total_steps` counts batches, and with gradient
+    accumulation every `accumulate_steps` batches make one update."""
+    return max(1, config.total_steps // max(1, config.optimizer.accumulate_steps))
+
+
 def state_layout(config: ml_collections.ConfigDict, skeleton: ModelSkeleton, mesh: Mesh) -> StateLayout:
-    optimizer = make_optimizer(config, config.total_steps)
+    optimizer = make_optimizer(config, optimizer_updates(config))
     abstract_params = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
                        for k, v in state_to_flat(skeleton.template).items()}
     abstract_opt = jax.eval_shape(optimizer.init, abstract_params)

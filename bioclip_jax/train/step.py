@@ -44,7 +44,8 @@ def make_train_step(config: ml_collections.ConfigDict, skeleton: ModelSkeleton, 
         params = optax.apply_updates(state["params"], updates)
         # open_clip clamps the temperature parameter itself after every update.
         params[LOGIT_SCALE_KEY] = jnp.clip(params[LOGIT_SCALE_KEY], 0.0, MAX_LOG_LOGIT_SCALE)
-        metrics = dict(metrics, loss=loss, lr=schedule(state["step"]), grad_norm=optax.global_norm(grads))
+        update = state["step"] // max(1, config.optimizer.accumulate_steps)
+        metrics = dict(metrics, loss=loss, lr=schedule(update), grad_norm=optax.global_norm(grads))
         return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
     data = sharding_lib.batch_sharding(mesh)
