@@ -9,6 +9,8 @@ devices restores onto 4 (or onto another host count).
 
 from __future__ import annotations
 
+import glob
+import json
 import os
 from typing import Any
 
@@ -58,8 +60,8 @@ class TrainCheckpointer:
             PARAMS_DIR: ocp.args.StandardRestore(target(abstract_state["params"], shardings["params"])),
             OPT_STATE: ocp.args.StandardRestore(target(abstract_state["opt_state"], shardings["opt_state"])),
             META: ocp.args.JsonRestore(),
-            DATA: grain.checkpoint.CheckpointRestore(data_iterator),
         }))
+        restore_data_iterator(os.path.join(self.directory, str(step), DATA), data_iterator)
         step_array = jax.device_put(jax.numpy.asarray(restored[META]["step"], jax.numpy.int32),
                                     shardings["step"])
         return {"params": restored[PARAMS_DIR], "opt_state": restored[OPT_STATE], "step": step_array}
@@ -73,3 +75,26 @@ class TrainCheckpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def restore_data_iterator(directory: str, data_iterator: Any) -> None:
+    """Sets the iterator to the saved position, also when the number of hosts changed.
+
+    Grain writes one `process_<i>-of-<n>.json` per host. The training pipeline's state
+    counts global batches, which is the same on every host, so a run saved on n hosts
+    resumes on any other number from host 0's file.
+    """
+    own = os.path.join(directory, f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+    other_layouts = [p for p in glob.glob(os.path.join(directory, "process_0-of-*.json"))
+                     if not p.endswith(f"-of-{jax.process_count()}.json")]
+    if os.path.exists(own):
+        path = own
+    elif other_layouts:
+        path = other_layouts[0]
+    else:
+        raise FileNotFoundError(f"{directory} holds no data-iterator state for process {jax.process_index()} "
+                                f"of {jax.process_count()}")
+    with open(path, encoding="utf-8") as f:
+        data_iterator.set_state(json.loads(f.read()))
+    if hasattr(data_iterator, "start_prefetch"):
+        data_iterator.start_prefetch()

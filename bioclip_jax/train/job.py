@@ -46,11 +46,14 @@ def run_job(config: ml_collections.ConfigDict, workdir: str, stop_after: int | N
     eval_fn = eval_fn_from_config(config)
     last = train(config, workdir, stop_after=stop_after, eval_fn=eval_fn)
     finished = stop_after is None or stop_after >= config.total_steps
-    if not finished or jax.process_index() != 0:
+    if not finished:
         return last
     from bioclip_jax.pretrained import create_model, export_open_clip  # noqa: PLC0415
+    model = create_model(None, workdir)  # on every process: Orbax's restore is collective
+    if jax.process_index() != 0:
+        return last
     export_dir = os.path.join(workdir, EXPORT_DIR)
-    export_open_clip(create_model(None, workdir), export_dir)
+    export_open_clip(model, export_dir)
     if eval_fn is not None:
         print(held_out_report(last, text_types(config)))
     print(f"exported the model to {export_dir} (open_clip: create_model_and_transforms('local-dir:{export_dir}'))")

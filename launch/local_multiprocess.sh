@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# Runs the train binary as NUM_PROCESSES cooperating jax processes on this machine.
+#
+#   launch/local_multiprocess.sh NUM_PROCESSES DEVICES_PER_PROCESS -- TRAIN_ARGS...
+#   launch/local_multiprocess.sh 2 4 -- --config=configs/synthetic_tiny.py --workdir=runs/mp
+#
+# Each process sees DEVICES_PER_PROCESS simulated CPU devices and joins a jax.distributed
+# job through a coordinator on a free localhost port; CPU collectives go through gloo.
+# This is the multi-host code path of a TPU pod or a GPU cluster (global arrays built
+# from per-host slices, collective checkpoints, per-host data shards), runnable anywhere.
+#
+# Process 0 prints to this terminal; every process also logs to LOG_DIR/process-<i>.log
+# (LOG_DIR defaults to a temporary directory, printed at start). The launcher waits for
+# all processes; when one fails it stops the others (SIGTERM, then SIGKILL after
+# KILL_GRACE_SECONDS, default 5) and exits with the failed process's status. SIGINT or
+# SIGTERM to the launcher is forwarded, so the run saves a checkpoint and stops; rerun
+# the same command to resume.
+#
+# Environment: PYTHON (default python3), TRAIN_MODULE (default bioclip_jax.train),
+# LOG_DIR, KILL_GRACE_SECONDS, STOP_TIMEOUT_SECONDS (default 300), COORDINATOR_PORT.
+set -u
+
+usage() {
+  sed -n '2,4p' "$0" | sed 's/^# \{0,1\}//' >&2
+  exit 2
+}
+
+[[ $# -ge 3 ]] || usage
+NUM_PROCESSES=$1
+DEVICES_PER_PROCESS=$2
+[[ $3 == "--" ]] || { echo "error: expected '--' after DEVICES_PER_PROCESS, got '$3'" >&2; usage; }
+shift 3
+for pair in "NUM_PROCESSES:$NUM_PROCESSES" "DEVICES_PER_PROCESS:$DEVICES_PER_PROCESS"; do
+  name=${pair%%:*}; value=${pair#*:}
+  if ! [[ $value =~ ^[1-9][0-9]*$ ]]; then
+    echo "error: $name must be a positive integer, got '$value'" >&2
+    exit 2
+  fi
+done
+
+PYTHON=${PYTHON:-python3}
+TRAIN_MODULE=${TRAIN_MODULE:-bioclip_jax.train}
+KILL_GRACE_SECONDS=${KILL_GRACE_SECONDS:-5}
+STOP_TIMEOUT_SECONDS=${STOP_TIMEOUT_SECONDS:-300}
+LOG_DIR=${LOG_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/bioclip_jax_mp.XXXXXX")}
+mkdir -p "$LOG_DIR" || { echo "error: cannot create LOG_DIR=$LOG_DIR" >&2; exit 2; }
+command -v "$PYTHON" >/dev/null || { echo "error: PYTHON=$PYTHON not found" >&2; exit 2; }
+
+if [[ -z ${COORDINATOR_PORT:-} ]]; then
+  COORDINATOR_PORT=$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])') \
+    || { echo "error: could not find a free port" >&2; exit 2; }
+fi
+
+# Simulated devices: drop any device-count flag the caller had, add ours.
+XLA_FLAGS_BASE=$(printf '%s' "${XLA_FLAGS:-}" | sed -E 's/--xla_force_host_platform_device_count=[0-9]+//g')
+PROCESS_XLA_FLAGS="$XLA_FLAGS_BASE --xla_force_host_platform_device_count=$DEVICES_PER_PROCESS"
+
+SETSID=()
+command -v setsid >/dev/null && SETSID=(setsid)  # own process group: stop data workers too
+
+echo "launching $NUM_PROCESSES processes x $DEVICES_PER_PROCESS CPU devices, coordinator 127.0.0.1:$COORDINATOR_PORT, logs in $LOG_DIR" >&2
+PIDS=()
+for ((i = 0; i < NUM_PROCESSES; i++)); do
+  log="$LOG_DIR/process-$i.log"
+  command=(env JAX_PLATFORMS=cpu XLA_FLAGS="$PROCESS_XLA_FLAGS"
+           JAX_COORDINATOR_ADDRESS="127.0.0.1:$COORDINATOR_PORT"
+           JAX_NUM_PROCESSES="$NUM_PROCESSES" JAX_PROCESS_ID="$i"
+           "${SETSID[@]}" "$PYTHON" -u -m "$TRAIN_MODULE" "$@")
+  if ((i == 0)); then
+    "${command[@]}" > >(tee "$log") 2>&1 &
+  else
+    "${command[@]}" >"$log" 2>&1 &
+  fi
+  PIDS+=($!)
+  echo "$!" >"$LOG_DIR/process-$i.pid"
+done
+
+signal_all() {  # signal each process's group, or the process alone without setsid
+  local sig=$1 pid
+  for pid in "${PIDS[@]}"; do
+    kill "-$sig" -- "-$pid" 2>/dev/null || kill "-$sig" "$pid" 2>/dev/null
+  done
+}
+
+any_alive() {
+  local pid
+  for pid in "${PIDS[@]}"; do
+    kill -0 "$pid" 2>/dev/null && return 0
+  done
+  return 1
+}
+
+stop_all() {  # SIGTERM, wait up to $1 seconds, then SIGKILL
+  local deadline=$((SECONDS + $1))
+  signal_all TERM
+  while any_alive && ((SECONDS < deadline)); do sleep 0.2; done
+  any_alive && signal_all KILL
+  wait "${PIDS[@]}" 2>/dev/null
+}
+
+
+STOP_REQUESTED=0 SIGNALS=0
+trap 'STOP_REQUESTED=1; SIGNALS=$((SIGNALS + 1))' INT TERM
+
+declare -A DONE=()
+while ((${#DONE[@]} < NUM_PROCESSES)); do
+  if ((STOP_REQUESTED)); then
+    echo "launcher: stop requested, asking every process to save and exit" >&2
+    stop_all "$STOP_TIMEOUT_SECONDS"
+    exit 130
+  fi
+  for ((i = 0; i < NUM_PROCESSES; i++)); do
+    [[ -n ${DONE[$i]:-} ]] && continue
+    pid=${PIDS[$i]}
+    kill -0 "$pid" 2>/dev/null && continue
+    while true; do  # a signal ends `wait` early; waiting again gives the process's own status
+      signals=$SIGNALS
+      wait "$pid"
+      code=$?
+      ((signals == SIGNALS)) && break
+    done
+    DONE[$i]=$code
+    if ((code != 0)); then
+      echo "launcher: process $i (pid $pid) exited with status $code; stopping the others" >&2
+      if ((i != 0)); then
+        echo "---- last lines of $LOG_DIR/process-$i.log ----" >&2
+        tail -n 20 "$LOG_DIR/process-$i.log" >&2
+      fi
+      stop_all "$KILL_GRACE_SECONDS"
+      exit "$code"
+    fi
+  done
+  sleep 0.2
+done
+echo "launcher: all $NUM_PROCESSES processes finished" >&2

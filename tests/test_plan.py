@@ -1,0 +1,143 @@
+"""The memory/FLOPs planner: compiled-executable analysis on simulated devices, batch search, CLI."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bioclip_jax.cli import plan as plan_cli
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "configs", "synthetic_tiny.py") + ":smoke"
+
+
+@pytest.fixture(scope="module")
+def plans():
+    config = plan_cli.load_train_config(TINY)
+    return {name: plan_cli.plan(config, plan_cli.parse_mesh(mesh), devices=8)
+            for name, mesh in (("data", "data=8"), ("fsdp", "fsdp=8"))}
+
+
+def _state(result) -> int:
+    return result["per_device"]["param_bytes"] + result["per_device"]["opt_state_bytes"]
+
+
+def test_fsdp_over_8_devices_cuts_parameter_and_optimizer_memory_8x(plans):
+    ratio = _state(plans["data"]) / _state(plans["fsdp"])
+    assert 7.0 <= ratio <= 8.0 + 1e-6, ratio  # a few small vectors stay replicated
+    assert plans["fsdp"]["per_device"]["peak_bytes"] < plans["data"]["per_device"]["peak_bytes"]
+
+
+def test_memory_split_matches_the_executables_arguments(plans):
+    for result in plans.values():
+        per = result["per_device"]
+        ours = per["param_bytes"] + per["opt_state_bytes"] + per["batch_bytes"]
+        assert abs(per["argument_bytes"] - ours) <= 64, result["mesh"]  # + the step counter
+        assert per["alias_bytes"] >= per["param_bytes"] + per["opt_state_bytes"]  # state is donated
+        assert per["temp_bytes"] > 0
+
+
+def test_flops_are_per_device_and_near_the_analytic_count(plans):
+    per = plans["data"]["per_device"]
+    assert per["model_flops"] == pytest.approx(plans["data"]["model_flops_per_pair"] * 16 / 8)
+    assert 0.8 <= per["flops"] / per["model_flops"] <= 2.0
+
+
+@pytest.mark.parametrize("fixed, per_sample, quadratic, start", [
+    (2e9, 5e7, 0.0, 1), (2e9, 5e7, 0.0, 256), (5e9, 3e6, 40.0, 32), (1e9, 7e7, 1e3, 4),
+])
+def test_batch_search_finds_the_largest_fit_in_few_compiles(fixed, per_sample, quadratic, start):
+    capacity = 80_000_000_000
+    calls = []
+
+    def peak(batch):
+        calls.append(batch)
+        return int(fixed + per_sample * batch + quadratic * batch * batch)
+
+    truth = _largest(lambda b: fixed + per_sample * b + quadratic * b * b, capacity)
+    found = plan_cli.largest_fitting_batch(peak, capacity, start=start, max_evaluations=8)
+    assert truth * 0.96 <= found.fits <= truth
+    assert found.too_big is None or found.too_big > truth
+    assert len(set(calls)) == found.evaluations <= 6
+
+
+def _largest(memory, capacity) -> int:
+    lo, hi = 0, 1
+    while memory(hi) <= capacity:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if memory(mid) <= capacity else (lo, mid)
+    return lo
+
+
+@pytest.mark.parametrize("start", [1, 8])
+def test_batch_search_reports_zero_when_the_state_alone_does_not_fit(start):
+    found = plan_cli.largest_fitting_batch(lambda b: 10**12 + b, 10**9, start=start)
+    assert found.fits == 0 and found.too_big == 1
+
+
+def test_cli_prints_the_plan_as_json(plans, capsys):
+    assert plan_cli.main([f"--config={TINY}", "--devices", "8", "--mesh", "fsdp=8", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["per_device"] == plans["fsdp"]["per_device"]
+    assert result["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1} and result["global_batch"] == 16
+
+
+@pytest.mark.slow
+def test_cli_searches_the_batch_for_a_memory_budget(capsys):
+    """Slow variant of the fake-memory search tests: each step of the search is a real compile."""
+    code = plan_cli.main([f"--config={TINY}", "--devices", "8", "--mesh", "fsdp=8", "--device-memory", "200MB",
+                          "--json"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    largest = result["largest_batch"]
+    assert largest["per_device"] >= result["per_device_batch"]
+    assert largest["first_too_big"] == largest["per_device"] + 1
+    assert 0 < largest["per_sample_bytes"] < 200e6
+    assert result["compiles"] <= 8
+
+
+def test_devices_are_simulated_when_jax_has_not_started():
+    code = ("from bioclip_jax.cli.plan import simulate_cpu_devices; simulate_cpu_devices(3); "
+            "import jax; print(jax.device_count(), jax.devices()[0].platform)")
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.stdout.split() == ["3", "cpu"], result.stderr
+
+
+@pytest.mark.slow
+def test_cli_in_a_fresh_process_simulates_the_devices_it_is_asked_for():
+    """Slow variant of the test above: the registered `plan` command end to end in its own process."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    result = subprocess.run([sys.executable, "-m", "bioclip_jax.cli.main", "plan", f"--config={TINY}",
+                             "--devices", "2", "--mesh", "fsdp=2", "--peak-tflops", "312"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr
+    assert "on 2 cpu devices, mesh data=1 x fsdp=2 x tensor=1" in result.stdout
+    for row in ("parameters", "optimiser state", "temporaries", "peak", "FLOPs per step", "pairs/s per device"):
+        assert row in result.stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--mesh", "data=two"], "axis=size"),
+    (["--mesh", "pipeline=2"], "axis=size"),
+    (["--device-memory", "80 parsecs"], "memory size"),
+    (["--config.optimizer.lrr=1"], "no field 'optimizer.lrr'"),
+    (["--devices", "64"], "fresh process"),
+    (["--mesh", "fsdp=3"], "does not divide"),
+])
+def test_bad_input_is_one_clear_line(argv, message, capsys):
+    code = plan_cli.main([f"--config={TINY}", *argv])
+    assert code == 1
+    error = capsys.readouterr().err
+    assert error.startswith("error:") and message in error and error.count("\n") == 1
+
+
+def test_memory_sizes_read_decimal_and_binary_units():
+    assert plan_cli.parse_bytes("80GB") == 80 * 10**9
+    assert plan_cli.parse_bytes("16GiB") == 16 * 2**30
+    assert plan_cli.parse_bytes("1.5e9") == 1_500_000_000
