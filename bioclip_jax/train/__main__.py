@@ -28,7 +28,11 @@ def _main(argv) -> None:
         raise app.UsageError("--config and --workdir are required")
     # Orbax and Grain log every save at INFO through absl; keep the console for progress lines.
     logging.set_verbosity(logging.WARNING)
-    maybe_initialize_distributed()
+    try:
+        maybe_initialize_distributed()
+    except ValueError as err:  # a malformed JAX_* / SLURM variable: one line, not a traceback
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
     from bioclip_jax.train.job import run_job  # noqa: PLC0415 - after distributed init
     from bioclip_jax.data.pipeline import BadDataError  # noqa: PLC0415
     config = FLAGS.config
