@@ -88,24 +88,41 @@ def side_by_side(label: str, ours: Callable[[], object], reference: Callable[[],
     return compare(label, Samples(seconds[sides[0]], items), Samples(seconds[sides[1]], items), unit, sides)
 
 
+def with_variant(label: str, contenders: dict[str, Callable[[], object]], variant: str | None, items: int,
+                 repeats: int, warmup: int = 1, unit: str = "items/s") -> list[dict]:
+    """Ours vs the reference, plus, when `contenders` holds a third entry named `variant`, that
+    variant vs the reference and vs ours as is, all three timed in the same interleaved rounds."""
+    seconds = time_interleaved(contenders, repeats, warmup)
+    samples = {name: Samples(values, items) for name, values in seconds.items()}
+    rows = [compare(label, samples[OURS], samples[REFERENCE], unit)]
+    if variant is not None:
+        rows.append(compare(label, samples[variant], samples[REFERENCE], unit, (variant, REFERENCE)))
+        rows.append(compare(label, samples[variant], samples[OURS], unit, (variant, OURS)))
+    return rows
+
+
 def print_rows(rows: list[dict], target: float | None = None) -> None:
     """A fixed-width table of compare() rows, plus whether each meets `target` (ratio of medians)."""
-    if not rows:
-        return
-    first, second = rows[0]["sides"]
-    label_width = max(28, *(len(row["label"]) + 1 for row in rows))
-    widths = [max(16, len(first) + 6), max(16, len(second) + 6)]
-    print(f"{'':{label_width}} {first + ' best':>{widths[0]}} {'median':>10} {second + ' best':>{widths[1]}} "
-          f"{'median':>10} {'ratio(min)':>11} {'ratio(med)':>11}")
+    label_width = max([28] + [len(row["label"]) + 1 for row in rows])
+    header = None
     for row in rows:
+        first, second = row["sides"]
+        widths = [max(16, len(first) + 6), max(16, len(second) + 6)]
+        if header != (first, second):
+            if header is not None:
+                print(f"(throughput in {row['unit']}; ratio = {header[1]} time / {header[0]} time)")
+            header = (first, second)
+            print(f"{'':{label_width}} {first + ' best':>{widths[0]}} {'median':>10} {second + ' best':>{widths[1]}} "
+                  f"{'median':>10} {'ratio(min)':>11} {'ratio(med)':>11}")
         ours, ref = (row[side] for side in row["sides"])
         line = (f"{row['label']:{label_width}} {ours['items_per_s_best']:{widths[0]}.2f} "
                 f"{ours['items_per_s_median']:10.2f} {ref['items_per_s_best']:{widths[1]}.2f} "
                 f"{ref['items_per_s_median']:10.2f} {row['ratio_of_mins']:10.2f}x {row['ratio_of_medians']:10.2f}x")
-        if target is not None:
+        if target is not None and second == REFERENCE:
             line += "  meets" if row["ratio_of_medians"] >= target else f"  below {target:.2f}x"
         print(line)
-    print(f"(throughput in {rows[0]['unit']}; ratio = {second} time / {first} time)")
+    if header is not None:
+        print(f"(throughput in {rows[-1]['unit']}; ratio = {header[1]} time / {header[0]} time)")
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, repeats: int) -> None:

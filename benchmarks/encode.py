@@ -56,30 +56,28 @@ def _head_major_attention(self, x, mask):
     return jnp.einsum("bhqk,hkd->bqd", context, self.out[...].astype(dtype)) + self.out_bias[...].astype(dtype)
 
 
-def _barrier_both_ways(x):
-    """Identity whose value and gradient XLA must materialise (a fusion boundary both ways)."""
+def _scanned_transformer(self, x, mask=None):
+    """Transformer blocks run by `lax.scan` over their stacked parameters. The loop boundary is
+    a hard fusion boundary: without it XLA:CPU fuses the backward chain of residual-gradient
+    adds and LayerNorm backward passes of all later layers into each consumer (fusions of
+    200+ operands, one per layer: O(layers^2) work). Stacking copies the block weights once
+    per call."""
     import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+    from flax import nnx  # noqa: PLC0415
 
-    @jax.custom_vjp
-    def barrier(y):
-        return jax.lax.optimization_barrier(y)
+    blocks = list(self.blocks)
+    graphdef = nnx.split(blocks[0])[0]
+    stacked = jax.tree.map(lambda *values: jnp.stack(values), *(nnx.split(block)[1] for block in blocks))
 
-    barrier.defvjp(lambda y: (jax.lax.optimization_barrier(y), None),
-                   lambda _, g: (jax.lax.optimization_barrier(g),))
-    return barrier(x)
+    def body(carry, state):
+        return nnx.merge(graphdef, state)(carry, mask), None
 
-
-def _block_with_barrier(self, x, mask):
-    """ResidualBlock whose input and input gradient are materialised. Without this XLA:CPU fuses
-    the backward chain of residual-gradient adds and LayerNorm backward passes of all later
-    layers into each consumer (fusions of 200+ operands, recomputed per layer: O(layers^2))."""
-    x = _barrier_both_ways(x)
-    x = x + self.attn(self.ln_1(x), mask)
-    return x + self.mlp(self.ln_2(x))
+    return jax.lax.scan(body, x, stacked)[0]
 
 
 VARIANTS = {"head-major-attention": ("Attention", "__call__", _head_major_attention),
-            "block-barrier": ("ResidualBlock", "__call__", _block_with_barrier)}
+            "scan-layers": ("Transformer", "__call__", _scanned_transformer)}
 
 
 def variant_names(spec: str) -> list[str]:
@@ -203,18 +201,21 @@ def measure(name: str, pixels: np.ndarray, tokens: np.ndarray, repeats: int, war
     rows = []
     for tower in towers:
         run_ours, run_reference, items = calls[tower]
-        label = f"{tower} {'bf16' if bf16 else 'fp32'} (B={items})"
-        rows.append(_timing.side_by_side(label, run_ours, run_reference, items, repeats, warmup))
-        _timing.print_rows(rows[-1:], TARGET)
+        contenders = {_timing.OURS: run_ours, _timing.REFERENCE: run_reference}
+        difference = None
         if variant is not None:
             inputs = pixels if tower == "image" else int_tokens
-            changed, as_is = (traced_encoder(ours, tower, v) for v in (variant, None))
-            difference = float(np.abs(changed(inputs) - as_is(inputs)).max() / np.abs(as_is(inputs)).max())
-            print(f"{variant}: max relative difference to ours as is {difference:.1e}")
-            rows.append(_timing.side_by_side(f"{tower} {variant}", lambda: changed(inputs), lambda: as_is(inputs),
-                                             items, repeats, warmup, sides=(f"ours+{variant}", "ours as is")))
-            rows[-1]["relative_difference"] = difference
-            _timing.print_rows(rows[-1:])
+            changed = traced_encoder(ours, tower, variant)
+            as_is = ours.encode_image(pixels) if tower == "image" else ours.encode_text(int_tokens)
+            difference = float(np.abs(changed(inputs) - as_is).max() / np.abs(as_is).max())
+            print(f"{tower} {variant}: max relative difference to ours as is {difference:.1e}")
+            contenders[variant] = lambda changed=changed, inputs=inputs: changed(inputs)
+        label = f"{tower} {'bf16' if bf16 else 'fp32'} (B={items})"
+        tower_rows = _timing.with_variant(label, contenders, variant, items, repeats, warmup)
+        for row in tower_rows[1:]:
+            row["relative_difference_to_ours"] = difference
+        _timing.print_rows(tower_rows, TARGET)
+        rows += tower_rows
     return rows
 
 
@@ -262,8 +263,7 @@ def main(argv=None) -> int:
     if args.bf16:
         rows += measure(args.model, pixels, tokens, args.repeats, args.warmup, True, args.towers, args.variant)
     print()
-    for row in rows:
-        _timing.print_rows([row], TARGET if row["sides"][1] == _timing.REFERENCE else None)
+    _timing.print_rows(rows, TARGET)
     _timing.write_json(args.out, {"benchmark": "encode", "args": vars(args), "target_ratio": TARGET,
                                   "machine": machine_before, "load_average_after": os.getloadavg(),
                                   "rows": rows})

@@ -141,13 +141,18 @@ def train_inputs(image_size: int, batch: int, seed: int = 0):
     return images, random_inputs(image_size, 0, batch, seed)[1]
 
 
-def _add_mfu(row: dict, flops_per_step: float, devices: int, peak: float) -> None:
-    for side in row["sides"]:
-        tflops = flops_per_step / row[side]["min_s"] / devices / 1e12
-        row[side]["model_tflops_per_device_best"] = tflops
-        row[side]["mfu_best"] = tflops / peak if math.isfinite(peak) else None
-        mfu = f", MFU {tflops / peak:.1%} of {peak:.0f} TFLOP/s" if math.isfinite(peak) else " (no known peak: no MFU)"
-        print(f"{side}: {tflops:.3f} model TFLOP/s per device at best{mfu}")
+def _add_mfu(rows: list[dict], flops_per_step: float, devices: int, peak: float) -> None:
+    """Model TFLOP/s per device and MFU (against `peak`) of every side's best step, printed once per side."""
+    printed = set()
+    for row in rows:
+        for side in row["sides"]:
+            tflops = flops_per_step / row[side]["min_s"] / devices / 1e12
+            row[side]["model_tflops_per_device_best"] = tflops
+            row[side]["mfu_best"] = tflops / peak if math.isfinite(peak) else None
+            if side not in printed:
+                printed.add(side)
+                mfu = f", MFU {tflops / peak:.1%} of {peak:.0f} TFLOP/s" if math.isfinite(peak) else " (no known peak)"
+                print(f"{side}: {tflops:.3f} model TFLOP/s per device at best{mfu}")
 
 
 def measure_speed(args) -> dict:
@@ -176,44 +181,39 @@ def measure_speed(args) -> dict:
     train = jax_trainer(params, args.model, args.batch, args.dtype, args.remat, devices)
     placed = train.place({"image": images, "tokens": tokens.astype(np.int32)})  # on the device, like torch's
     jax_losses = []
-
+    contenders = {_timing.OURS: lambda: jax_losses.append(train(placed)), _timing.REFERENCE: run_torch}
+    if args.variant:
+        contenders[args.variant] = variant_runner(args, params, placed, devices)
     print(f"{args.model}, global batch {args.batch}, {args.dtype}, remat={args.remat}, on "
           f"{devices[0].device_kind} / torch {'cuda' if gpu else 'cpu'}; {args.repeats} interleaved rounds")
-    row = _timing.side_by_side(f"train step {args.dtype} (B={args.batch})", lambda: jax_losses.append(train(placed)),
-                               run_torch, args.batch, args.repeats, args.warmup, unit="images/s")
-    row["losses"] = {_timing.OURS: jax_losses, _timing.REFERENCE: torch_out["losses"]}
-    target = GPU_TARGET if gpu else CPU_TARGET
-    _timing.print_rows([row], target)
-    print("losses step by step (same weights, data and optimiser, so they should track each other):\n"
-          f"  ours      {' '.join(f'{v:.5f}' for v in jax_losses)}\n"
-          f"  open_clip {' '.join(f'{v:.5f}' for v in torch_out['losses'])}")
-    flops_per_step = model_flops_per_pair(arch) * args.batch
-    peak = device_peak_tflops(args.peak_tflops)
-    _add_mfu(row, flops_per_step, len(devices), peak)
-    if gpu and row[_timing.OURS]["mfu_best"] is not None and row[_timing.OURS]["mfu_best"] < GPU_MFU_TARGET:
-        print(f"below the {GPU_MFU_TARGET:.0%} MFU target")
-    rows = [row]
+    rows = _timing.with_variant(f"train step {args.dtype} (B={args.batch})", contenders, args.variant, args.batch,
+                                args.repeats, args.warmup, unit="images/s")
+    rows[0]["losses"] = {_timing.OURS: jax_losses, _timing.REFERENCE: torch_out["losses"]}
     if args.variant:
-        del run_torch, torch_out  # frees the reference's weights and optimiser state
-        rows.append(compare_variant(args, params, train, placed, devices))
-        _add_mfu(rows[-1], flops_per_step, len(devices), peak)
+        rows[1]["losses"] = {args.variant: contenders[args.variant].losses}
+    target = GPU_TARGET if gpu else CPU_TARGET
+    _timing.print_rows(rows, target)
+    print("losses step by step (same weights, data and optimiser, so they should track each other):")
+    for side, losses in {**rows[0]["losses"], **(rows[1]["losses"] if args.variant else {})}.items():
+        print(f"  {side:24} {' '.join(f'{v:.5f}' for v in losses)}")
+    peak = device_peak_tflops(args.peak_tflops)
+    _add_mfu(rows, model_flops_per_pair(arch) * args.batch, len(devices), peak)
+    if gpu and rows[0][_timing.OURS]["mfu_best"] is not None and rows[0][_timing.OURS]["mfu_best"] < GPU_MFU_TARGET:
+        print(f"below the {GPU_MFU_TARGET:.0%} MFU target")
     return {"rows": rows, "target_ratio": target, "peak_tflops": peak if math.isfinite(peak) else None,
             "mfu_target": GPU_MFU_TARGET if gpu else None}
 
 
-def compare_variant(args, params: dict, as_is, placed: dict, devices) -> dict:
-    """Ours with a candidate layers.py change (see encode.VARIANTS) against ours as is, same batch."""
+def variant_runner(args, params: dict, placed: dict, devices):
+    """Our step with candidate layers.py changes (see encode.VARIANTS), as its own program and state."""
     changed = jax_trainer(params, args.model, args.batch, args.dtype, args.remat, devices)
 
-    def run_changed():
+    def run():
         with layer_variant(args.variant):  # the first (warm-up) call traces the step
-            changed(placed)
+            run.losses.append(changed(placed))
 
-    row = _timing.side_by_side(f"train step {args.variant}", run_changed, lambda: as_is(placed), args.batch,
-                               args.repeats, args.warmup, unit="images/s",
-                               sides=(f"ours+{args.variant}", "ours as is"))
-    _timing.print_rows([row])
-    return row
+    run.losses = []
+    return run
 
 
 # ----------------------------------------------------------------------------- memory

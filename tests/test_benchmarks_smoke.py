@@ -40,14 +40,16 @@ def assert_timed(row: dict, repeats: int = 1) -> None:
 
 def test_encode_times_both_towers_of_the_same_model(tmp_path):
     result = run_script("encode", "--model", "ViT-Tiny-8", "--images", "2", "--texts", "4",
-                        "--variant", "head-major-attention", *TINY, tmp_path=tmp_path)
-    labels = [row["label"] for row in result["rows"]]
-    assert labels == ["image fp32 (B=2)", "image head-major-attention", "text fp32 (B=4)",
-                      "text head-major-attention"]
+                        "--variant", "head-major-attention+scan-layers", *TINY, tmp_path=tmp_path)
+    variant = "head-major-attention+scan-layers"
+    pairs = [(row["label"], tuple(row["sides"])) for row in result["rows"]]
+    assert pairs == [(f"{tower} fp32 (B={n})", sides)
+                     for tower, n in (("image", 2), ("text", 4))
+                     for sides in (("bioclip_jax", "open_clip"), (variant, "open_clip"), (variant, "bioclip_jax"))]
     for row in result["rows"]:
         assert_timed(row)
-    variants = [row for row in result["rows"] if "relative_difference" in row]
-    assert all(row["relative_difference"] < 1e-4 for row in variants)  # the variant computes the same thing
+    differences = [row["relative_difference_to_ours"] for row in result["rows"] if row["sides"][0] == variant]
+    assert len(differences) == 4 and max(differences) < 1e-4  # the candidate change computes the same thing
     assert result["machine"]["threads"] == 1
 
 
