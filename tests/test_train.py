@@ -152,3 +152,13 @@ def test_bfloat16_compute_with_remat_tracks_float32(shards, tmp_path):
     np.testing.assert_allclose(low, reference, rtol=3e-2)
     params = load_params(str(tmp_path / "bf16"))
     assert all(v.dtype == np.float32 for v in params.values())  # parameters stay float32
+
+
+def test_scanned_blocks_train_like_the_unrolled_loop(shards, tmp_path):
+    mesh = dict(mesh__data=2, mesh__fsdp=4)  # stacking per-block parameters that are sharded
+    unrolled = as_array(run(tmp_path / "unrolled", shards, scan_layers=False, **mesh))
+    scanned = as_array(run(tmp_path / "scanned", shards, scan_layers=True, **mesh))
+    scanned_remat = as_array(run(tmp_path / "remat", shards, scan_layers=True, remat=True, **mesh))
+    assert len(unrolled) == 6 and unrolled[-1] < unrolled[0]
+    np.testing.assert_allclose(scanned, unrolled, rtol=2e-5)
+    np.testing.assert_allclose(scanned_remat, unrolled, rtol=2e-5)

@@ -31,12 +31,12 @@ class CLIP(nnx.Module):
     """
 
     def __init__(self, config: CLIPConfig, *, dtype=jnp.float32, remat: bool = False,
-                 rngs: nnx.Rngs):
+                 scan_layers: bool = False, rngs: nnx.Rngs):
         self.config = config
         self.visual = VisionTransformer(config.vision, config.embed_dim, quick_gelu=config.quick_gelu,
-                                        dtype=dtype, remat=remat, rngs=rngs)
+                                        dtype=dtype, remat=remat, scan_layers=scan_layers, rngs=rngs)
         self.text = TextTransformer(config.text, config.embed_dim, quick_gelu=config.quick_gelu,
-                                    dtype=dtype, remat=remat, rngs=rngs)
+                                    dtype=dtype, remat=remat, scan_layers=scan_layers, rngs=rngs)
         self.logit_scale = _scalar_param(INIT_LOGIT_SCALE)
         if config.init_logit_bias is not None:
             self.logit_bias = _scalar_param(config.init_logit_bias)
@@ -106,6 +106,8 @@ def _scalar_param(value: float) -> nnx.Param:
     return nnx.Param(jnp.asarray(value, jnp.float32), init=init)
 
 
-def abstract_model(config: CLIPConfig, *, dtype=jnp.float32, remat: bool = False) -> CLIP:
+def abstract_model(config: CLIPConfig, *, dtype=jnp.float32, remat: bool = False,
+                   scan_layers: bool = False) -> CLIP:
     """Shapes only: nothing is allocated, so models larger than one device can be planned."""
-    return nnx.eval_shape(lambda: CLIP(config, dtype=dtype, remat=remat, rngs=nnx.Rngs(0)))
+    return nnx.eval_shape(lambda: CLIP(config, dtype=dtype, remat=remat, scan_layers=scan_layers,
+                                       rngs=nnx.Rngs(0)))

@@ -97,21 +97,25 @@ class Attention(nnx.Module):
         self.out_bias = logical_param(rngs, ZEROS, (width,), ("embed",))
 
     def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
+        # Head-major [batch, heads, tokens, head_dim] from the projection on: both attention
+        # contractions then batch over leading axes, which XLA:CPU runs ~1.5x faster than
+        # the token-major layout (benchmarks/README.md); parameter layouts are unchanged.
         dtype = x.dtype
 
         def project(kernel, bias):
-            return jnp.einsum("btd,dhk->bthk", x, kernel[...].astype(dtype)) + bias[...].astype(dtype)
+            return (jnp.einsum("btd,dhk->bhtk", x, kernel[...].astype(dtype))
+                    + bias[...].astype(dtype)[:, None, :])
 
         q = project(self.query, self.query_bias)
         k = project(self.key, self.key_bias)
         v = project(self.value, self.value_bias)
         q = q * jnp.asarray(q.shape[-1] ** -0.5, dtype)
-        logits = jnp.einsum("bqhk,bshk->bhqs", q, k).astype(jnp.float32)
+        logits = jnp.einsum("bhqk,bhsk->bhqs", q, k).astype(jnp.float32)
         if mask is not None:
             logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
         weights = jax.nn.softmax(logits, axis=-1).astype(dtype)
-        context = jnp.einsum("bhqs,bshk->bqhk", weights, v)
-        return jnp.einsum("bqhk,hkd->bqd", context, self.out[...].astype(dtype)) + self.out_bias[...].astype(dtype)
+        context = jnp.einsum("bhqs,bhsk->bhqk", weights, v)
+        return jnp.einsum("bhqk,hkd->bqd", context, self.out[...].astype(dtype)) + self.out_bias[...].astype(dtype)
 
 
 class MLP(nnx.Module):
@@ -148,20 +152,40 @@ class ResidualBlock(nnx.Module):
 
 
 class Transformer(nnx.Module):
-    """A stack of residual blocks; `remat` recomputes each block in the backward pass."""
+    """A stack of residual blocks.
+
+    `remat` recomputes each block in the backward pass. `scan` runs the blocks with
+    `lax.scan` over their parameters stacked on the fly (the parameters themselves stay one
+    entry per block, as open_clip names them). The loop is a hard fusion boundary: unrolled,
+    XLA:CPU fuses the backward chain of residual-gradient adds and LayerNorm backward passes
+    of all later blocks into each consumer, work that grows with layers^2; scanned, a
+    ViT-B/16 train step runs ~1.3x faster on CPU. It also compiles one block instead of all.
+    """
 
     def __init__(self, width: int, layers: int, heads: int, mlp_width: int, activation: Callable, *,
-                 remat: bool = False, rngs: nnx.Rngs):
+                 remat: bool = False, scan: bool = False, rngs: nnx.Rngs):
         self.remat = remat
+        self.scan = scan
         self.blocks = nnx.List([
             ResidualBlock(width, heads, mlp_width, activation, layers=layers, rngs=rngs)
             for _ in range(layers)
         ])
 
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        if self.scan:
+            return self._scanned(x, mask)
         for block in self.blocks:
             if self.remat:
                 x = nnx.remat(lambda blk, y: blk(y, mask))(block, x)
             else:
                 x = block(x, mask)
         return x
+
+    def _scanned(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
+        graphdef = nnx.graphdef(self.blocks[0])
+        stacked = jax.tree.map(lambda *values: jnp.stack(values), *(nnx.state(block) for block in self.blocks))
+
+        def body(carry, block_state):
+            return nnx.merge(graphdef, block_state)(carry, mask), None
+
+        return jax.lax.scan(jax.checkpoint(body) if self.remat else body, x, stacked)[0]

@@ -22,7 +22,8 @@ class VisionTransformer(nnx.Module):
     """
 
     def __init__(self, cfg: VisionConfig, embed_dim: int, *, quick_gelu: bool = False,
-                 dtype=jnp.float32, remat: bool = False, rngs: nnx.Rngs):
+                 dtype=jnp.float32, remat: bool = False, scan_layers: bool = False,
+                 rngs: nnx.Rngs):
         if cfg.image_size % cfg.patch_size:
             raise ValueError(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
         self.cfg = cfg
@@ -38,7 +39,7 @@ class VisionTransformer(nnx.Module):
             rngs, normal(scale), (cfg.grid * cfg.grid + 1, w), ("position", "embed"))
         self.ln_pre = LayerNorm(w, rngs=rngs)
         self.transformer = Transformer(w, cfg.layers, cfg.heads, cfg.mlp_width, _activation(quick_gelu),
-                                       remat=remat, rngs=rngs)
+                                       remat=remat, scan=scan_layers, rngs=rngs)
         self.ln_post = LayerNorm(w, rngs=rngs)
         self.proj = logical_param(rngs, normal(scale), (w, embed_dim), ("embed", "proj_out"))
 
@@ -66,7 +67,8 @@ class TextTransformer(nnx.Module):
     """Causal text transformer pooled at the end-of-text token (the largest token id)."""
 
     def __init__(self, cfg: TextConfig, embed_dim: int, *, quick_gelu: bool = False,
-                 dtype=jnp.float32, remat: bool = False, rngs: nnx.Rngs):
+                 dtype=jnp.float32, remat: bool = False, scan_layers: bool = False,
+                 rngs: nnx.Rngs):
         self.cfg = cfg
         self.dtype = dtype
         w = cfg.width
@@ -75,7 +77,7 @@ class TextTransformer(nnx.Module):
         self.positional_embedding = logical_param(rngs, normal(0.01),
                                                   (cfg.context_length, w), ("position", "embed"))
         self.transformer = Transformer(w, cfg.layers, cfg.heads, cfg.mlp_width, _activation(quick_gelu),
-                                       remat=remat, rngs=rngs)
+                                       remat=remat, scan=scan_layers, rngs=rngs)
         self.ln_final = LayerNorm(w, rngs=rngs)
         self.text_projection = logical_param(rngs, normal(w ** -0.5), (w, embed_dim),
                                              ("embed", "proj_out"))

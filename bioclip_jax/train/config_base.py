@@ -17,6 +17,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.init = ""                     # any pretrained= source; "" = random initialisation
     c.dtype = "float32"             # compute dtype: float32 | bfloat16 (parameters stay float32)
     c.remat = False                 # recompute each transformer block in the backward pass
+    c.scan_layers = True            # run transformer blocks in a lax.scan (faster backward, quicker compile)
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "ViT-B-16"
