@@ -76,12 +76,13 @@ def test_train_step_memory_table_has_every_batch(tmp_path):
 
 
 def test_data_compares_both_loaders_and_feeds_a_step(tmp_path):
-    result = run_script("data", "--samples", "48", "--num-shards", "2", "--batch", "8", "--batches", "2",
-                        "--drain", "2", "--workers", "1", "--feed", "--feed-model", "ViT-Tiny-8", *TINY,
+    # More batches per call than the loaders prefetch, so each call does measurable CPU work.
+    result = run_script("data", "--samples", "48", "--num-shards", "2", "--batch", "8", "--batches", "4",
+                        "--drain", "4", "--workers", "1", "--feed", "--feed-model", "ViT-Tiny-8", *TINY,
                         tmp_path=tmp_path)
     loader = result["loader"]
     assert_timed(loader)
-    assert loader["bioclip_jax"]["items_per_call"] == 16
+    assert loader["bioclip_jax"]["items_per_call"] == 32
     assert all(v > 0 for v in (loader["bioclip_jax"]["images_per_cpu_second"],
                                loader["open_clip"]["images_per_cpu_second"]))
     assert_timed(result["feed"], repeats=2)
