@@ -32,52 +32,46 @@ TARGET = 1.1
 # program is traced, so that "ours as is" and "ours with the change" run side by side.
 
 
-def _head_major_attention(self, x, mask):
-    """Attention with q/k/v laid out [batch, heads, tokens, head_dim]: both attention matmuls
-    become plain batched GEMMs over (batch, heads), which XLA:CPU runs several times faster
-    than the [batch, tokens, heads, head_dim] contractions. Same numbers up to round-off."""
+def _token_major_attention(self, x, mask):
+    """The layout before head-major attention: q/k/v [batch, tokens, heads, head_dim], so both
+    attention contractions batch over non-leading axes (kept to show what the change bought)."""
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
 
     dtype = x.dtype
-
-    def project(kernel, bias):
-        return jnp.einsum("btd,dhk->bhtk", x, kernel[...].astype(dtype)) + bias[...].astype(dtype)[:, None, :]
-
-    q = project(self.query, self.query_bias)
-    k = project(self.key, self.key_bias)
-    v = project(self.value, self.value_bias)
-    q = q * jnp.asarray(q.shape[-1] ** -0.5, dtype)
-    logits = jnp.einsum("bhqk,bhsk->bhqs", q, k).astype(jnp.float32)
+    q, k, v = (jnp.einsum("btd,dhk->bthk", x, kernel[...].astype(dtype)) + bias[...].astype(dtype)
+               for kernel, bias in ((self.query, self.query_bias), (self.key, self.key_bias),
+                                    (self.value, self.value_bias)))
+    logits = jnp.einsum("bqhk,bshk->bhqs", q * jnp.asarray(q.shape[-1] ** -0.5, dtype), k).astype(jnp.float32)
     if mask is not None:
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1).astype(dtype)
-    context = jnp.einsum("bhqs,bhsk->bhqk", weights, v)
-    return jnp.einsum("bhqk,hkd->bqd", context, self.out[...].astype(dtype)) + self.out_bias[...].astype(dtype)
+    context = jnp.einsum("bhqs,bshk->bqhk", jax.nn.softmax(logits, axis=-1).astype(dtype), v)
+    return jnp.einsum("bqhk,hkd->bqd", context, self.out[...].astype(dtype)) + self.out_bias[...].astype(dtype)
 
 
-def _scanned_transformer(self, x, mask=None):
-    """Transformer blocks run by `lax.scan` over their stacked parameters. The loop boundary is
-    a hard fusion boundary: without it XLA:CPU fuses the backward chain of residual-gradient
-    adds and LayerNorm backward passes of all later layers into each consumer (fusions of
-    200+ operands, one per layer: O(layers^2) work). Stacking copies the block weights once
-    per call."""
-    import jax  # noqa: PLC0415
+def _fused_qkv_attention(self, x, mask):
+    """q, k and v from one [width, 3 * width] GEMM (like torch's in_proj), the kernels
+    concatenated per call; one larger GEMM instead of three."""
     import jax.numpy as jnp  # noqa: PLC0415
-    from flax import nnx  # noqa: PLC0415
 
-    blocks = list(self.blocks)
-    graphdef = nnx.split(blocks[0])[0]
-    stacked = jax.tree.map(lambda *values: jnp.stack(values), *(nnx.split(block)[1] for block in blocks))
+    dtype = x.dtype
+    b, t, width = x.shape
+    heads, head_dim = self.query.shape[1:]
+    kernel = jnp.concatenate([p[...].reshape(width, width) for p in (self.query, self.key, self.value)], axis=1)
+    bias = jnp.concatenate([p[...].reshape(width) for p in (self.query_bias, self.key_bias, self.value_bias)])
+    qkv = x.reshape(b * t, width) @ kernel.astype(dtype) + bias.astype(dtype)
+    q, k, v = qkv.reshape(b, t, 3, heads, head_dim).transpose(2, 0, 3, 1, 4)
+    return self.attend(q, k, v, mask)
 
-    def body(carry, state):
-        return nnx.merge(graphdef, state)(carry, mask), None
 
-    return jax.lax.scan(body, x, stacked)[0]
+def _unrolled_transformer(self, x, mask=None):
+    """The blocks as a Python loop even where the model runs them in lax.scan (training)."""
+    return self.unrolled(x, mask)
 
 
-VARIANTS = {"head-major-attention": ("Attention", "__call__", _head_major_attention),
-            "scan-layers": ("Transformer", "__call__", _scanned_transformer)}
+VARIANTS = {"token-major-attention": ("Attention", "__call__", _token_major_attention),
+            "fused-qkv": ("Attention", "__call__", _fused_qkv_attention),
+            "unrolled-layers": ("Transformer", "__call__", _unrolled_transformer)}
 
 
 def variant_names(spec: str) -> list[str]:
@@ -176,6 +170,8 @@ def measure(name: str, pixels: np.ndarray, tokens: np.ndarray, repeats: int, war
     import jax.numpy as jnp  # noqa: PLC0415
     import torch  # noqa: PLC0415
 
+    from bioclip_jax.models.clip import used_text_length  # noqa: PLC0415
+
     ours, reference = twin_models(name, dtype=jnp.bfloat16 if bf16 else jnp.float32)
     reference.eval()
     if not bf16:
@@ -204,7 +200,9 @@ def measure(name: str, pixels: np.ndarray, tokens: np.ndarray, repeats: int, war
         contenders = {_timing.OURS: run_ours, _timing.REFERENCE: run_reference}
         difference = None
         if variant is not None:
-            inputs = pixels if tower == "image" else int_tokens
+            # encode_text cuts rows after the batch's last end-of-text token; so must the variant.
+            used = used_text_length(int_tokens, ours.config.text.context_length)
+            inputs = pixels if tower == "image" else int_tokens[:, :used]
             changed = traced_encoder(ours, tower, variant)
             as_is = ours.encode_image(pixels) if tower == "image" else ours.encode_text(int_tokens)
             difference = float(np.abs(changed(inputs) - as_is).max() / np.abs(as_is).max())

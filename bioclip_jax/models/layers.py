@@ -106,9 +106,12 @@ class Attention(nnx.Module):
             return (jnp.einsum("btd,dhk->bhtk", x, kernel[...].astype(dtype))
                     + bias[...].astype(dtype)[:, None, :])
 
-        q = project(self.query, self.query_bias)
-        k = project(self.key, self.key_bias)
-        v = project(self.value, self.value_bias)
+        return self.attend(project(self.query, self.query_bias), project(self.key, self.key_bias),
+                           project(self.value, self.value_bias), mask)
+
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+        """Scaled dot-product attention on [batch, heads, tokens, head_dim] q/k/v, then the output projection."""
+        dtype = q.dtype
         q = q * jnp.asarray(q.shape[-1] ** -0.5, dtype)
         logits = jnp.einsum("bhqk,bhsk->bhqs", q, k).astype(jnp.float32)
         if mask is not None:
@@ -159,7 +162,7 @@ class Transformer(nnx.Module):
     entry per block, as open_clip names them). The loop is a hard fusion boundary: unrolled,
     XLA:CPU fuses the backward chain of residual-gradient adds and LayerNorm backward passes
     of all later blocks into each consumer, work that grows with layers^2; scanned, a
-    ViT-B/16 train step runs ~1.3x faster on CPU. It also compiles one block instead of all.
+    ViT-B/16 train step runs ~1.4x faster on CPU. It also compiles one block instead of all.
     """
 
     def __init__(self, width: int, layers: int, heads: int, mlp_width: int, activation: Callable, *,
@@ -172,8 +175,9 @@ class Transformer(nnx.Module):
         ])
 
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-        if self.scan:
-            return self._scanned(x, mask)
+        return self.scanned(x, mask) if self.scan else self.unrolled(x, mask)
+
+    def unrolled(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
         for block in self.blocks:
             if self.remat:
                 x = nnx.remat(lambda blk, y: blk(y, mask))(block, x)
@@ -181,7 +185,7 @@ class Transformer(nnx.Module):
                 x = block(x, mask)
         return x
 
-    def _scanned(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
+    def scanned(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
         graphdef = nnx.graphdef(self.blocks[0])
         stacked = jax.tree.map(lambda *values: jnp.stack(values), *(nnx.state(block) for block in self.blocks))
 
