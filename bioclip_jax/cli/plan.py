@@ -130,7 +130,7 @@ class StepPlan:
     temp_bytes: int       # XLA: activations, gradients, workspace
     output_bytes: int
     alias_bytes: int      # outputs written in place of donated inputs
-    flops: float          # XLA's count for this device's program (recomputation included)
+    flops: float          # XLA's count of the whole step (unrolled, recomputation included) / devices
     model_flops: float    # analytic model FLOPs of the step, divided over the devices
 
     @property
@@ -166,6 +166,12 @@ class StepCompiler:
         skeleton = state_lib.model_skeleton(config)
         self.layout = state_lib.state_layout(config, skeleton, mesh)
         self.step = make_train_step(config, skeleton, self.layout, mesh, make_schedule(config, config.total_steps))
+        # XLA's cost analysis counts a loop body once, so FLOPs are counted on the same step with
+        # the blocks unrolled; it is only traced and lowered (cheap), never compiled.
+        unrolled = config.copy_and_resolve_references()
+        unrolled.scan_layers = False
+        self.counting_step = make_train_step(unrolled, state_lib.model_skeleton(unrolled), self.layout, mesh,
+                                             make_schedule(unrolled, unrolled.total_steps))
         self.batch_shards = math.prod(mesh.shape[a] for a in sharding_lib.batch_axes(mesh))
         self.flops_per_pair = model_flops_per_pair(self.arch)
         self.compiles = 0
@@ -188,7 +194,7 @@ class StepCompiler:
         compiled = self.step.lower(self.layout.abstract, batch).compile()
         self.compiles += 1
         memory = compiled.memory_analysis()
-        cost = compiled.cost_analysis()
+        cost = self.counting_step.lower(self.layout.abstract, batch).cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         batch_sharding = sharding_lib.batch_sharding(self.mesh)
         shardings = self.layout.shardings
@@ -199,7 +205,7 @@ class StepCompiler:
             batch_bytes=_shard_bytes(batch, {k: batch_sharding for k in batch}),
             argument_bytes=int(memory.argument_size_in_bytes), temp_bytes=int(memory.temp_size_in_bytes),
             output_bytes=int(memory.output_size_in_bytes), alias_bytes=int(memory.alias_size_in_bytes),
-            flops=float((cost or {}).get("flops", float("nan"))),
+            flops=float((cost or {}).get("flops", float("nan"))) / self.mesh.size,
             model_flops=self.flops_per_pair * global_batch / self.mesh.size)
 
 
@@ -365,7 +371,7 @@ def format_plan(result: dict, peak_tflops: float | None = None, mfu: float = 0.4
             ("temporaries (activations, grads, work)", per["temp_bytes"]),
             ("peak (in + out - donated + temporaries)", per["peak_bytes"])]
     lines += [f"  {name:<40} {_bytes(value):>11}" for name, value in rows]
-    lines += ["", f"FLOPs per step per device: {_flops(per['flops'])} compiled (XLA's count, recomputation "
+    lines += ["", f"FLOPs per step per device: {_flops(per['flops'])} counted by XLA (recomputation "
                   f"included), {_flops(per['model_flops'])} model "
                   f"({_flops(result['model_flops_per_pair'])} per image-text pair)"]
     if peak_tflops:
