@@ -98,7 +98,7 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
         # Head-major [batch, heads, tokens, head_dim] from the projection on: both attention
-        # contractions then batch over leading axes, which XLA:CPU runs ~1.5x faster than
+        # contractions then batch over leading axes, which XLA:CPU runs about twice as fast as
         # the token-major layout (benchmarks/README.md); parameter layouts are unchanged.
         dtype = x.dtype
 
