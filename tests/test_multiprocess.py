@@ -21,10 +21,9 @@ import jax
 import numpy as np
 import pytest
 
-from bioclip_jax.data.synthetic import make_synthetic
 from bioclip_jax.train.distributed import launched_as_multiprocess, maybe_initialize_distributed
 from bioclip_jax.train.metrics import read_metrics
-from train_helpers import losses, run
+from train_helpers import losses, run, shards  # noqa: F401 - shards is a fixture
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCHER = os.path.join(REPO, "launch", "local_multiprocess.sh")
@@ -33,14 +32,6 @@ KILL_AFTER_CHECKPOINT = 4
 REFERENCE_STEPS = 8
 MESH = {"mesh__data": 2, "mesh__tensor": 4}
 LAUNCH_TIMEOUT = 240   # seconds; nothing may hang CI
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synthetic")
-    make_synthetic(str(out), species=24, images_per_species=6, held_out_species=4, seed=3, image_size=64,
-                   samples_per_shard=40)
-    return str(out / "train")
 
 
 def _overrides(**extra):

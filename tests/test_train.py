@@ -12,16 +12,7 @@ import numpy as np
 import pytest
 
 from bioclip_jax.checkpoint.model_dir import load_params
-from bioclip_jax.data.synthetic import make_synthetic
-from train_helpers import as_array, losses, run
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synthetic")
-    make_synthetic(str(out), species=24, images_per_species=6, held_out_species=4, seed=3, image_size=64,
-                   samples_per_shard=40)
-    return str(out / "train")
+from train_helpers import as_array, losses, run, shards  # noqa: F401 - shards is a fixture
 
 
 def test_same_losses_for_data_fsdp_and_mixed_meshes(shards, tmp_path):

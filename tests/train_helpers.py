@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import numpy as np
+import pytest
 
+from bioclip_jax.cli.common import read_config_file
+from bioclip_jax.data.synthetic import make_synthetic
 from bioclip_jax.train.loop import train
 from bioclip_jax.train.metrics import read_metrics
 
 CONFIG_FILE = os.path.join(os.path.dirname(__file__), "..", "configs", "synthetic_tiny.py")
 
 
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """Training shards of a 24-species synthetic tree of life at 64 px (import it into a test module)."""
+    out = tmp_path_factory.mktemp("synthetic")
+    make_synthetic(str(out), species=24, images_per_species=6, held_out_species=4, seed=3, image_size=64,
+                   samples_per_shard=40)
+    return str(out / "train")
+
+
 def smoke_config(shards: str, **overrides):
-    spec = importlib.util.spec_from_file_location("synthetic_tiny", CONFIG_FILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("smoke")
+    _, config = read_config_file(f"{CONFIG_FILE}:smoke", "synthetic_tiny")
     config.data.train_shards = shards
     for dotted, value in overrides.items():
         node = config

@@ -1,8 +1,10 @@
-"""Argument conventions shared by the model-loading CLIs."""
+"""Argument conventions shared by the CLIs: model sources and config files."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
 
 
 def add_model_args(parser: argparse.ArgumentParser, required: bool = False) -> None:
@@ -29,3 +31,17 @@ def run_cli(body, argv) -> int:
         import sys  # noqa: PLC0415
         print(f"error: {err}", file=sys.stderr)
         return 1
+
+
+def read_config_file(spec: str, module_name: str):
+    """The config returned by get_config(ARG) of PATH.py, for a spec PATH[.py][:ARG]."""
+    path, _, arg = spec.partition(".py:")
+    path = path if path.endswith(".py") else path + ".py"
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file not found: {path}")
+    module_spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"{path} defines no get_config(arg=None)")
+    return path, (module.get_config(arg) if arg else module.get_config())

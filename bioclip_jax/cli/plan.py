@@ -18,13 +18,14 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
-import importlib.util
 import json
 import math
 import os
 import re
 import sys
 from collections.abc import Callable, Sequence
+
+from bioclip_jax.cli.common import read_config_file
 
 MESH_AXES = ("data", "fsdp", "tensor")  # the same names as bioclip_jax.parallel.mesh (imports jax)
 UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12,
@@ -55,16 +56,7 @@ def parse_mesh(text: str) -> dict[str, int]:
 
 def load_train_config(spec: str, overrides: Sequence[str] = ()):
     """configs/NAME.py[:ARG] with `--config.FIELD=VALUE` overrides, as the train binary reads them."""
-    path, _, arg = spec.partition(".py:")
-    path = path if path.endswith(".py") else path + ".py"
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file not found: {path}")
-    module_spec = importlib.util.spec_from_file_location("_bioclip_plan_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ValueError(f"{path} defines no get_config(arg=None)")
-    config = module.get_config(arg or None)
+    _, config = read_config_file(spec, "_bioclip_plan_config")
     for item in overrides:
         if not item.startswith("--config.") or "=" not in item:
             raise ValueError(f"unrecognised argument {item!r} (config fields are set as --config.FIELD=VALUE)")

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import ast
-import importlib.util
-import os
 import sys
 
 import ml_collections
 
+from bioclip_jax.cli.common import read_config_file
 from bioclip_jax.evaluate import runner
 from bioclip_jax.inference import load_model
 
@@ -69,16 +68,7 @@ def build_parser(prog: str = "bioclip-jax eval") -> argparse.ArgumentParser:
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
     """runner.default_config() updated by PATH.py's get_config(ARG)."""
-    path, _, arg = spec.partition(".py:")
-    path = path if path.endswith(".py") else path + ".py"
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file not found: {path}")
-    module_spec = importlib.util.spec_from_file_location("_bioclip_eval_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ValueError(f"{path} defines no get_config(arg=None)")
-    loaded = module.get_config(arg) if arg else module.get_config()
+    path, loaded = read_config_file(spec, "_bioclip_eval_config")
     config = runner.default_config()
     for key, value in dict(loaded).items():
         _set(config, key, value, path)
