@@ -3,6 +3,7 @@
     python benchmarks/encode.py                       # ViT-B-16, 32 images / 256 texts, fp32, 5 rounds
     python benchmarks/encode.py --quick               # < 1 minute: small batches, 2 rounds
     python benchmarks/encode.py --bf16 --out r.json   # also time bfloat16 (JAX dtype / torch autocast)
+    python benchmarks/encode.py --towers image --gemms  # also time the image tower's GEMMs alone: the ceiling
 
 Our randomly initialised model is exported to an open_clip folder and loaded by
 open_clip, so both sides hold the very same weights (checked: the features must
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import sys
 import tempfile
@@ -217,6 +219,113 @@ def measure(name: str, pixels: np.ndarray, tokens: np.ndarray, repeats: int, war
     return rows
 
 
+# ----------------------------------------------------------------------------- GEMM ceiling
+# If everything but its matrix products were free, bioclip_jax's encode_image would take the sum
+# of its GEMM times; open_clip's whole encode_image over that sum is the best ratio reachable
+# with this jaxlib's GEMMs (XLA:CPU runs them through YNNPACK unless XLA_FLAGS say otherwise).
+
+
+def image_tower_gemms(name: str, images: int) -> list[dict]:
+    """The matrix products of one encode_image pass on `images` images, one entry per distinct shape.
+
+    Plain [M, K] x [K, N] or batched [G, M, K] x [G, K, N] products with their count per pass;
+    bias, GELU, softmax, LayerNorm and layout changes around them are left out on purpose.
+    """
+    from bioclip_jax.models.config import get_model_config  # noqa: PLC0415
+
+    config = get_model_config(name)
+    vision = config.vision
+    width, mlp, layers = vision.width, vision.mlp_width, vision.layers
+    patches, tokens = images * vision.grid ** 2, vision.grid ** 2 + 1
+    rows, heads, head_dim = images * tokens, images * vision.heads, width // vision.heads
+    patch_in = vision.patch_size ** 2 * 3
+    products = [("patch embedding", (patches, patch_in), (patch_in, width), 1),
+                ("q, k, v, out projections", (rows, width), (width, width), 4 * layers),
+                ("MLP fc", (rows, width), (width, mlp), layers),
+                ("MLP proj", (rows, mlp), (mlp, width), layers),
+                ("attention q.k", (heads, tokens, head_dim), (heads, head_dim, tokens), layers),
+                ("attention weights.v", (heads, tokens, tokens), (heads, tokens, head_dim), layers),
+                ("final projection", (images, width), (width, config.embed_dim), 1)]
+    distinct: dict[tuple, dict] = {}
+    for what, a, b, count in products:
+        entry = distinct.setdefault((a, b), {"what": [], "a": a, "b": b, "count": 0})
+        entry["what"].append(what)
+        entry["count"] += count
+    return [dict(entry, what=" + ".join(entry["what"]), gflop_per_call=2 * math.prod(entry["a"]) * entry["b"][-1] / 1e9)
+            for entry in distinct.values()]
+
+
+def _time_gemm(product: dict, repeats: int, warmup: int) -> dict:
+    """One shape alone, fp32: jitted jnp.matmul against torch `@` (bmm when batched), interleaved."""
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal(shape, dtype=np.float32) for shape in (product["a"], product["b"]))
+    jax_a, jax_b, torch_a, torch_b = jax.device_put(a), jax.device_put(b), torch.from_numpy(a), torch.from_numpy(b)
+    matmul = jax.jit(jnp.matmul)
+
+    def torch_matmul():
+        with torch.inference_mode():
+            return torch_a @ torch_b
+
+    shape = "x".join(f"[{','.join(map(str, s))}]" for s in (product["a"], product["b"]))
+    row = _timing.side_by_side(shape, lambda: jax.block_until_ready(matmul(jax_a, jax_b)), torch_matmul,
+                               1, repeats, warmup, unit="calls/s")
+    for side in row["sides"]:
+        row[side]["gflops_best"] = product["gflop_per_call"] / row[side]["min_s"]
+        row[side]["gflops_median"] = product["gflop_per_call"] / row[side]["median_s"]
+    return dict(product, **row)
+
+
+def gemm_ceiling(name: str, images: int, repeats: int, warmup: int, tower_rows: list[dict]) -> dict:
+    """Times every distinct GEMM shape of the image tower, prints the table and the ceiling, returns both.
+
+    The ceiling needs open_clip's encode_image time from `tower_rows` (same run, same batch);
+    without an fp32 image row it is reported as not available.
+    """
+    xla_flags = os.environ.get("XLA_FLAGS") or "(default: YNNPACK)"
+    print(f"\nGEMMs of one {name} encode_image pass (B={images}), fp32, each shape alone; XLA_FLAGS: {xla_flags}")
+    rows = [_time_gemm(product, repeats, warmup) for product in image_tower_gemms(name, images)]
+    sides = (_timing.OURS, _timing.REFERENCE)
+    print(f"{'product':<26} {'shape':<28} {'count':>5} {'GFLOP':>7}"
+          + "".join(f" {side + ' ms best':>19} {'median':>8} {'GFLOP/s':>8}" for side in sides)
+          + f" {'ratio(med)':>10}")
+    for row in rows:
+        print(f"{row['what']:<26} {row['label']:<28} {row['count']:5d} {row['gflop_per_call']:7.3f}"
+              + "".join(f" {row[side]['min_s'] * 1e3:19.1f} {row[side]['median_s'] * 1e3:8.1f} "
+                        f"{row[side]['gflops_median']:8.1f}" for side in sides)
+              + f" {row['ratio_of_medians']:9.2f}x")
+    totals = {side: {stat: sum(row["count"] * row[side][stat] for row in rows) for stat in ("min_s", "median_s")}
+              for side in sides}
+    gemm_ratio = {f"ratio_of_{stat[:-2]}s": totals[_timing.REFERENCE][stat] / totals[_timing.OURS][stat]
+                  for stat in ("min_s", "median_s")}
+    print("GEMM sum over the pass (count x time), best / median: "
+          + ", ".join(f"{side} {totals[side]['min_s'] * 1e3:.0f} / {totals[side]['median_s'] * 1e3:.0f} ms"
+                      for side in sides))
+    print(f"GEMM-for-GEMM ratio ({_timing.REFERENCE} sum / {_timing.OURS} sum): "
+          f"{gemm_ratio['ratio_of_mins']:.2f}x by minima, {gemm_ratio['ratio_of_medians']:.2f}x by medians")
+    tower = next((row for row in tower_rows if row["label"] == f"image fp32 (B={images})"
+                  and row["sides"] == list(sides)), None)
+    ceiling = encode_image_s = share = None
+    if tower is None:
+        print("ceiling: not available (the fp32 image tower was not timed in this run; add --towers image)")
+    else:
+        encode_image_s = {side: {stat: tower[side][stat] for stat in ("min_s", "median_s")} for side in sides}
+        ceiling = {f"ratio_of_{stat[:-2]}s": encode_image_s[_timing.REFERENCE][stat] / totals[_timing.OURS][stat]
+                   for stat in ("min_s", "median_s")}
+        share = {side: totals[side]["median_s"] / encode_image_s[side]["median_s"] for side in sides}
+        print("GEMMs' share of the whole encode_image (medians): "
+              + ", ".join(f"{side} {share[side]:.0%}" for side in sides))
+        print(f"ceiling ({_timing.REFERENCE} encode_image / {_timing.OURS} GEMM sum): "
+              f"{ceiling['ratio_of_mins']:.2f}x by minima, {ceiling['ratio_of_medians']:.2f}x by medians "
+              f"(target {TARGET}x)")
+    return {"model": name, "images": images, "dtype": "float32", "xla_flags": xla_flags, "rows": rows,
+            "totals": totals, "gemm_ratio": gemm_ratio, "encode_image_s": encode_image_s,
+            "gemm_share_of_encode_image": share, "ceiling": ceiling}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -227,6 +336,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--bf16", action="store_true", help="also time bfloat16 compute, reported separately")
     parser.add_argument("--variant", help=f"also time ours with candidate changes to models/layers.py against ours "
                                           f"as is: {', '.join(sorted(VARIANTS))}, or several joined by '+'")
+    parser.add_argument("--gemms", action="store_true",
+                        help="also time each GEMM shape of the image tower alone (fp32) and print the ceiling: "
+                             "open_clip's encode_image over our GEMM-only time (--towers '' skips the towers)")
     _timing.add_common_arguments(parser, repeats=5)
     args = parser.parse_args(argv)
     if args.quick:
@@ -238,8 +350,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--variant: {error}")
     towers = tuple(t.strip() for t in args.towers.split(",") if t.strip())
     unknown = set(towers) - {"image", "text"}
-    if unknown or not towers:
-        parser.error(f"--towers {args.towers!r}: choose from image, text")
+    if unknown or not (towers or args.gemms):
+        parser.error(f"--towers {args.towers!r}: choose from image, text (or '' with --gemms)")
     args.towers = towers
     if min(args.images, args.texts, args.repeats) < 1:
         parser.error("--images, --texts and --repeats must be >= 1")
@@ -257,14 +369,17 @@ def main(argv=None) -> int:
     print(f"{args.model}: {args.images} images / {args.texts} texts per call, {threads} threads, "
           f"{args.repeats} interleaved rounds")
     machine_before = _timing.machine_info(threads)
-    rows = measure(args.model, pixels, tokens, args.repeats, args.warmup, False, args.towers, args.variant)
-    if args.bf16:
-        rows += measure(args.model, pixels, tokens, args.repeats, args.warmup, True, args.towers, args.variant)
-    print()
-    _timing.print_rows(rows, TARGET)
+    rows = []
+    if args.towers:  # empty only with --gemms and no ceiling wanted
+        rows = measure(args.model, pixels, tokens, args.repeats, args.warmup, False, args.towers, args.variant)
+        if args.bf16:
+            rows += measure(args.model, pixels, tokens, args.repeats, args.warmup, True, args.towers, args.variant)
+        print()
+        _timing.print_rows(rows, TARGET)
+    gemms = gemm_ceiling(args.model, args.images, args.repeats, args.warmup, rows) if args.gemms else None
     _timing.write_json(args.out, {"benchmark": "encode", "args": vars(args), "target_ratio": TARGET,
                                   "machine": machine_before, "load_average_after": os.getloadavg(),
-                                  "rows": rows})
+                                  "rows": rows, "gemms": gemms})
     return 0
 
 

@@ -53,6 +53,21 @@ def test_encode_times_both_towers_of_the_same_model(tmp_path):
     assert result["machine"]["threads"] == 1
 
 
+def test_encode_gemms_times_every_image_tower_product_on_both_sides(tmp_path):
+    result = run_script("encode", "--model", "ViT-Tiny-8", "--images", "2", "--towers", "image", "--gemms", *TINY,
+                        tmp_path=tmp_path)
+    gemms = result["gemms"]
+    # ViT-Tiny-8: 4 layers of q/k/v/out, fc, proj and two attention products; patch embedding; projection.
+    assert [row["count"] for row in gemms["rows"]] == [1, 16, 4, 4, 4, 4, 1]
+    for row in gemms["rows"]:
+        assert_timed(row)
+        assert row["gflop_per_call"] > 0
+    for side in ("bioclip_jax", "open_clip"):
+        assert gemms["totals"][side]["min_s"] > 0 and gemms["totals"][side]["median_s"] > 0
+    assert gemms["ceiling"]["ratio_of_medians"] > 0  # the image tower was timed, so the ceiling exists
+    assert gemms["xla_flags"] == "(default: YNNPACK)"
+
+
 def test_train_step_runs_both_sides_on_identical_steps(tmp_path):
     result = run_script("train_step", "--model", "ViT-Tiny-8", "--batch", "4", *TINY, tmp_path=tmp_path)
     (row,) = result["rows"]

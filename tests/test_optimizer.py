@@ -11,6 +11,11 @@ import pytest
 from flax import nnx
 from open_clip_train import scheduler as open_clip_scheduler
 
+from bioclip_jax.checkpoint.model_dir import path_to_key
+from bioclip_jax.convert import names
+from bioclip_jax.models.clip import abstract_model
+from bioclip_jax.models.config import get_model_config
+from bioclip_jax.models.params import param_shapes
 from bioclip_jax.parallel.sharding import key_path_names
 from bioclip_jax.train.optimizer import make_optimizer, make_schedule, weight_decay_mask
 
@@ -88,6 +93,22 @@ def test_weight_decay_mask_follows_open_clip_rule():
         mask["logit_scale"],
     ):
         assert no_decay.value is False
+
+
+def test_stacked_block_parameters_decay_like_open_clips_per_block_tensors():
+    """Blocks are stored [layers, ...]: a stacked bias is 2-D but must stay undecayed."""
+    config = get_model_config("ViT-Tiny-8")
+    shapes = param_shapes(abstract_model(config))
+    mask = weight_decay_mask({path_to_key(path): np.zeros(shape, np.float32) for path, shape in shapes.items()})
+    checked = set()
+    for rule in names.name_table(config):
+        torch_shape = rule.to_torch([np.zeros(shapes[p][rule.layer is not None:]) for p in rule.jax_paths]).shape
+        key = rule.torch_key
+        open_clip_decays = len(torch_shape) >= 2 and not any(n in key for n in ("bn", "ln", "bias", "logit_scale"))
+        for path in rule.jax_paths:
+            assert mask[path_to_key(path)] == open_clip_decays, (key, path)
+            checked.add(path)
+    assert checked == set(shapes)
 
 
 def _numpy_adamw(params, grads_per_step, lrs, decay_mask, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.2):

@@ -2,7 +2,7 @@
 
 Layout:
   DIR/bioclip_jax_model.json    {"model_cfg": <open_clip model_cfg>, "preprocess_cfg": {...}}
-  DIR/params/                   Orbax checkpoint of {"visual.transformer.blocks.0.attn.query": array, ...}
+  DIR/params/                   Orbax checkpoint of {"visual.transformer.blocks.attn.query": [layers, ...], ...}
 A training workdir has the same JSON and, instead of `params/`, an Orbax
 CheckpointManager folder `checkpoints/<step>/params`; loading picks the latest step.
 """

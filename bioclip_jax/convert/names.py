@@ -1,8 +1,9 @@
 """The one table between bioclip_jax parameter paths and open_clip state_dict keys.
 
 Every entry says how a tensor moves between the two layouts. Only transposes,
-reshapes, splits and concatenations are used, so import followed by export gives
-back the original tensors bit for bit.
+reshapes, splits, concatenations and (for transformer blocks, which bioclip_jax stores
+stacked as [layers, ...]) indexing and stacking are used, so import followed by export
+gives back the original tensors bit for bit.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from typing import Callable, Mapping
 import numpy as np
 
 from bioclip_jax.models.config import CLIPConfig
+from bioclip_jax.models.layers import STACKED_BLOCKS
 
-Path = tuple  # an NNX state path such as ("visual", "transformer", "blocks", 0, "attn", "query")
+Path = tuple  # an NNX state path such as ("visual", "transformer", "blocks", "attn", "query")
 ToJax = Callable[[np.ndarray, list[tuple[int, ...]]], list[np.ndarray]]
 ToTorch = Callable[[list[np.ndarray]], np.ndarray]
 
@@ -25,6 +27,7 @@ class Rule:
     jax_paths: tuple[Path, ...]
     to_jax: ToJax      # torch tensor + target shapes -> one array per jax path
     to_torch: ToTorch  # arrays of the jax paths -> torch tensor
+    layer: int | None = None  # for stacked block parameters: which [layer] of each jax path
 
 
 def _same(t, shapes):
@@ -97,10 +100,10 @@ def _layer_norm(torch_prefix: str, path: Path) -> list[Rule]:
             _identity(f"{torch_prefix}.bias", path + ("bias",))]
 
 
-def _block_rules(torch_prefix: str, path: Path) -> list[Rule]:
+def _block_rules(torch_prefix: str, path: Path, layer: int) -> list[Rule]:
     attn = path + ("attn",)
     mlp = path + ("mlp",)
-    return [
+    rules = [
         *_layer_norm(f"{torch_prefix}.ln_1", path + ("ln_1",)),
         Rule(f"{torch_prefix}.attn.in_proj_weight",
              (attn + ("query",), attn + ("key",), attn + ("value",)), _fused_qkv, _fused_qkv_back),
@@ -115,6 +118,7 @@ def _block_rules(torch_prefix: str, path: Path) -> list[Rule]:
         Rule(f"{torch_prefix}.mlp.c_proj.weight", (mlp + ("proj",),), _linear, _kernel_in_first),
         _identity(f"{torch_prefix}.mlp.c_proj.bias", mlp + ("proj_bias",)),
     ]
+    return [dataclasses.replace(rule, layer=layer) for rule in rules]
 
 
 def name_table(config: CLIPConfig) -> list[Rule]:
@@ -135,9 +139,9 @@ def name_table(config: CLIPConfig) -> list[Rule]:
     if config.init_logit_bias is not None:
         rules.append(_identity("logit_bias", ("logit_bias",)))
     for i in range(config.vision.layers):
-        rules += _block_rules(f"visual.transformer.resblocks.{i}", ("visual", "transformer", "blocks", i))
+        rules += _block_rules(f"visual.transformer.resblocks.{i}", ("visual", "transformer", STACKED_BLOCKS), i)
     for i in range(config.text.layers):
-        rules += _block_rules(f"transformer.resblocks.{i}", ("text", "transformer", "blocks", i))
+        rules += _block_rules(f"transformer.resblocks.{i}", ("text", "transformer", STACKED_BLOCKS), i)
     return rules
 
 
@@ -148,7 +152,11 @@ IGNORED_TORCH_KEYS = frozenset({"input_resolution", "context_length", "vocab_siz
 
 def to_torch_state_dict(config: CLIPConfig, params: Mapping[Path, np.ndarray]) -> dict[str, np.ndarray]:
     """bioclip_jax parameters (flat path -> array) -> open_clip state_dict (key -> array)."""
-    return {rule.torch_key: np.array(rule.to_torch([np.asarray(params[p]) for p in rule.jax_paths]), order="C")
+    def array(rule: Rule, path: Path) -> np.ndarray:
+        value = np.asarray(params[path])
+        return value if rule.layer is None else value[rule.layer]
+
+    return {rule.torch_key: np.array(rule.to_torch([array(rule, p) for p in rule.jax_paths]), order="C")
             for rule in name_table(config)}
 
 
@@ -172,15 +180,21 @@ def from_torch_state_dict(config: CLIPConfig, state_dict: Mapping[str, np.ndarra
         raise WeightMismatchError(f"{source} has {len(unexpected)} key(s) this architecture does not use, "
                            f"e.g. {unexpected[:3]}; is it a {_describe(config)} model?")
     params: dict[Path, np.ndarray] = {}
+    layers: dict[Path, dict[int, np.ndarray]] = {}  # stacked paths: layer -> slice
     for rule in rules:
         tensor = np.asarray(state_dict[rule.torch_key])
-        shapes = [tuple(target_shapes[p]) for p in rule.jax_paths]
+        shapes = [tuple(target_shapes[p])[rule.layer is not None:] for p in rule.jax_paths]
         expected_torch = rule.to_torch([np.zeros(s, np.float32) for s in shapes]).shape
         if tensor.shape != expected_torch:
             raise WeightMismatchError(f"shape mismatch for {rule.torch_key!r} in {source}: checkpoint has "
                                f"{list(tensor.shape)}, the model expects {list(expected_torch)}")
         for path, array in zip(rule.jax_paths, rule.to_jax(tensor, shapes)):
-            params[path] = array
+            if rule.layer is None:
+                params[path] = array
+            else:
+                layers.setdefault(path, {})[rule.layer] = array
+    for path, slices in layers.items():
+        params[path] = np.stack([slices[i] for i in range(len(slices))])
     return params
 
 

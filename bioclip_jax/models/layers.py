@@ -154,40 +154,54 @@ class ResidualBlock(nnx.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class Transformer(nnx.Module):
-    """A stack of residual blocks.
+STACKED_BLOCKS = "blocks"  # attribute (and parameter path part) holding the stacked blocks
+LAYERS_AXIS = "layers"     # logical name of the stacking axis
 
-    `remat` recomputes each block in the backward pass. `scan` runs the blocks with
-    `lax.scan` over their parameters stacked on the fly (the parameters themselves stay one
-    entry per block, as open_clip names them). The loop is a hard fusion boundary: unrolled,
-    XLA:CPU fuses the backward chain of residual-gradient adds and LayerNorm backward passes
-    of all later blocks into each consumer, work that grows with layers^2; scanned, a
-    ViT-B/16 train step runs ~1.4x faster on CPU. It also compiles one block instead of all.
+
+class Transformer(nnx.Module):
+    """A stack of residual blocks whose parameters are stored stacked: one [layers, ...]
+    array per name (big_vision's layout; `bioclip_jax.convert.names` splits them into
+    open_clip's per-block tensors at import/export).
+
+    `scan` runs the blocks in `lax.scan` over the stacked parameters. The loop is a hard
+    fusion boundary: unrolled, XLA:CPU fuses the backward chain of residual-gradient adds
+    and LayerNorm backward passes of all later blocks into each consumer, work that grows
+    with layers^2; scanned, a ViT-B/16 train step runs ~1.4x faster on CPU and compiles
+    one block instead of all. `remat` recomputes each block in the backward pass.
     """
 
     def __init__(self, width: int, layers: int, heads: int, mlp_width: int, activation: Callable, *,
                  remat: bool = False, scan: bool = False, rngs: nnx.Rngs):
         self.remat = remat
         self.scan = scan
-        self.blocks = nnx.List([
-            ResidualBlock(width, heads, mlp_width, activation, layers=layers, rngs=rngs)
-            for _ in range(layers)
-        ])
+        self.layers = layers
+
+        @nnx.split_rngs(splits=layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS})
+        def stacked_blocks(block_rngs: nnx.Rngs) -> ResidualBlock:
+            return ResidualBlock(width, heads, mlp_width, activation, layers=layers, rngs=block_rngs)
+
+        setattr(self, STACKED_BLOCKS, stacked_blocks(rngs))
 
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         return self.scanned(x, mask) if self.scan else self.unrolled(x, mask)
 
+    def _split_blocks(self):
+        return nnx.split(getattr(self, STACKED_BLOCKS))
+
     def unrolled(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
-        for block in self.blocks:
-            if self.remat:
-                x = nnx.remat(lambda blk, y: blk(y, mask))(block, x)
-            else:
-                x = block(x, mask)
+        graphdef, stacked = self._split_blocks()
+
+        def run_block(block_state, y):
+            return nnx.merge(graphdef, block_state)(y, mask)
+
+        for i in range(self.layers):
+            block_state = jax.tree.map(lambda value: value[i], stacked)
+            x = (jax.checkpoint(run_block) if self.remat else run_block)(block_state, x)
         return x
 
     def scanned(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
-        graphdef = nnx.graphdef(self.blocks[0])
-        stacked = jax.tree.map(lambda *values: jnp.stack(values), *(nnx.state(block) for block in self.blocks))
+        graphdef, stacked = self._split_blocks()
 
         def body(carry, block_state):
             return nnx.merge(graphdef, block_state)(carry, mask), None

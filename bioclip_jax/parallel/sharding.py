@@ -22,6 +22,7 @@ Rules = Sequence[tuple[str, MeshAxes]]
 
 LOGICAL_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("batch", ("data", "fsdp")),
+    ("layers", None),
     ("embed", "fsdp"),
     ("mlp", "tensor"),
     ("heads", "tensor"),

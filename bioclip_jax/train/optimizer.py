@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from bioclip_jax.models.layers import STACKED_BLOCKS
 from bioclip_jax.parallel.sharding import key_path_names
 
 OPTIMIZERS = ("adamw",)
@@ -37,7 +38,13 @@ def _path_name(path: tuple) -> str:
 
 
 def decays_weight(name: str, ndim: int) -> bool:
-    """open_clip's rule: no decay for ndim < 2 or names containing 'bn', 'ln', 'bias', 'logit_scale'."""
+    """open_clip's rule: no decay for ndim < 2 or names containing 'bn', 'ln', 'bias', 'logit_scale'.
+
+    `ndim` counts the dimensions of one open_clip tensor, so the leading [layers] axis of
+    stacked transformer-block parameters is not counted.
+    """
+    if f".{STACKED_BLOCKS}." in f".{name}.":
+        ndim -= 1
     return ndim >= 2 and not any(part in name for part in NO_DECAY_NAME_PARTS)
 
 

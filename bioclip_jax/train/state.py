@@ -1,6 +1,6 @@
 """The train state as plain pytrees, its shardings, and how it is created.
 
-Parameters travel as a flat dict {"visual.transformer.blocks.0.attn.query": array}:
+Parameters travel as a flat dict {"visual.transformer.blocks.attn.query": array}:
 the same keys as a bioclip_jax model directory, so a training checkpoint's `params`
 item is directly a loadable model, and optax/Orbax/sharding all see a simple dict.
 """
