@@ -17,7 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bioclip_jax.parallel.sharding import constrain
+
 LN_EPSILON = 1e-5  # PyTorch's LayerNorm default, which open_clip uses.
+TOKENS = ("batch", None, None)  # logical sharding of [batch, tokens, width] activations
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +153,8 @@ class ResidualBlock(nnx.Module):
         self.mlp = MLP(width, mlp_width, activation, proj_std=proj_std, rngs=rngs)
 
     def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
-        x = x + self.attn(self.ln_1(x), mask)
+        x = constrain(x, TOKENS)
+        x = constrain(x + self.attn(self.ln_1(x), mask), TOKENS)
         return x + self.mlp(self.ln_2(x))
 
 

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bioclip_jax.models.config import TextConfig, VisionConfig
-from bioclip_jax.models.layers import LayerNorm, Transformer, exact_gelu, logical_param, normal, quick_gelu
+from bioclip_jax.models.layers import TOKENS, LayerNorm, Transformer, exact_gelu, logical_param, normal, quick_gelu
+from bioclip_jax.parallel.sharding import constrain
 
 
 def _activation(use_quick_gelu: bool):
@@ -57,7 +58,7 @@ class VisionTransformer(nnx.Module):
         x = self.patchify(images.astype(dtype)) @ self.patch_embed[...].astype(dtype)
         cls = jnp.broadcast_to(self.class_embedding[...].astype(dtype), (x.shape[0], 1, x.shape[-1]))
         x = jnp.concatenate([cls, x], axis=1) + self.positional_embedding[...].astype(dtype)
-        x = self.ln_pre(x)
+        x = self.ln_pre(constrain(x, TOKENS))
         x = self.transformer(x)
         pooled = self.ln_post(x[:, 0])
         return pooled @ self.proj[...].astype(dtype)
@@ -90,8 +91,12 @@ class TextTransformer(nnx.Module):
                              f"got {list(tokens.shape)}")
         # Shorter rows are exact, not an approximation: with a causal mask no position sees
         # the padding after it, and pooling reads the end-of-text position.
-        x = jnp.take(self.token_embedding[...], tokens, axis=0).astype(dtype)
-        x = x + self.positional_embedding[:length].astype(dtype)
+        # The table is gathered whole (over fsdp) for the lookup, so the looked-up rows and their
+        # gradient stay batch-sharded; split by the table's width instead, XLA reshards them
+        # through a full replica of the batch's activations.
+        table = constrain(self.token_embedding[...], ("vocab", None))
+        x = jnp.take(table, tokens, axis=0).astype(dtype)
+        x = constrain(x + self.positional_embedding[:length].astype(dtype), TOKENS)
         causal = jnp.tril(jnp.ones((length, length), dtype=bool))
         x = self.transformer(x, causal)
         x = self.ln_final(x)

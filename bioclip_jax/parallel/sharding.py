@@ -9,7 +9,9 @@ sharding for every shape (at worst, replication).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import contextlib
+import contextvars
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -199,3 +201,34 @@ def host_batch_to_global(local_batch: Mapping[str, Any] | Any, mesh: Mesh, rules
         return jax.make_array_from_process_local_data(sharding, local, (global_rows, *local.shape[1:]))
 
     return jax.tree_util.tree_map_with_path(place, local_batch)
+
+
+# The mesh (and rules) that activations are pinned to while a step is traced; None outside.
+_ACTIVATION_MESH: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar(
+    "bioclip_jax_activation_mesh", default=None)
+
+
+@contextlib.contextmanager
+def pinned_activations(mesh: Mesh, rules: Rules = LOGICAL_RULES) -> Iterator[None]:
+    """While tracing inside this context, `constrain` pins activations to `mesh`.
+
+    Without the pins the SPMD partitioner may keep an activation sharded like the
+    parameter it came from (the embedding dimension, under fsdp) and reshard it through
+    a full replica; pinning [batch, ...] activations to the batch axes keeps each device's
+    activations at its own rows.
+    """
+    token = _ACTIVATION_MESH.set((mesh, rules))
+    try:
+        yield
+    finally:
+        _ACTIVATION_MESH.reset(token)
+
+
+def constrain(x: jax.Array, logical_spec: Sequence[str | None]) -> jax.Array:
+    """`with_sharding_constraint` by logical names, inside `pinned_activations`; identity outside."""
+    active = _ACTIVATION_MESH.get()
+    if active is None:
+        return x
+    mesh, rules = active
+    spec = logical_to_mesh_spec(logical_spec, rules, mesh, x.shape)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))

@@ -33,8 +33,9 @@ def make_train_step(config: ml_collections.ConfigDict, skeleton: ModelSkeleton, 
     def loss_fn(params, batch):
         model = skeleton.merge(params)
         images = normalize(batch["image"], mean, std)
-        image_features = model.image_features(images)
-        text_features = model.text_features(batch["tokens"])
+        with sharding_lib.pinned_activations(mesh):
+            image_features = model.image_features(images)
+            text_features = model.text_features(batch["tokens"])
         return contrastive_loss(image_features, text_features, params[LOGIT_SCALE_KEY], mesh,
                                 batch_axes=axes, kind=config.loss.kind, logit_bias=params.get("logit_bias"))
 
