@@ -158,7 +158,7 @@ class ResidualBlock(nnx.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-STACKED_BLOCKS = "blocks"  # attribute (and parameter path part) holding the stacked blocks
+STACKED_BLOCKS = "blocks"  # parameter path part of the stacked blocks: `Transformer.blocks`
 LAYERS_AXIS = "layers"     # logical name of the stacking axis
 
 
@@ -185,27 +185,24 @@ class Transformer(nnx.Module):
         def stacked_blocks(block_rngs: nnx.Rngs) -> ResidualBlock:
             return ResidualBlock(width, heads, mlp_width, activation, layers=layers, rngs=block_rngs)
 
-        setattr(self, STACKED_BLOCKS, stacked_blocks(rngs))
+        self.blocks = stacked_blocks(rngs)
 
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         return self.scanned(x, mask) if self.scan else self.unrolled(x, mask)
 
-    def _split_blocks(self):
-        return nnx.split(getattr(self, STACKED_BLOCKS))
-
     def unrolled(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
-        graphdef, stacked = self._split_blocks()
+        graphdef, stacked = nnx.split(self.blocks)
 
         def run_block(block_state, y):
             return nnx.merge(graphdef, block_state)(y, mask)
 
+        run = jax.checkpoint(run_block) if self.remat else run_block
         for i in range(self.layers):
-            block_state = jax.tree.map(lambda value: value[i], stacked)
-            x = (jax.checkpoint(run_block) if self.remat else run_block)(block_state, x)
+            x = run(jax.tree.map(lambda value: value[i], stacked), x)
         return x
 
     def scanned(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
-        graphdef, stacked = self._split_blocks()
+        graphdef, stacked = nnx.split(self.blocks)
 
         def body(carry, block_state):
             return nnx.merge(graphdef, block_state)(carry, mask), None
