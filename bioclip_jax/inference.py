@@ -15,6 +15,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import io
+import math
 import os
 import sys
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -28,6 +29,7 @@ from tqdm import tqdm
 
 from bioclip_jax.evaluate.templates import OPENAI_IMAGENET_TEMPLATES, fill_templates
 from bioclip_jax.models.clip import CLIP, l2_normalize, used_text_length
+from bioclip_jax.parallel import sharding as sharding_lib
 from bioclip_jax.pretrained import create_model, image_transform
 from bioclip_jax.tokenizer import get_tokenizer
 from bioclip_jax.transforms import normalize
@@ -113,10 +115,11 @@ def _decode(item: ImageItem, crop: Callable[[Image.Image], Image.Image]) -> tupl
         return item, Skipped(item.key, f"{type(error).__name__}: {error}")
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3, 4, 5))
-def _image_features(graphdef, state, pixels, mean, std, unit_length: bool = True):
+@functools.partial(jax.jit, static_argnums=(0, 3, 4, 5, 6))
+def _image_features(graphdef, state, pixels, mean, std, unit_length: bool = True, out_sharding=None):
     model = nnx.merge(graphdef, state)
-    return model.image_features(normalize(pixels, mean, std), normalize=unit_length)
+    features = model.image_features(normalize(pixels, mean, std), normalize=unit_length)
+    return features if out_sharding is None else jax.lax.with_sharding_constraint(features, out_sharding)
 
 
 def default_devices() -> list:
@@ -126,31 +129,48 @@ def default_devices() -> list:
 
 
 class ImageEmbedder:
-    """Embeds image streams of any length; only `prefetch` batches are ever held in memory."""
+    """Embeds image streams of any length; only `prefetch` batches are ever held in memory.
+
+    With `mesh` (the training mesh, possibly spanning several processes) the model's
+    parameters are used where they already live, every process decodes only its own
+    rows of each global batch, and every process receives all features: this is how a
+    pod evaluates during training. Labels must then be integers (they are gathered).
+    """
 
     def __init__(self, model: CLIP, *, batch_size: int = 64, workers: int = 8, prefetch: int = 2,
-                 progress: bool = True, devices: Sequence | None = None, unit_length: bool = True):
+                 progress: bool = True, devices: Sequence | None = None, unit_length: bool = True,
+                 mesh: jax.sharding.Mesh | None = None):
         if batch_size < 1 or workers < 1 or prefetch < 1:
             raise ValueError(f"batch_size, workers and prefetch must be >= 1, got {batch_size}, {workers}, {prefetch}")
-        self.devices = list(devices or default_devices())
-        self.batch_size = -(-batch_size // len(self.devices)) * len(self.devices)
+        self.mesh = mesh
         self.workers, self.prefetch, self.progress = workers, prefetch, progress
         self.unit_length = unit_length  # False: raw features, like open_clip's encode_image
         self.transform = image_transform(model)
         self.size = self.transform.cfg.size
         self.embed_dim = model.config.embed_dim
         self.skipped: list[Skipped] = []
-        graphdef, state = nnx.split(model)
-        mesh = jax.sharding.Mesh(np.asarray(self.devices), ("data",))
-        self._batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-        self._graphdef = graphdef
-        self._state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+        self._graphdef, state = nnx.split(model)
+        if mesh is None:
+            self.devices = list(devices or default_devices())
+            local_mesh = jax.sharding.Mesh(np.asarray(self.devices), ("data",))
+            self._batch_sharding = jax.sharding.NamedSharding(local_mesh, jax.sharding.PartitionSpec("data"))
+            self._state = jax.device_put(state, jax.sharding.NamedSharding(local_mesh, jax.sharding.PartitionSpec()))
+            self._out_sharding = None
+            multiple = len(self.devices)
+        else:
+            self._state = state  # global arrays, already laid out on the mesh
+            self._out_sharding = sharding_lib.replicated(mesh)
+            multiple = math.lcm(sharding_lib.batch_shard_count(mesh), jax.process_count())
+        self.batch_size = -(-batch_size // multiple) * multiple
 
     def _run(self, pixels: np.ndarray) -> jax.Array:
         cfg = self.transform.cfg
-        batch = jax.device_put(pixels, self._batch_sharding)
+        if self.mesh is None:
+            batch = jax.device_put(pixels, self._batch_sharding)
+        else:
+            batch = sharding_lib.host_batch_to_global(pixels, self.mesh)
         return _image_features(self._graphdef, self._state, batch, tuple(cfg.mean), tuple(cfg.std),
-                               self.unit_length)
+                               self.unit_length, self._out_sharding)
 
     def _decoded(self, items: Iterable[ImageItem]) -> Iterator[tuple[ImageItem, np.ndarray | Skipped]]:
         """Items with their pixels, in input order, decoded by the pool a bounded window ahead."""
@@ -167,6 +187,9 @@ class ImageEmbedder:
     def stream(self, items: Iterable[ImageItem], total: int | None = None,
                desc: str = "images") -> Iterator[tuple[np.ndarray, list[ImageItem]]]:
         """Yields (features [b, D] float32, the b items embedded) per batch; skips go to `self.skipped`."""
+        if self.mesh is not None:
+            yield from self._stream_over_processes(list(items), desc)
+            return
         buffer = np.zeros((self.batch_size, self.size, self.size, 3), np.uint8)
         filled: list[ImageItem] = []
         in_flight: tuple[jax.Array, list[ImageItem]] | None = None
@@ -188,6 +211,44 @@ class ImageEmbedder:
             if filled:
                 buffer[len(filled):] = 0
                 yield np.asarray(self._run(buffer))[: len(filled)], filled
+
+    def _stream_over_processes(self, items: list[ImageItem], desc: str
+                               ) -> Iterator[tuple[np.ndarray, list[ImageItem]]]:
+        """Mesh mode: global batch k holds items [k*G, (k+1)*G); process p decodes its rows
+        [p*L, (p+1)*L) of it. Which rows were readable, and their labels, are gathered, so
+        every process yields the same features and items."""
+        from jax.experimental import multihost_utils  # noqa: PLC0415
+
+        global_rows = self.batch_size
+        local_rows = global_rows // jax.process_count()
+        first_row = jax.process_index() * local_rows
+        batches = -(-len(items) // global_rows)
+        own = [[i for i in range(k * global_rows + first_row, k * global_rows + first_row + local_rows)
+                if i < len(items)] for k in range(batches)]
+        decoded = self._decoded(items[i] for rows in own for i in rows)
+        with tqdm(total=len(items), unit="img", desc=desc, disable=not self.progress or jax.process_index(),
+                  file=sys.stderr) as bar:
+            for k, rows in enumerate(own):
+                pixels = np.zeros((local_rows, self.size, self.size, 3), np.uint8)
+                labels = np.full((local_rows,), -1, np.int64)
+                readable = np.zeros((local_rows,), bool)
+                for j in range(len(rows)):
+                    item, decoded_pixels = next(decoded)
+                    if isinstance(decoded_pixels, Skipped):
+                        self.skipped.append(decoded_pixels)
+                        continue
+                    pixels[j], readable[j] = decoded_pixels, True
+                    labels[j] = -1 if item.label is None else int(item.label)
+                features = np.asarray(self._run(pixels))
+                gathered = multihost_utils.process_allgather(np.stack([readable.astype(np.int64), labels]))
+                readable_all = gathered[:, 0].reshape(-1).astype(bool)
+                labels_all = gathered[:, 1].reshape(-1)
+                start = k * global_rows
+                kept = [r for r in range(global_rows) if readable_all[r]]
+                batch = [dataclasses.replace(items[start + r], label=None if labels_all[r] < 0 else int(labels_all[r]))
+                         for r in kept]
+                bar.update(min(global_rows, len(items) - start))
+                yield features[kept], batch
 
     def embed_all(self, items: Iterable[ImageItem], total: int | None = None,
                   desc: str = "images") -> ImageEmbeddings:
@@ -216,18 +277,24 @@ def report_skipped(skipped: Sequence[Skipped], what: str = "images", limit: int 
 # ---- texts -------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def _template_means(graphdef, state, tokens, num_templates: int):
+@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+def _template_means(graphdef, state, tokens, num_templates: int, out_sharding=None):
     """[n * T, L] tokens -> [n, D]: normalise per prompt, average the T prompts, normalise again."""
     model = nnx.merge(graphdef, state)
     features = model.text_features(tokens, normalize=True)
-    return l2_normalize(features.reshape(-1, num_templates, features.shape[-1]).mean(axis=1))
+    means = l2_normalize(features.reshape(-1, num_templates, features.shape[-1]).mean(axis=1))
+    return means if out_sharding is None else jax.lax.with_sharding_constraint(means, out_sharding)
 
 
 class TextEmbedder:
-    """Text embeddings in fixed-size chunks (one compiled shape), for any number of texts."""
+    """Text embeddings in fixed-size chunks (one compiled shape), for any number of texts.
 
-    def __init__(self, model: CLIP, *, batch_size: int = 256, progress: bool = False):
+    With `mesh`, the model's parameters stay where they live on that mesh (every process
+    tokenises the same texts) and every process receives all embeddings.
+    """
+
+    def __init__(self, model: CLIP, *, batch_size: int = 256, progress: bool = False,
+                 mesh: jax.sharding.Mesh | None = None):
         if batch_size < 1:
             raise ValueError(f"text batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
@@ -235,6 +302,13 @@ class TextEmbedder:
         self.embed_dim = model.config.embed_dim
         self.tokenizer = get_tokenizer("ViT-B-16", context_length=model.config.text.context_length)
         self._graphdef, self._state = nnx.split(model)
+        self.mesh = mesh
+        self._out_sharding = None if mesh is None else sharding_lib.replicated(mesh)
+
+    def _embed_prompts(self, tokens: np.ndarray, num_templates: int) -> jax.Array:
+        if self.mesh is not None:
+            tokens = sharding_lib.replicate_host_array(tokens, self.mesh)
+        return _template_means(self._graphdef, self._state, tokens, num_templates, self._out_sharding)
 
     def class_chunks(self, class_names: Iterable[str], num_classes: int | None = None,
                      templates: Sequence[str] = OPENAI_IMAGENET_TEMPLATES,
@@ -251,7 +325,7 @@ class TextEmbedder:
                 prompts += [""] * ((per_chunk - len(names)) * len(templates))  # pad: one shape
                 tokens = self.tokenizer(prompts)
                 tokens = tokens[:, :used_text_length(tokens, self.tokenizer.context_length)]
-                launched = (_template_means(self._graphdef, self._state, tokens, len(templates)), len(names))
+                launched = (self._embed_prompts(tokens, len(templates)), len(names))
                 if in_flight is not None:
                     yield np.asarray(in_flight[0])[: in_flight[1]]
                     bar.update(in_flight[1])

@@ -6,14 +6,16 @@ Accepted sources:
   PATH.safetensors                 an open_clip state dict (architecture from `model_name`)
   PATH.bin / .pt / .pth            a PyTorch state dict (needs torch installed)
   PATH/ with bioclip_jax_model.json  a bioclip_jax model directory or training workdir
+                                     (its latest finished step, or `step=`)
+PATH may be local or in a bucket (gs://bucket/run).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax.numpy as jnp
+from etils import epath
 
 from bioclip_jax.checkpoint import model_dir
 from bioclip_jax.convert import names, state_dict_io
@@ -48,20 +50,28 @@ def _config_for(model_name: str | None, source: str) -> CLIPConfig:
     return get_model_config(model_name)
 
 
-def load_source(pretrained: str, model_name: str | None = None) -> Loaded:
-    """Reads a pretrained source into numpy parameters in bioclip_jax's layout."""
+def _described(meta: dict) -> tuple[CLIPConfig, PreprocessConfig]:
+    """Architecture and preprocessing from {"model_cfg": ..., "preprocess_cfg": ...}."""
+    config = from_open_clip(meta["model_cfg"])
+    return config, PreprocessConfig.from_open_clip(meta.get("preprocess_cfg", {}), config.vision.image_size)
+
+
+def load_source(pretrained: str, model_name: str | None = None, *, step: int | None = None) -> Loaded:
+    """Reads a pretrained source into numpy parameters in bioclip_jax's layout.
+
+    `step` picks a checkpoint of a training workdir (default: its latest finished one).
+    """
     path = _strip_schema(str(pretrained))
-    if os.path.isdir(path):
-        if model_dir.is_model_dir(path):
-            meta = model_dir.read_model_json(path)
-            config = from_open_clip(meta["model_cfg"])
-            preprocess = PreprocessConfig.from_open_clip(meta.get("preprocess_cfg", {}), config.vision.image_size)
-            return Loaded(config, preprocess, model_dir.load_params(path), path)
-        meta = state_dict_io.read_open_clip_config(path)
-        config = from_open_clip(meta["model_cfg"])
-        preprocess = PreprocessConfig.from_open_clip(meta.get("preprocess_cfg", {}), config.vision.image_size)
+    is_dir = epath.Path(path).is_dir()
+    if is_dir and model_dir.is_model_dir(path):
+        config, preprocess = _described(model_dir.read_model_json(path))
+        return Loaded(config, preprocess, model_dir.load_params(path, step), path)
+    if step is not None:
+        raise ValueError(f"step={step} applies to a bioclip_jax training workdir; {pretrained} is not one")
+    if is_dir:
+        config, preprocess = _described(state_dict_io.read_open_clip_config(path))
         weights = state_dict_io.find_weights_in_dir(path)
-    elif os.path.isfile(path):
+    elif epath.Path(path).is_file():
         config = _config_for(model_name, path)
         preprocess = PreprocessConfig(size=config.vision.image_size)
         weights = path
@@ -74,14 +84,19 @@ def load_source(pretrained: str, model_name: str | None = None) -> Loaded:
 
 
 def create_model(model_name: str | None = "ViT-B-16", pretrained: str | None = None, *, seed: int = 0,
-                 dtype=jnp.float32, remat: bool = False) -> CLIP:
-    """open_clip-style constructor. The architecture comes from the source when it has one."""
+                 dtype=jnp.float32, remat: bool = False, step: int | None = None) -> CLIP:
+    """open_clip-style constructor. The architecture comes from the source when it has one.
+
+    `step` picks a checkpoint when `pretrained` is a training workdir (default: the latest).
+    """
     if pretrained is None:
+        if step is not None:
+            raise ValueError(f"step={step} needs pretrained= a training workdir")
         config = get_model_config(model_name)
         model = build_model(config, seed=seed, dtype=dtype, remat=remat)
         model.preprocess = PreprocessConfig(size=config.vision.image_size)
         return model
-    loaded = load_source(pretrained, model_name)
+    loaded = load_source(pretrained, model_name, step=step)
     model = abstract_model(loaded.config, dtype=dtype, remat=remat)  # every parameter is assigned below
     assign_params(model, loaded.params, source=loaded.source)
     model.preprocess = loaded.preprocess
@@ -102,14 +117,14 @@ def model_metadata(model: CLIP) -> tuple[dict, dict]:
     return to_open_clip(model.config), preprocess.to_open_clip()
 
 
-def save_model(model: CLIP, directory: str) -> None:
+def save_model(model: CLIP, directory) -> None:
     """A bioclip_jax model directory (see `bioclip_jax.checkpoint.model_dir`)."""
     model_cfg, preprocess_cfg = model_metadata(model)
     model_dir.save_params(directory, flat_params(model))
     model_dir.write_model_json(directory, model_cfg, preprocess_cfg)
 
 
-def export_open_clip(model: CLIP, directory: str) -> None:
+def export_open_clip(model: CLIP, directory) -> None:
     """An open_clip hf-hub folder with open_clip's exact keys, shapes and dtypes."""
     model_cfg, preprocess_cfg = model_metadata(model)
     state_dict = names.to_torch_state_dict(model.config, flat_params(model))

@@ -16,6 +16,12 @@
 # SIGTERM to the launcher is forwarded, so the run saves a checkpoint and stops; rerun
 # the same command to resume.
 #
+# Exit status (docs/exit_statuses.md): 0 when every process finished; 75 when they
+# stopped after saving a checkpoint (status 75 from each, or from some with the others
+# finished), whether the launcher or something else stopped them; otherwise the status of
+# the first process that failed (a process killed by a signal: 128 + its number). A
+# process that exits 75 is not a failure: the others get STOP_TIMEOUT_SECONDS to follow.
+#
 # Environment: PYTHON (default python3), TRAIN_MODULE (default bioclip_jax.train),
 # LOG_DIR, KILL_GRACE_SECONDS, STOP_TIMEOUT_SECONDS (default 300), COORDINATOR_PORT.
 set -u
@@ -75,52 +81,80 @@ for ((i = 0; i < NUM_PROCESSES; i++)); do
   echo "$!" >"$LOG_DIR/process-$i.pid"
 done
 
-signal_all() {  # signal each process's group, or the process alone without setsid
-  local sig=$1 pid
-  for pid in "${PIDS[@]}"; do
-    kill "-$sig" -- "-$pid" 2>/dev/null || kill "-$sig" "$pid" 2>/dev/null
+STOPPED=75  # bioclip_jax/train/exit_codes.py: saved a checkpoint, rerun to resume
+declare -A STATUS_OF=()  # process index -> exit status, once it has ended
+
+# Signals each process's group (an ended process's too: its data workers may outlive it),
+# or the process alone where there was no setsid.
+signal_all() {
+  local sig=$1 i pid
+  for i in "${!PIDS[@]}"; do
+    pid=${PIDS[$i]}
+    kill "-$sig" -- "-$pid" 2>/dev/null || [[ -n ${STATUS_OF[$i]:-} ]] || kill "-$sig" "$pid" 2>/dev/null
   done
 }
 
 any_alive() {
-  local pid
-  for pid in "${PIDS[@]}"; do
-    kill -0 "$pid" 2>/dev/null && return 0
+  local i
+  for i in "${!PIDS[@]}"; do
+    [[ -z ${STATUS_OF[$i]:-} ]] && kill -0 "${PIDS[$i]}" 2>/dev/null && return 0
   done
   return 1
 }
 
-stop_all() {  # SIGTERM, wait up to $1 seconds, then SIGKILL
-  local deadline=$((SECONDS + $1))
+reap() {  # $1: index of a process that has ended; records its exit status
+  local pid=${PIDS[$1]} signals code
+  while true; do  # a signal ends `wait` early; waiting again gives the process's own status
+    signals=$SIGNALS
+    wait "$pid"
+    code=$?
+    ((signals == SIGNALS)) && break
+  done
+  STATUS_OF[$1]=$code
+}
+
+stop_all() {  # SIGTERM, wait up to $1 seconds, then SIGKILL; records every status
+  local deadline=$((SECONDS + $1)) i
   signal_all TERM
   while any_alive && ((SECONDS < deadline)); do sleep 0.2; done
   any_alive && signal_all KILL
-  wait "${PIDS[@]}" 2>/dev/null
+  for i in "${!PIDS[@]}"; do
+    [[ -n ${STATUS_OF[$i]:-} ]] || reap "$i"
+  done
 }
 
+combined_status() {  # the first failure's status, else 75 if any process stopped, else 0
+  local i code result=0
+  for ((i = 0; i < NUM_PROCESSES; i++)); do
+    code=${STATUS_OF[$i]}
+    if ((code != 0 && code != STOPPED)); then echo "$code"; return; fi
+    ((code == STOPPED)) && result=$STOPPED
+  done
+  echo "$result"
+}
 
 STOP_REQUESTED=0 SIGNALS=0
 trap 'STOP_REQUESTED=1; SIGNALS=$((SIGNALS + 1))' INT TERM
 
-declare -A DONE=()
-while ((${#DONE[@]} < NUM_PROCESSES)); do
+STOPPING_SINCE=""  # when the first process exited 75 on its own
+while ((${#STATUS_OF[@]} < NUM_PROCESSES)); do
   if ((STOP_REQUESTED)); then
     echo "launcher: stop requested, asking every process to save and exit" >&2
     stop_all "$STOP_TIMEOUT_SECONDS"
-    exit 130
+    break
   fi
   for ((i = 0; i < NUM_PROCESSES; i++)); do
-    [[ -n ${DONE[$i]:-} ]] && continue
+    [[ -n ${STATUS_OF[$i]:-} ]] && continue
     pid=${PIDS[$i]}
     kill -0 "$pid" 2>/dev/null && continue
-    while true; do  # a signal ends `wait` early; waiting again gives the process's own status
-      signals=$SIGNALS
-      wait "$pid"
-      code=$?
-      ((signals == SIGNALS)) && break
-    done
-    DONE[$i]=$code
-    if ((code != 0)); then
+    reap "$i"
+    code=${STATUS_OF[$i]}
+    if ((code == STOPPED)); then
+      if [[ -z $STOPPING_SINCE ]]; then
+        STOPPING_SINCE=$SECONDS
+        echo "launcher: process $i stopped after saving a checkpoint; waiting for the others" >&2
+      fi
+    elif ((code != 0)); then
       echo "launcher: process $i (pid $pid) exited with status $code; stopping the others" >&2
       if ((i != 0)); then
         echo "---- last lines of $LOG_DIR/process-$i.log ----" >&2
@@ -130,6 +164,18 @@ while ((${#DONE[@]} < NUM_PROCESSES)); do
       exit "$code"
     fi
   done
+  if [[ -n $STOPPING_SINCE ]] && ((SECONDS - STOPPING_SINCE > STOP_TIMEOUT_SECONDS)); then
+    echo "launcher: the other processes did not stop within ${STOP_TIMEOUT_SECONDS}s; stopping them" >&2
+    stop_all "$KILL_GRACE_SECONDS"
+    break
+  fi
   sleep 0.2
 done
-echo "launcher: all $NUM_PROCESSES processes finished" >&2
+
+STATUS=$(combined_status)
+case $STATUS in
+  0) echo "launcher: all $NUM_PROCESSES processes finished" >&2 ;;
+  "$STOPPED") echo "launcher: stopped after saving a checkpoint (status $STOPPED); rerun the same command to resume" >&2 ;;
+  *) echo "launcher: exiting with status $STATUS" >&2 ;;
+esac
+exit "$STATUS"

@@ -50,14 +50,35 @@ def test_bad_samples_counted_with_example_keys(tmp_path, capsys):
     assert status == 1
     counts = {reason: entry["count"] for reason, entry in report["skipped"].items()}
     assert counts == {"corrupt_image": 2, "missing_image": 1, "missing_caption": 2, "truncated_tar": 1,
-                      "unreadable_shard": 0}
+                      "unreadable_shard": 0, "corrupt_caption": 1}
     assert report["skipped"]["corrupt_image"]["examples"] == ["s00001", "s00002"]
     assert report["skipped"]["missing_caption"]["examples"] == ["s00004", "s00005"]
-    assert report["usable"] == report["samples"] - 6
+    assert report["skipped"]["corrupt_caption"]["examples"] == ["s00006"]
+    assert report["usable"] == report["samples"] - 7
     assert "truncated" in report["shard_problems"][paths[1]]
-    # without a text type, one caption of any type is enough: s00004 and s00005 still have others
+    # without a text type, one caption of any type is enough: s00004 to s00006 still have others
     status, report = run_json(capsys, "--shards", str(tmp_path))
-    assert report["skipped"]["missing_caption"]["count"] == 0
+    assert report["skipped"]["missing_caption"]["count"] == report["skipped"]["corrupt_caption"]["count"] == 0
+
+
+def test_captions_that_are_not_utf8_are_reported(tmp_path, capsys):
+    def mangle(i, files):
+        if i == 1:  # only the common-name caption
+            return {**files, "com.txt": b"\xff\xfe a photo"}
+        if i == 2:  # every caption
+            return {ext: data if ext == "jpg" else b"\xff" + data for ext, data in files.items()}
+        return files
+
+    write_shards(tmp_path, 4, 10, edit=mangle)
+    status, report = run_json(capsys, "--shards", str(tmp_path), "--text-type", "com")
+    assert status == 1 and report["usable"] == 2
+    assert report["skipped"]["corrupt_caption"] == {"count": 2, "examples": ["s00001", "s00002"]}
+    assert report["text_types_present"]["com"] == 2 and report["text_types_present"]["sci"] == 3
+    status, report = run_json(capsys, "--shards", str(tmp_path))  # any one caption will do
+    assert report["skipped"]["corrupt_caption"] == {"count": 1, "examples": ["s00002"]}
+    assert check_data.main(["--shards", str(tmp_path)]) == 1
+    line = next(line for line in capsys.readouterr().out.splitlines() if "corrupt_caption" in line)
+    assert line.split() == ["corrupt_caption", "1", "e.g.", "s00002"]
 
 
 def test_text_report_and_errors(tmp_path, capsys):

@@ -178,6 +178,8 @@ def damage(i, files):
         del files["com.txt"]
     elif i == 5:
         files["com.txt"] = b"  \n"
+    elif i == 6:
+        files["com.txt"] = b"\xff\xfe a photo of bird 6."  # not UTF-8
     return files
 
 
@@ -198,15 +200,26 @@ def test_every_bad_input_is_skipped_and_counted(damaged):
     batches = list(ds)
     total = sum(b["skipped"] for b in batches)
     expected = {"corrupt_image": 2, "missing_image": 1, "missing_caption": 2, "truncated_tar": 1,
-                "unreadable_shard": 10}
+                "unreadable_shard": 10, "corrupt_caption": 1}
     assert dict(zip(SKIP_REASONS, total.tolist())) == expected
     assert len(batches) == (10 + truncated_cut + 1 + 10 + 10) // 4
     used = sample_of_tokens(np.concatenate([b["tokens"] for b in batches]), 40)
-    bad = {1, 2, 3, 4, 5, *range(10 + truncated_cut, 30)}
+    bad = {1, 2, 3, 4, 5, 6, *range(10 + truncated_cut, 30)}
     assert not bad & set(used)
     bad_shards = {int(b["last_bad_shard"]) for b in batches if b["skipped"].any()}
     assert bad_shards <= {0, 1, 2} and 2 in bad_shards
     assert all(b["last_bad_shard"] == -1 for b in batches if not b["skipped"].any())
+
+
+def test_caption_that_is_not_utf8_is_skipped_not_trained_on(tmp_path):
+    """Decoded with replacement characters, it would teach the model a mangled name."""
+    write_shards(tmp_path, 8, 8, edit=lambda i, files: {**files, "com.txt": b"\xff\xfe a photo"} if i == 3 else files)
+    batches = list(dataset(str(tmp_path), global_batch_size=4, num_epochs=1))
+    total = sum(b["skipped"] for b in batches)
+    assert dict(zip(SKIP_REASONS, total.tolist())) == {**dict.fromkeys(SKIP_REASONS, 0), "corrupt_caption": 1}
+    used = sample_of_tokens(np.concatenate([b["tokens"] for b in batches]), 8)
+    assert len(used) == 8 and 3 not in used
+    assert [int(b["last_bad_shard"]) for b in batches if b["skipped"].any()] == [0]
 
 
 def test_all_bad_data_raises_a_clear_error(tmp_path):

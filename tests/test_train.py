@@ -109,11 +109,14 @@ def test_sigmoid_loss_trains_and_exports_logit_bias(shards, tmp_path):
     assert float(reference.logit_bias) != -10.0  # it was trained
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(shards, tmp_path):
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
+def test_a_signal_saves_and_stops_with_the_stopped_status_and_no_export(shards, tmp_path, signum):
+    """A stop is not a finish: checkpoint at the signal's step, exit 75, no export, no DONE."""
     import signal
     import time
 
     from bioclip_jax.checkpoint.model_dir import latest_step_dir
+    from bioclip_jax.train.exit_codes import STOPPED
     from bioclip_jax.train.metrics import read_metrics
 
     workdir = tmp_path / "preempted"
@@ -127,15 +130,16 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(shards, tmp_path):
         while len(read_metrics(str(workdir))) < 2 and time.time() < deadline and process.poll() is None:
             time.sleep(0.5)
         assert process.poll() is None, process.stdout.read()
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(getattr(signal, signum))
         output, _ = process.communicate(timeout=120)
     finally:
         if process.poll() is None:
             process.kill()
-    assert process.returncode == 0, output
-    assert "stop requested" in output
+    assert process.returncode == STOPPED, output
+    assert f"stopped by {signum}" in output and "Traceback" not in output, output
     saved = int(os.path.basename(latest_step_dir(str(workdir))))
     assert 2 <= saved < 500  # a save at the step where the signal arrived, not at a schedule boundary
+    assert not (workdir / "open_clip").exists() and not (workdir / "DONE").exists()
 
 
 def test_bfloat16_compute_with_remat_tracks_float32(shards, tmp_path):

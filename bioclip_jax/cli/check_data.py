@@ -1,7 +1,8 @@
 """`bioclip-jax check-data --shards PATTERN`: read every sample once and report what training would skip.
 
 Prints the number of samples, how many are usable, the skipped ones by reason (the
-same reasons and rules as the training pipeline, with example keys), damaged
+same reasons and rules as the training pipeline, with example keys: captions that
+are not valid UTF-8 count as corrupt_caption), damaged
 shards, which caption types are present, and the number of distinct taxa per rank
 (parsed from `taxonTag.txt`, else from a full seven-word `taxonomic_name.txt`).
 With `--text-type T` a sample also needs the caption(s) T can choose; without it,
@@ -56,9 +57,17 @@ def taxon_of(raw: Mapping[str, Any]) -> tuple[Taxon, str] | None:
         words = caption_text(raw, "taxonomic_name.txt").split()
         if len(words) == len(RANKS):
             return Taxon.from_ranks(**dict(zip(RANKS, words))), "taxonomic_name.txt"
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, SkippedSample):
         pass
     return None
+
+
+def caption_problem(raw: Mapping[str, Any], extension: str) -> str | None:
+    """"missing_caption" (absent or empty), "corrupt_caption" (not UTF-8), or None for a usable caption."""
+    try:
+        return None if caption_text(raw, extension) else "missing_caption"
+    except SkippedSample as skip:
+        return skip.reason
 
 
 def skip_reason(raw: Mapping[str, Any], required: list[str]) -> str | None:
@@ -67,11 +76,11 @@ def skip_reason(raw: Mapping[str, Any], required: list[str]) -> str | None:
         image, _ = usable_parts(raw, None)
     except SkippedSample as skip:
         return skip.reason
-    if required:
-        if not all(caption_text(raw, ext) for ext in required):
-            return "missing_caption"
-    elif not any(caption_text(raw, ext) for ext in CAPTION_FILES):
-        return "missing_caption"
+    problems = [caption_problem(raw, ext) for ext in required or CAPTION_FILES]
+    if required and any(problems):
+        return next(problem for problem in problems if problem)
+    if not required and all(problems):  # any one caption will do; report the worst
+        return "corrupt_caption" if "corrupt_caption" in problems else "missing_caption"
     try:
         decode.decode_and_crop(image, CHECK_SIZE, np.random.default_rng(0))
     except decode.ImageDecodeError:
@@ -81,7 +90,7 @@ def skip_reason(raw: Mapping[str, Any], required: list[str]) -> str | None:
 
 def _inspect(source, index: int, required: list[str]):
     raw = source[index]
-    present = tuple(name for ext, name in CAPTION_FILES.items() if caption_text(raw, ext))
+    present = tuple(name for ext, name in CAPTION_FILES.items() if caption_problem(raw, ext) is None)
     return raw.get("__key__"), skip_reason(raw, required), present, taxon_of(raw)
 
 
@@ -166,8 +175,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bioclip-jax check-data", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shards", required=True,
-                        help="shard pattern, e.g. /data/train/shard-{000000..000159}.tar, a directory, "
-                             "globs, several joined by '::', or .array_record files")
+                        help="shard pattern, e.g. /data/train/shard-{000000..000159}.tar or "
+                             "gs://bucket/train/shard-{000000..000159}.tar, a directory, globs, several "
+                             "joined by '::', or .array_record files")
     parser.add_argument("--text-type", default=None,
                         help="caption type(s) training will use: a type, 'random', 'per_sample' or a mix")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -175,7 +185,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-bad-fraction", type=float, default=0.01,
                         help="exit status 1 when more samples than this are unusable")
     parser.add_argument("--threads", type=int, default=min(8, os.cpu_count() or 1), help="reader threads")
-    parser.add_argument("--cache-dir", default=None, help="where to keep shard indexes of read-only data")
+    parser.add_argument("--cache-dir", default=None,
+                        help="where to keep shard indexes of read-only data (a directory or gs:// prefix)")
     return parser
 
 

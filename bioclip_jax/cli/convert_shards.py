@@ -23,10 +23,13 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bioclip-jax convert-shards", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--in", dest="shards", required=True,
-                        help="tar shard pattern, e.g. /data/train/shard-{000000..000159}.tar or a directory")
-    parser.add_argument("--out", required=True, help="output directory for the .array_record files")
+                        help="tar shard pattern, e.g. /data/train/shard-{000000..000159}.tar "
+                             "(or gs://...) or a directory")
+    parser.add_argument("--out", required=True,
+                        help="output directory (or gs:// prefix) for the .array_record files")
     parser.add_argument("--records-per-file", type=int, default=10_000, help="samples per output file")
-    parser.add_argument("--cache-dir", default=None, help="where to keep shard indexes of read-only data")
+    parser.add_argument("--cache-dir", default=None,
+                        help="where to keep shard indexes of read-only data (a directory or gs:// prefix)")
     return parser
 
 

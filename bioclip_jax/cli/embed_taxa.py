@@ -28,9 +28,11 @@ from typing import Iterator, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from bioclip_jax.data import shard_index
 from bioclip_jax.evaluate.templates import get_templates
 from bioclip_jax.inference import TextEmbedder, load_model
 from bioclip_jax.models.clip import CLIP
+from bioclip_jax.paths import is_remote
 from bioclip_jax.taxonomy import RANKS, TEXT_TYPES, Taxon, check_text_type, class_name
 
 EMBEDDINGS_FILE = "txt_emb_species.npy"
@@ -42,14 +44,14 @@ def read_catalog_taxa(path: str, progress: bool = False) -> tuple[list[Taxon], i
 
     A row counts when it names a genus and an epithet; a species seen again only fills in a
     missing common name. Rows repeating an already seen spelling are not parsed again, so a
-    10M-row catalog.csv costs about one pass of the CSV reader.
+    10M-row catalog.csv costs about one pass of the CSV reader. `path` may be local or gs://.
     """
-    if not os.path.isfile(path):
+    if not shard_index.as_path(path).is_file():
         raise FileNotFoundError(f"taxa catalog not found: {path}")
     found: dict[tuple, Taxon] = {}
     seen: dict[tuple, tuple | None] = {}  # raw spelling of the ranks -> normalised key (None: unusable)
     skipped = 0
-    with open(path, newline="", encoding="utf-8") as handle:
+    with shard_index.open_text(path) as handle:
         reader = csv.DictReader(handle)
         header = {c.strip().lower(): c for c in reader.fieldnames or []}
         if not {"genus", "species"} <= set(header):
@@ -125,15 +127,23 @@ def write_taxa_embeddings(model: CLIP, taxa: Sequence[Taxon], out_dir: str, text
     return npy_path
 
 
+def has_taxa_embeddings(directory: str | None) -> bool:
+    return bool(directory) and (shard_index.as_path(directory) / EMBEDDINGS_FILE).is_file()
+
+
 def load_taxa_embeddings(directory: str) -> tuple[np.ndarray, list[Taxon]]:
-    """([D, N] embeddings, N taxa) from an embed-taxa (or pybioclip) folder."""
+    """([D, N] embeddings, N taxa) from an embed-taxa (or pybioclip) folder, local (memory-mapped) or gs://."""
     npy_path, json_path = os.path.join(directory, EMBEDDINGS_FILE), os.path.join(directory, NAMES_FILE)
     for path in (npy_path, json_path):
-        if not os.path.isfile(path):
+        if not shard_index.as_path(path).is_file():
             raise FileNotFoundError(f"{path} not found; build it with: "
                                     f"bioclip-jax embed-taxa --taxa CSV --out {directory}")
-    matrix = np.load(npy_path, mmap_mode="r")
-    with open(json_path, encoding="utf-8") as handle:
+    if is_remote(npy_path):
+        with shard_index.as_path(npy_path).open("rb") as handle:
+            matrix = np.load(handle)
+    else:
+        matrix = np.load(shard_index.expand_user(npy_path), mmap_mode="r")
+    with shard_index.open_text(json_path) as handle:
         entries = json.load(handle)
     if matrix.ndim != 2 or matrix.shape[1] != len(entries):
         raise ValueError(f"{npy_path} has shape {list(matrix.shape)} but {json_path} names {len(entries)} taxa; "

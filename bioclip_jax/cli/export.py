@@ -1,4 +1,7 @@
-"""`bioclip-jax export --checkpoint CKPT --out DIR`: an open_clip hf-hub folder (numpy + safetensors)."""
+"""`bioclip-jax export --checkpoint CKPT --out DIR [--step N]`: an open_clip hf-hub folder (numpy + safetensors).
+
+CKPT and DIR may be local or in a bucket (gs://bucket/run).
+"""
 
 from __future__ import annotations
 
@@ -11,8 +14,10 @@ from bioclip_jax.cli.common import run_cli
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bioclip-jax export", description=__doc__)
     parser.add_argument("--checkpoint", required=True,
-                        help="bioclip_jax model directory or training workdir (latest step), "
+                        help="bioclip_jax model directory or training workdir, "
                              "or any other pretrained source")
+    parser.add_argument("--step", type=int, default=None,
+                        help="checkpoint step of a training workdir (default: the latest finished one)")
     parser.add_argument("--model", default=None, help="architecture, if the source does not carry it")
     parser.add_argument("--out", required=True, help="output folder (open_clip_config.json + weights)")
     return parser
@@ -21,7 +26,7 @@ def _parser() -> argparse.ArgumentParser:
 def _run(argv) -> int:
     args = _parser().parse_args(argv)
     from bioclip_jax.pretrained import create_model, export_open_clip  # noqa: PLC0415
-    model = create_model(args.model, args.checkpoint)
+    model = create_model(args.model, args.checkpoint, step=args.step)
     export_open_clip(model, args.out)
     print(f"wrote open_clip folder {args.out} (load with open_clip.create_model_and_transforms"
           f"('local-dir:{args.out}'))")

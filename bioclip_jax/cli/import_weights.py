@@ -1,4 +1,7 @@
-"""`bioclip-jax import --pretrained SRC --out CKPT [--model NAME]`: open_clip weights -> bioclip_jax."""
+"""`bioclip-jax import --pretrained SRC --out CKPT [--model NAME]`: open_clip weights -> bioclip_jax.
+
+SRC and CKPT may be local or in a bucket (gs://bucket/x).
+"""
 
 from __future__ import annotations
 

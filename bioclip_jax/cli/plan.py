@@ -16,16 +16,15 @@ that backend's own analysis for its local devices.
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import json
 import math
 import os
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
-from bioclip_jax.cli.common import read_config_file
+from bioclip_jax.cli.common import load_train_config
 
 MESH_AXES = ("data", "fsdp", "tensor")  # the same names as bioclip_jax.parallel.mesh (imports jax)
 UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12,
@@ -52,36 +51,6 @@ def parse_mesh(text: str) -> dict[str, int]:
             raise ValueError(f"--mesh {text!r}: write axis=size pairs over {', '.join(MESH_AXES)}, e.g. data=2,fsdp=4")
         sizes[name.strip()] = int(value)
     return sizes
-
-
-def load_train_config(spec: str, overrides: Sequence[str] = ()):
-    """configs/NAME.py[:ARG] with `--config.FIELD=VALUE` overrides, as the train binary reads them."""
-    _, config = read_config_file(spec, "_bioclip_plan_config")
-    for item in overrides:
-        if not item.startswith("--config.") or "=" not in item:
-            raise ValueError(f"unrecognised argument {item!r} (config fields are set as --config.FIELD=VALUE)")
-        key, _, text = item[len("--config."):].partition("=")
-        _set_field(config, key, text)
-    return config
-
-
-def _set_field(config, key: str, text: str) -> None:
-    try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        value = text
-    *parents, leaf = key.split(".")
-    node = config
-    try:
-        for part in parents:
-            node = node[part]
-        if leaf not in node:
-            raise KeyError(leaf)
-        node[leaf] = value
-    except (KeyError, AttributeError):
-        raise ValueError(f"--config.{key}: the training config has no field {key!r}") from None
-    except TypeError as err:
-        raise ValueError(f"--config.{key}={text}: {err}") from None
 
 
 # XLA:CPU's default scheduler orders work for concurrency, which keeps activations alive that

@@ -19,7 +19,6 @@ import csv
 import dataclasses
 import functools
 import json
-import os
 import sys
 from typing import IO, Sequence
 
@@ -28,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bioclip_jax.cli import embed_taxa
+from bioclip_jax.data import shard_index
 from bioclip_jax.inference import ImageEmbedder, TextEmbedder, file_item, list_image_files, load_model, report_skipped
 from bioclip_jax.models.clip import CLIP
 from bioclip_jax.taxonomy import RANKS, TEXT_TYPES, Taxon
@@ -79,10 +79,10 @@ def tree_of_life_labels(features: np.ndarray, taxa: Sequence[Taxon], rank: str, 
 
 
 def read_subset(path: str) -> tuple[str, set[str]]:
-    """(rank, values) from a CSV whose first column is named by a rank, as pybioclip's --subset."""
-    if not os.path.isfile(path):
+    """(rank, values) from a CSV (local or gs://) whose first column is named by a rank, as pybioclip's --subset."""
+    if not shard_index.as_path(path).is_file():
         raise FileNotFoundError(f"subset file not found: {path}")
-    with open(path, newline="", encoding="utf-8") as handle:
+    with shard_index.open_text(path) as handle:
         rows = list(csv.reader(handle))
     if not rows or not rows[0]:
         raise ValueError(f"{path} is empty; its first column must be named one of {', '.join(RANKS)}")
@@ -108,7 +108,7 @@ def subset_mask(taxa: Sequence[Taxon], rank: str, values: set[str], where: str) 
 def load_tree_of_life(model: CLIP, args) -> tuple[np.ndarray, list[Taxon]]:
     """[N, D] species embeddings and taxa from --taxa-embeddings, built from --taxa when absent."""
     directory = args.taxa_embeddings
-    have_files = directory and os.path.isfile(os.path.join(directory, embed_taxa.EMBEDDINGS_FILE))
+    have_files = embed_taxa.has_taxa_embeddings(directory)
     if not have_files and not args.taxa:
         raise ValueError("tree-of-life prediction needs --taxa-embeddings DIR (from `bioclip-jax embed-taxa`) "
                          "or --taxa CSV; for your own labels pass --cls")
@@ -231,9 +231,9 @@ def build_parser(prog: str = "bioclip-jax predict") -> argparse.ArgumentParser:
 
 
 def _class_names(args) -> list[str] | None:
-    source = args.cls_file or (args.cls if args.cls and os.path.isfile(args.cls) else None)
+    source = args.cls_file or (args.cls if args.cls and shard_index.as_path(args.cls).is_file() else None)
     if source:
-        with open(source, encoding="utf-8") as handle:
+        with shard_index.open_text(source) as handle:
             names = [line.strip() for line in handle]
     elif args.cls:
         names = [n.strip() for n in args.cls.split(",")]

@@ -8,6 +8,9 @@ length-prefixed fields (no pickle, so reading untrusted files cannot run code):
 
 `ArrayRecordSampleSource` returns exactly what `TarShardSource` returns for the
 same sample (`__shard__` numbers the ArrayRecord files instead of the tars).
+The ArrayRecord reader (C++) opens local files only: on TPU VMs read converted
+files through a read-only gcsfuse mount, or train on the tar shards in gs:// directly.
+Conversion may write to gs:// (each file is written locally, then uploaded).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import struct
+import tempfile
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
@@ -24,6 +28,7 @@ from grain import sources
 
 from bioclip_jax.data import shard_index
 from bioclip_jax.data.tar_source import ERROR, UNREADABLE_SHARD, error_sample
+from bioclip_jax.paths import is_remote
 
 RECORD_MAGIC = b"BCJS"
 FILE_NAME = "shard-{:06d}.array_record"
@@ -80,6 +85,14 @@ class ConversionReport:
 
 
 def _write_file(path: epath.Path, records: Iterable[bytes]) -> None:
+    """Appears under its name only once complete; the C++ writer needs a local file, so a
+    gs:// target is written to a local temporary file and uploaded."""
+    if is_remote(path):
+        with tempfile.TemporaryDirectory(prefix="bioclip_jax_convert_") as local:
+            staged = epath.Path(local) / path.name
+            _write_file(staged, records)
+            staged.copy(path, overwrite=True)
+        return
     temporary = path.parent / f".{path.name}.tmp"
     writer = array_record_module.ArrayRecordWriter(os.fspath(temporary), WRITER_OPTIONS)
     try:
@@ -99,8 +112,9 @@ def convert_to_array_record(source: Sequence[dict[str, Any]], out_dir: str, reco
     """
     if records_per_file <= 0:
         raise ValueError(f"records_per_file must be positive, got {records_per_file}")
-    out = epath.Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = shard_index.as_path(out_dir)
+    if not is_remote(out):  # gs:// has no directories to make
+        out.mkdir(parents=True, exist_ok=True)
     dropped: dict[str, int] = {}
     examples: dict[str, list[str]] = {}
     pending: list[bytes] = []
@@ -133,6 +147,11 @@ class ArrayRecordSampleSource:
 
     def __init__(self, shards: str | Sequence[str]):
         self.shard_paths = shard_index.expand_shard_pattern(shards)
+        remote = [path for path in self.shard_paths if is_remote(path)]
+        if remote:
+            raise ValueError(f"ArrayRecord files are read from local paths only, not {remote[0]}: mount the "
+                             "bucket read-only with gcsfuse and pass the mount path, or train on the tar shards "
+                             "in gs:// directly")
         self._problems: dict[str, str] = {}
         counts = []
         for path in self.shard_paths:

@@ -4,6 +4,8 @@
     tfds:NAME[:SPLIT]         a prepared TFDS dataset, read without TensorFlow (`tfds.data_source`)
     shards:PATTERN            webdataset tar shards (glob or {000..031} range) with a label member
 
+Folders, shards and taxa files may be local or in `gs://` (read through etils.epath).
+
 Classes can carry a taxonomy from a taxa.csv (columns kingdom, phylum, class, order, family,
 genus, species, common; optional `class_name`), matched to class names by `class_name`, by
 scientific name ("Corvus corax", also "Corvus_corax") or by the full taxonomic name. That
@@ -16,7 +18,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
-import glob
+import io
 import os
 import re
 import sys
@@ -26,12 +28,15 @@ from typing import Iterator, Sequence
 import numpy as np
 from PIL import Image
 
+from bioclip_jax.data import shard_index
 from bioclip_jax.inference import IMAGE_EXTENSIONS, ImageItem, bytes_item, file_item
+from bioclip_jax.paths import is_remote
 from bioclip_jax.taxonomy import Taxon
 
 TAXA_FILE = "taxa.csv"
 DEFAULT_LABEL_KEY = "scientific_name.txt"
 SHARD_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+SOURCE_KINDS = ("folder", "tfds", "shards")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,17 +68,18 @@ class EvalData:
 
 class FolderData(EvalData):
     def __init__(self, root: str, name: str | None = None):
-        if not os.path.isdir(root):
+        root = shard_index.expand_user(root)
+        if not shard_index.as_path(root).is_dir():
             raise FileNotFoundError(f"image folder not found: {root}")
         self.root = root
         self.name = name or os.path.basename(os.path.normpath(root))
         self._files: list[tuple[str, int]] = []
         self.classes = []
-        for entry in sorted(os.listdir(root)):
+        for entry in sorted(_names(root)):
             directory = os.path.join(root, entry)
-            if entry.startswith(".") or not os.path.isdir(directory):
+            if entry.startswith(".") or not shard_index.as_path(directory).is_dir():
                 continue
-            images = sorted(f for f in os.listdir(directory) if f.lower().endswith(IMAGE_EXTENSIONS))
+            images = sorted(f for f in _names(directory) if f.lower().endswith(IMAGE_EXTENSIONS))
             if not images:
                 print(f"{self.name}: class directory {directory} has no images; ignored", file=sys.stderr)
                 continue
@@ -86,7 +92,25 @@ class FolderData(EvalData):
         return len(self._files)
 
     def items(self) -> Iterator[ImageItem]:
-        return (file_item(path, label) for path, label in self._files)
+        return (_image_file_item(path, label) for path, label in self._files)
+
+
+def _names(directory: str) -> list[str]:
+    """Entries of a local or gs:// directory (os.listdir where it can: 10x faster on big folders)."""
+    if is_remote(directory):
+        return [path.name for path in shard_index.as_path(directory).iterdir()]
+    return os.listdir(directory)
+
+
+def _image_file_item(path: str, label: int) -> ImageItem:
+    """PIL opens local files by name; a gs:// image is fetched whole when the loader opens it."""
+    if not is_remote(path):
+        return file_item(path, label)
+    return ImageItem(path, functools.partial(_open_remote_image, path), label)
+
+
+def _open_remote_image(path: str) -> Image.Image:
+    return Image.open(io.BytesIO(shard_index.as_path(path).read_bytes()))
 
 
 class TfdsData(EvalData):
@@ -143,7 +167,7 @@ class ShardData(EvalData):
     """Webdataset shards read front to back; a first pass over the tar headers finds the labels."""
 
     def __init__(self, pattern: str, label_key: str = DEFAULT_LABEL_KEY, name: str | None = None):
-        self.paths = expand_shard_pattern(pattern)
+        self.paths = shard_index.expand_shard_pattern(pattern)
         self.label_key = label_key.lstrip(".")
         self.name = name or os.path.basename(os.path.dirname(self.paths[0])) or "shards"
         labels = [label for _, label in self._labels()]
@@ -179,26 +203,11 @@ def _natural_key(text: str):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
 
 
-def expand_shard_pattern(pattern: str) -> list[str]:
-    """`dir/shard-{000000..000031}.tar` (webdataset ranges) and/or glob patterns -> existing files."""
-    match = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
-    if match:
-        first, last = match.group(1), match.group(2)
-        names = [pattern[: match.start()] + str(i).zfill(len(first)) + pattern[match.end():]
-                 for i in range(int(first), int(last) + 1)]
-    else:
-        names = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
-    missing = [n for n in names if not os.path.isfile(n)]
-    if missing or not names:
-        raise FileNotFoundError(f"shard(s) not found for {pattern!r}: {', '.join(missing[:3]) or 'no match'}")
-    return names
-
-
 def _tar_samples(path: str, wanted: set[str], image_keys: Sequence[str]) -> Iterator[tuple[str, dict]]:
     """(key, {ext: bytes}) per sample, reading only `wanted` members; a damaged tail ends the shard."""
     current_key, members = None, {}
     try:
-        with tarfile.open(path, "r:*") as tar:
+        with shard_index.as_path(path).open("rb") as fileobj, tarfile.open(fileobj=fileobj, mode="r:*") as tar:
             for info in tar:
                 if not info.isfile():
                     continue
@@ -229,11 +238,11 @@ def _name_key(name: str) -> str:
 
 
 def read_taxa_lookup(path: str) -> dict[str, Taxon]:
-    """Name -> Taxon from a taxa.csv; keys are `class_name`, scientific and taxonomic names."""
-    if not os.path.isfile(path):
+    """Name -> Taxon from a taxa.csv (local or gs://); keys are `class_name`, scientific and taxonomic names."""
+    if not shard_index.as_path(path).is_file():
         raise FileNotFoundError(f"taxa file not found: {path}")
     lookup: dict[str, Taxon] = {}
-    with open(path, newline="", encoding="utf-8") as handle:
+    with shard_index.open_text(path) as handle:
         reader = csv.DictReader(handle)
         columns = {c.strip().lower() for c in reader.fieldnames or []}
         if not columns & {"genus", "species", "kingdom"}:
@@ -271,18 +280,19 @@ def attach_taxa(data: EvalData, taxa_csv: str) -> int:
 
 
 def _default_taxa_file(root: str) -> str | None:
-    for candidate in (os.path.join(root, TAXA_FILE), os.path.join(os.path.dirname(os.path.normpath(root)), TAXA_FILE)):
-        if os.path.isfile(candidate):
-            return candidate
+    folder = shard_index.as_path(root)
+    for candidate in (folder / TAXA_FILE, folder.parent / TAXA_FILE):
+        if candidate.is_file():
+            return os.fspath(candidate)
     return None
 
 
 def open_eval_data(spec: str, *, name: str | None = None, taxa: str | None = None,
                    label_key: str | None = None, tfds_data_dir: str | None = None,
                    tfds_download: bool = False) -> EvalData:
-    """Opens `folder:PATH`, `tfds:NAME[:SPLIT]` or `shards:PATTERN` (a bare directory means folder:)."""
+    """Opens `folder:PATH`, `tfds:NAME[:SPLIT]` or `shards:PATTERN` (a bare directory, also gs://, means folder:)."""
     kind, _, target = spec.partition(":")
-    if not target and os.path.isdir(spec):
+    if kind not in SOURCE_KINDS and shard_index.as_path(spec).is_dir():
         kind, target = "folder", spec
     if kind == "folder":
         data: EvalData = FolderData(target, name)

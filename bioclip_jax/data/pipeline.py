@@ -30,7 +30,8 @@ from bioclip_jax.data.tar_source import DETAIL, ERROR, TarShardSource
 from bioclip_jax.taxonomy import CAPTION_FILES, TextTypeSampler
 from bioclip_jax.tokenizer import get_tokenizer
 
-SKIP_REASONS = ("corrupt_image", "missing_image", "missing_caption", "truncated_tar", "unreadable_shard")
+SKIP_REASONS = ("corrupt_image", "missing_image", "missing_caption", "truncated_tar", "unreadable_shard",
+                "corrupt_caption")
 IMAGE_MEMBER = "jpg"
 MAX_REPLACEMENT_TRIES = 64
 _CROP_STREAM = 0xC60F  # keeps crop seeds apart from any other use of (seed, position)
@@ -78,9 +79,19 @@ def caption_member(text_type: str) -> str:
 
 
 def caption_text(raw: Mapping[str, Any], extension: str) -> str:
-    """The stripped caption stored under `extension`, "" when absent or empty."""
+    """The stripped caption stored under `extension`, "" when absent or empty.
+
+    Bytes that are not UTF-8 raise SkippedSample("corrupt_caption"): decoded with
+    replacement characters they would teach the model a mangled name.
+    """
     text = raw.get(extension)
-    return text.decode("utf-8", errors="replace").strip() if text else ""
+    if not text:
+        return ""
+    try:
+        return text.decode("utf-8").strip()
+    except UnicodeDecodeError as error:
+        raise SkippedSample("corrupt_caption", f"sample {raw.get('__key__')}: .{extension} is not UTF-8 "
+                                               f"({error})") from None
 
 
 def usable_parts(raw: Mapping[str, Any], caption_ext: str | None) -> tuple[bytes, str | None]:

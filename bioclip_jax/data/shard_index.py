@@ -10,6 +10,11 @@ Webdataset stores a sample's members next to each other, so one range per sample
 
 A truncated or damaged tar is indexed up to its last complete member and flagged;
 the sample at the cut is marked so that readers can count it instead of crashing.
+
+Every path goes through `etils.epath`, so shards, patterns and the index cache may
+be local or `gs://bucket/...` (gcsfs). On TPU VMs shards can be read straight from
+gs:// or through a read-only gcsfuse mount (plain local paths); both work unchanged
+(with a read-only mount, point `data.index_cache_dir` somewhere writable).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import re
@@ -24,8 +30,11 @@ import tarfile
 import uuid
 from typing import Sequence
 
+import fsspec
 import numpy as np
 from etils import epath
+
+from bioclip_jax.paths import is_remote
 
 INDEX_SUFFIX = ".idx.json"
 INDEX_FORMAT = "bioclip_jax.shard_index"
@@ -41,6 +50,25 @@ _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)(?:\.\.(-?\d+))?$")
 
 class ShardNotFoundError(FileNotFoundError):
     """A shard (or the files a pattern should match) does not exist."""
+
+
+# ----------------------------------------------------------------------------- paths
+
+
+def expand_user(path: str | os.PathLike) -> str:
+    """A user-given path as text, `~` expanded for local paths only."""
+    text = os.fspath(path)
+    return text if is_remote(text) else os.path.expanduser(text)
+
+
+def as_path(path: str | os.PathLike) -> epath.Path:
+    """An epath for a user-given path: local or `gs://bucket/...`."""
+    return epath.Path(expand_user(path))
+
+
+def open_text(path: str | os.PathLike) -> io.TextIOWrapper:
+    """A UTF-8 text file on any filesystem, newlines left as they are (what the csv module wants)."""
+    return io.TextIOWrapper(as_path(path).open("rb"), encoding="utf-8", newline="")
 
 
 # ----------------------------------------------------------------------------- patterns
@@ -127,7 +155,8 @@ def expand_shard_pattern(pattern: str | Sequence[str]) -> list[str]:
     missing: list[str] = []
     for part in pattern.split("::"):
         for expanded in expand_braces(part.strip()):
-            path = epath.Path(os.path.expanduser(expanded))
+            expanded = expand_user(expanded)
+            path = epath.Path(expanded)
             if _GLOB_CHARS.search(expanded):
                 parent, glob = _split_glob(expanded)
                 matches = sorted(epath.Path(parent).glob(glob)) if epath.Path(parent).exists() else []
@@ -326,7 +355,7 @@ def _group_samples(members, size: int) -> tuple[list[int], list[int], int, int, 
 
 def shard_stat(path: str) -> tuple[int, float]:
     """(size, mtime); local files give sub-second mtimes, so a quick rewrite is still noticed."""
-    if "://" not in path:
+    if not is_remote(path):
         stat = os.stat(path)
         return stat.st_size, stat.st_mtime
     stat = epath.Path(path).stat()
@@ -340,7 +369,20 @@ def _unreadable(path: str, error: Exception, size: int = 0, mtime: float = 0.0) 
 
 def open_for_scan(path: str):
     """Unbuffered for local files, so that skipping a payload reads none of its bytes."""
-    return open(path, "rb", buffering=0) if "://" not in path else epath.Path(path).open("rb")
+    return open(path, "rb", buffering=0) if not is_remote(path) else epath.Path(path).open("rb")
+
+
+def open_for_reads(path: str):
+    """A handle for many small reads at random offsets (one per sample).
+
+    Remote files are opened through fsspec (the filesystem epath itself uses for gs://)
+    without read-ahead: epath's open() takes no options, and gcsfs's default would fetch
+    megabytes behind every ~30 KB sample. One read is then exactly one ranged GET.
+    """
+    if not is_remote(path):
+        return epath.Path(path).open("rb")
+    filesystem, remote_path = fsspec.core.url_to_fs(path)
+    return filesystem.open(remote_path, "rb", cache_type="none")
 
 
 def build_shard_index(path: str) -> ShardIndex:
@@ -361,11 +403,11 @@ def default_cache_dir() -> str:
 
 
 def _cache_paths(path: str, size: int, mtime: float, cache_dir: str | None) -> list[epath.Path]:
-    """Beside the shard first, then the per-user cache (named by path, size and mtime)."""
+    """Beside the shard first, then the cache directory (local or gs://; named by path, size and mtime)."""
     digest = hashlib.sha256(f"{path}|{size}|{mtime}".encode()).hexdigest()[:32]
     name = epath.Path(path).name
     return [epath.Path(path + INDEX_SUFFIX),
-            epath.Path(cache_dir or default_cache_dir()) / f"{name}.{digest}{INDEX_SUFFIX}"]
+            as_path(cache_dir or default_cache_dir()) / f"{name}.{digest}{INDEX_SUFFIX}"]
 
 
 def _read_cached(candidate: epath.Path, path: str, size: int, mtime: float) -> ShardIndex | None:
@@ -377,7 +419,13 @@ def _read_cached(candidate: epath.Path, path: str, size: int, mtime: float) -> S
 
 
 def write_text_atomically(target: epath.Path, text: str) -> None:
-    """Write-then-rename, so that concurrent hosts never read half an index."""
+    """Write-then-rename, so that concurrent hosts never read half an index.
+
+    A cloud object appears whole when its upload ends, so there it is written directly.
+    """
+    if is_remote(target):
+        target.write_text(text)
+        return
     target.parent.mkdir(parents=True, exist_ok=True)
     temporary = target.parent / f".{target.name}.{uuid.uuid4().hex[:12]}.tmp"
     temporary.write_text(text)

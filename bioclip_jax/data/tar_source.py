@@ -8,7 +8,8 @@ Reading never raises for bad data: a sample that cannot be read comes back as
 
 File handles are opened lazily, one per shard per process (reads on one handle
 are serialised by a lock, since Grain calls from several threads), dropped when
-pickled into a Grain worker process, and reopened there.
+pickled into a Grain worker process, and reopened there. Shards may be local files
+(also a read-only gcsfuse mount) or `gs://` objects, read by ranged requests.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import threading
 from typing import Any, Sequence
 
 import numpy as np
-from etils import epath
 
 from bioclip_jax.data import shard_index
 
@@ -79,7 +79,7 @@ class ShardFiles:
         size, _ = shard_index.shard_stat(path)
         if size != self.sizes[shard]:
             raise OSError(f"shard {path} changed size since it was indexed ({self.sizes[shard]} -> {size} bytes)")
-        return epath.Path(path).open("rb")
+        return shard_index.open_for_reads(path)
 
     def read(self, shard: int, start: int, length: int) -> bytes:
         while True:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import sys
 import time
@@ -19,7 +18,9 @@ from typing import Callable
 
 import ml_collections
 import numpy as np
+from etils import epath
 
+from bioclip_jax import paths
 from bioclip_jax.checkpoint import model_dir
 from bioclip_jax.data.eval_sources import EvalData, open_eval_data
 from bioclip_jax.evaluate import few_shot, per_rank, plots, results, zero_shot
@@ -104,8 +105,10 @@ class Embedded:
     labels: np.ndarray
 
 
-def embed_dataset(model: CLIP, data: EvalData, config) -> Embedded:
-    embedder = ImageEmbedder(model, batch_size=config.batch_size, workers=config.workers, progress=config.progress)
+def embed_dataset(model: CLIP, data: EvalData, config, mesh=None) -> Embedded:
+    """Image features of a whole dataset; with `mesh`, spread over the processes of that mesh."""
+    embedder = ImageEmbedder(model, batch_size=config.batch_size, workers=config.workers, progress=config.progress,
+                             mesh=mesh)
     out = embedder.embed_all(data.items(), total=len(data), desc=data.name)
     report_skipped(out.skipped)
     if not len(out.features):
@@ -123,7 +126,7 @@ def _rank_records(dataset: str, prefix: str, codes, predicted_by_trial, true_by_
     return records
 
 
-def score(model: CLIP, embedded: Embedded, config) -> list[results.Record]:
+def score(model: CLIP, embedded: Embedded, config, mesh=None) -> list[results.Record]:
     """All requested metrics from one dataset's stored embeddings."""
     data, features, labels = embedded.data, embedded.features, embedded.labels
     tasks = parse_tasks(config.tasks)
@@ -131,7 +134,7 @@ def score(model: CLIP, embedded: Embedded, config) -> list[results.Record]:
     records: list[results.Record] = []
     if "zero_shot" in tasks:
         texts = zero_shot.class_texts(data.classes, config.text_type)
-        classifier = TextEmbedder(model, batch_size=config.text_batch_size, progress=config.progress)
+        classifier = TextEmbedder(model, batch_size=config.text_batch_size, progress=config.progress, mesh=mesh)
         class_features = classifier.classes(texts, get_templates(config.templates), desc=f"{data.name} classes")
         top = zero_shot.top_k_classes(features, class_features, k=5)
         accuracy = zero_shot.top_k_accuracy(top, labels, ks=(1, 5))
@@ -162,7 +165,8 @@ def _plot_embeddings(embedded: Embedded, rank: str, path: str) -> None:
             return taxon.scientific_name if rank == "species" else taxon.lineage(rank)[-1]
 
         groups = [name(data.classes[i].taxon) for i in embedded.labels]
-    plots.embedding_plot(embedded.features, groups, path, f"{data.name}: image embeddings by {rank} (PCA)")
+    with paths.local_stand_in(path) as local:
+        plots.embedding_plot(embedded.features, groups, local, f"{data.name}: image embeddings by {rank} (PCA)")
     print(f"wrote {path}")
 
 
@@ -172,7 +176,7 @@ def _output_paths(out: str) -> tuple[str, str, str]:
 
 
 def evaluate(model: CLIP, config, out: str | None = None) -> list[results.Record]:
-    """Every dataset of the config; writes results.json, a markdown table and the bar chart."""
+    """Every dataset of the config; writes results.json, a markdown table and the bar chart (local or gs://)."""
     check_config(config)
     records: list[results.Record] = []
     json_path, md_path, png_path = _output_paths(out or config.out)
@@ -195,12 +199,14 @@ def evaluate(model: CLIP, config, out: str | None = None) -> list[results.Record
             stem = json_path[:-5] if json_path.endswith(".json") else json_path
             rank = config.plot_embeddings
             _plot_embeddings(embedded, rank, f"{stem}_{_safe(data.name)}_{rank}.png")
-    results.write_json(records, json_path)
+    with paths.local_stand_in(json_path) as local:
+        results.write_json(records, local)
     table = results.markdown_table(records)
-    with open(md_path, "w", encoding="utf-8") as handle:
-        handle.write(table)
+    paths.write_atomically(md_path, table)
     print(table)
-    if config.plot and plots.comparison_chart(records, png_path):
+    with paths.local_stand_in(png_path) as local:
+        charted = config.plot and plots.comparison_chart(records, local)
+    if charted:
         print(f"wrote {json_path}, {md_path}, {png_path}")
     else:
         print(f"wrote {json_path}, {md_path}")
@@ -214,43 +220,38 @@ def _safe(name: str) -> str:
 # ---- evaluating a training run -----------------------------------------------------------------
 
 
-def finished_steps(workdir: str) -> list[int]:
-    """Steps whose checkpoint is complete (Orbax renames a step folder into place when done)."""
-    root = os.path.join(workdir, model_dir.CHECKPOINTS_DIR)
-    if not os.path.isdir(root):
-        return []
-    return sorted(int(d) for d in os.listdir(root)
-                  if re.fullmatch(r"\d+", d) and os.path.isdir(os.path.join(root, d, model_dir.PARAMS_DIR)))
+def finished_steps(workdir) -> list[int]:
+    """Steps whose checkpoint is complete (see model_dir.finished_steps)."""
+    return model_dir.finished_steps(workdir)
 
 
-def log_step(workdir: str, step: int, records: list[results.Record], writer=None) -> None:
-    """Appends one line to WORKDIR/metrics.jsonl and the scalars to TensorBoard."""
+def log_step(workdir, step: int, records: list[results.Record], writer=None) -> None:
+    """Adds one line to WORKDIR/metrics.jsonl and the scalars to TensorBoard."""
     line = {"step": step, "time": time.time()}
     line.update({f"eval/{r.dataset}/{r.metric}": round(r.mean, 4) for r in records})
-    with open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(line) + "\n")  # one write: safe beside the trainer's appends
+    paths.append_line(epath.Path(workdir) / model_dir.METRICS_FILE, json.dumps(line))
     if writer is not None:
         for r in records:
             writer.add_scalar(f"eval/{r.dataset}/{r.metric}", r.mean, step)
         writer.flush()
 
 
-def _tensorboard(workdir: str):
+def _tensorboard(workdir):
     try:
         from tensorboardX import SummaryWriter  # noqa: PLC0415 - optional
     except ImportError:
         print("tensorboardX is not installed; logging to metrics.jsonl only", file=sys.stderr)
         return None
-    return SummaryWriter(os.path.join(workdir, "tensorboard"), filename_suffix=".eval")
+    return SummaryWriter(str(epath.Path(workdir) / "tensorboard"), filename_suffix=".eval")
 
 
-def watch(workdir: str, config, *, sleep: Callable[[float], None] = time.sleep) -> dict[int, list[results.Record]]:
+def watch(workdir, config, *, sleep: Callable[[float], None] = time.sleep) -> dict[int, list[results.Record]]:
     """Evaluates each finished checkpoint once, in step order, until none appears for watch_timeout s."""
     check_config(config)
     if not model_dir.is_model_dir(workdir):
         raise FileNotFoundError(f"{workdir} is not a training workdir (no {model_dir.MODEL_JSON})")
-    out_root = os.path.join(workdir, "eval")
-    done = {s for s in finished_steps(workdir) if os.path.isfile(os.path.join(out_root, str(s), "results.json"))}
+    out_root = epath.Path(workdir) / "eval"
+    done = {s for s in finished_steps(workdir) if (out_root / str(s) / "results.json").is_file()}
     model = None
     writer = _tensorboard(workdir)
     evaluated: dict[int, list[results.Record]] = {}
@@ -259,17 +260,17 @@ def watch(workdir: str, config, *, sleep: Callable[[float], None] = time.sleep) 
         while True:
             new = [s for s in finished_steps(workdir) if s not in done]
             for step in new:
-                step_dir = os.path.join(workdir, model_dir.CHECKPOINTS_DIR, str(step))
                 try:
                     if model is None:
-                        model = create_model(None, pretrained=workdir)
-                    assign_params(model, model_dir.load_params(step_dir), source=step_dir)
+                        model = create_model(None, pretrained=workdir, step=step)
+                    else:
+                        assign_params(model, model_dir.load_params(workdir, step), source=f"{workdir} step {step}")
                 except (OSError, ValueError, FileNotFoundError) as error:
                     print(f"step {step}: checkpoint unreadable ({error}); skipped", file=sys.stderr)
                     done.add(step)
                     continue
                 print(f"evaluating step {step}", file=sys.stderr)
-                records = evaluate(model, config, out=os.path.join(out_root, str(step), "results.json"))
+                records = evaluate(model, config, out=str(out_root / str(step) / "results.json"))
                 log_step(workdir, step, records, writer)
                 evaluated[step] = records
                 done.add(step)

@@ -95,10 +95,21 @@ def build_model(config: CLIPConfig, *, seed: int = 0, dtype=jnp.float32, remat: 
     slower on CPU; sampling the same distributions with numpy takes a second for ViT-B.
     """
     model = abstract_model(config, dtype=dtype, remat=remat)
-    rng = np.random.default_rng(seed)
+    values = sample_params(config, seed=seed)
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        var.value = jnp.asarray(var.get_metadata("init").sample(rng, tuple(var.value.shape)))
+        var.value = jnp.asarray(values[tuple(path)])
     return model
+
+
+def sample_params(config: CLIPConfig, *, seed: int = 0) -> dict[tuple, np.ndarray]:
+    """`build_model`'s random parameters as host numpy arrays, never placed on a device.
+
+    Training places them shard by shard (`train.state.initial_state`), so no device and
+    no process ever holds more than its own shard of a fresh model.
+    """
+    rng = np.random.default_rng(seed)
+    return {tuple(path): np.asarray(var.get_metadata("init").sample(rng, tuple(var.value.shape)))
+            for path, var in nnx.to_flat_state(nnx.state(abstract_model(config), nnx.Param))}
 
 
 def _scalar_param(value: float) -> nnx.Param:

@@ -178,6 +178,46 @@ def batch_sharding(mesh: Mesh, rules: Rules = LOGICAL_RULES) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(axes if axes else None))
 
 
+def batch_shard_count(mesh: Mesh, rules: Rules = LOGICAL_RULES) -> int:
+    """How many pieces a batch is split into (the product of the batch mesh axes)."""
+    return int(np.prod([mesh.shape[axis] for axis in batch_axes(mesh, rules)]))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def replicate_host_array(host: np.ndarray, mesh: Mesh) -> jax.Array:
+    """A replicated global array from host data that every process holds identically (no transfer
+    between processes, unlike `device_put` of a numpy array onto a multi-process sharding)."""
+    host = np.asarray(host)
+    return jax.make_array_from_callback(host.shape, replicated(mesh), lambda index: host[index])
+
+
+def check_batch_layout(mesh: Mesh, rules: Rules = LOGICAL_RULES) -> None:
+    """Refuses meshes on which two processes would have to feed the same batch rows.
+
+    Every process loads distinct rows (`host_batch_to_global`), so the devices of one
+    process must hold a block of rows that no other process holds. A mesh axis that
+    replicates the batch (`tensor`, or `fsdp` left out of the batch rule) and spans
+    processes breaks that: its replicas would need the same rows from different hosts.
+    """
+    if jax.process_count() == 1:
+        return
+    rows = batch_shard_count(mesh, rules) * jax.process_count()
+    owners: dict[tuple, set[int]] = {}
+    for device, index in batch_sharding(mesh, rules).devices_indices_map((rows,)).items():
+        owners.setdefault((index[0].start, index[0].stop), set()).add(device.process_index)
+    shared = {block: procs for block, procs in owners.items() if len(procs) > 1}
+    if shared:
+        replicating = [a for a in mesh.axis_names if a not in batch_axes(mesh, rules) and mesh.shape[a] > 1]
+        raise ValueError(
+            f"mesh {dict(mesh.shape)} replicates the batch over {replicating} across processes "
+            f"(processes {sorted(next(iter(shared.values())))} would need the same rows); keep "
+            f"{' x '.join(replicating) or 'those axes'} within one host, i.e. at most "
+            f"{jax.local_device_count()} devices (the devices of one process)")
+
+
 def host_batch_to_global(local_batch: Mapping[str, Any] | Any, mesh: Mesh, rules: Rules = LOGICAL_RULES) -> Any:
     """Turns each process's slice of the batch (a pytree of numpy arrays) into global `jax.Array`s.
 
@@ -186,7 +226,7 @@ def host_batch_to_global(local_batch: Mapping[str, Any] | Any, mesh: Mesh, rules
     device_put with the batch sharding.
     """
     sharding = batch_sharding(mesh, rules)
-    shards = int(np.prod([mesh.shape[axis] for axis in batch_axes(mesh, rules)]))
+    shards = batch_shard_count(mesh, rules)
     processes = jax.process_count()
 
     def place(path, local):

@@ -6,11 +6,15 @@ it; with `--config.data.train_shards=...` the same command trains on real shards
 
 from __future__ import annotations
 
+import json
 import os
+import time
 
 import jax
 import ml_collections
+from etils import epath
 
+from bioclip_jax.train.exit_codes import DONE_FILE
 from bioclip_jax.train.loop import train
 from bioclip_jax.train.periodic_eval import eval_fn_from_config, text_types
 
@@ -18,14 +22,27 @@ SYNTHETIC_DIR = "synthetic"
 EXPORT_DIR = "open_clip"
 
 
-def with_synthetic_data(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
-    """Generates the synthetic tree of life into WORKDIR/synthetic when no shards are given."""
+def _is_local(path) -> bool:
+    return "://" not in str(path)
+
+
+def with_synthetic_data(config: ml_collections.ConfigDict, workdir) -> ml_collections.ConfigDict:
+    """Generates the synthetic tree of life when no shards are given.
+
+    It goes to WORKDIR/synthetic for a local workdir (written once, by process 0). For a
+    cloud workdir (gs://) every process writes the same seeded dataset to its own local
+    cache instead: image files are read by path, and a pod's hosts share no disk.
+    """
     if config.data.train_shards:
         return config
     from bioclip_jax.data.synthetic import make_synthetic  # noqa: PLC0415
-    root = os.path.join(workdir, SYNTHETIC_DIR)
-    if jax.process_index() == 0 and not os.path.exists(os.path.join(root, "info.json")):
-        syn = config.data.synthetic
+    syn = config.data.synthetic
+    if _is_local(workdir):
+        root, writer = os.path.join(os.fspath(workdir), SYNTHETIC_DIR), jax.process_index() == 0
+    else:
+        name = f"s{syn.species}-i{syn.images_per_species}-h{syn.held_out_species}-seed{syn.seed}-px{syn.image_size}"
+        root, writer = os.path.join(os.path.expanduser("~/.cache/bioclip_jax/synthetic"), name), True
+    if writer and not os.path.exists(os.path.join(root, "info.json")):
         print(f"no data.train_shards given: generating the synthetic tree of life into {root}", flush=True)
         make_synthetic(root, species=syn.species, images_per_species=syn.images_per_species,
                        held_out_species=syn.held_out_species, seed=syn.seed, image_size=syn.image_size,
@@ -41,23 +58,39 @@ def with_synthetic_data(config: ml_collections.ConfigDict, workdir: str) -> ml_c
     return config
 
 
-def run_job(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None = None) -> dict:
+def run_job(config: ml_collections.ConfigDict, workdir, stop_after: int | None = None,
+            allow_config_change: bool = False) -> dict:
+    """Trains, then (only when the whole schedule ran) exports and marks WORKDIR/DONE.
+
+    A stop (signal or preemption) returns with "stopped": True and exports nothing: the
+    scheduler's grace period is spent on the checkpoint, and the unfinished model is not
+    mistaken for a result.
+    """
     config = with_synthetic_data(config, workdir)
     eval_fn = eval_fn_from_config(config)
-    last = train(config, workdir, stop_after=stop_after, eval_fn=eval_fn)
-    finished = stop_after is None or stop_after >= config.total_steps
-    if not finished:
+    last = train(config, workdir, stop_after=stop_after, eval_fn=eval_fn, allow_config_change=allow_config_change)
+    if last.get("stopped") or (stop_after is not None and stop_after < config.total_steps):
         return last
     from bioclip_jax.pretrained import create_model, export_open_clip  # noqa: PLC0415
-    model = create_model(None, workdir)  # on every process: Orbax's restore is collective
+    model = create_model(None, os.fspath(workdir))  # on every process: Orbax's restore is collective
     if jax.process_index() != 0:
         return last
-    export_dir = os.path.join(workdir, EXPORT_DIR)
-    export_open_clip(model, export_dir)
+    export_dir = epath.Path(workdir) / EXPORT_DIR
+    export_open_clip(model, os.fspath(export_dir))
+    mark_done(workdir, config.total_steps)
     if eval_fn is not None:
         print(held_out_report(last, text_types(config)))
     print(f"exported the model to {export_dir} (open_clip: create_model_and_transforms('local-dir:{export_dir}'))")
     return last
+
+
+def mark_done(workdir, step: int) -> None:
+    """WORKDIR/DONE: the run finished its schedule and its export is complete."""
+    (epath.Path(workdir) / DONE_FILE).write_text(json.dumps({"step": int(step), "time": time.time()}) + "\n")
+
+
+def is_done(workdir) -> bool:
+    return (epath.Path(workdir) / DONE_FILE).exists()
 
 
 def held_out_report(metrics: dict, types: list[str]) -> str:

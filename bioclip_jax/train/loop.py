@@ -1,74 +1,53 @@
 """The training loop: data -> jitted step -> metrics, checkpoints, periodic zero-shot eval.
 
-`train(config, workdir)` resumes automatically from the latest checkpoint in WORKDIR,
-data order included, and stops cleanly (with a checkpoint) at `stop_after` steps, on
-SIGTERM, or when Orbax reports a preemption.
+`train(config, workdir)` resumes automatically from the newest checkpoint in WORKDIR that
+reads cleanly, data order included, and refuses to resume under a changed config (see
+`run_identity`). It stops cleanly (with a checkpoint) at `stop_after` steps, on SIGTERM or
+Ctrl-C, or when JAX reports a preemption (see `stopping`); a stop is reported as
+`stopped` in the result, and the job then exits with `exit_codes.STOPPED`, not 0.
+WORKDIR may be local or gs://. Nothing here blocks the host on the devices every step:
+processes agree on stopping through JAX's preemption sync point (no communication until
+a notice) and at logging steps, where they exchange counters anyway.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
-import os
-import signal
 import time
 from typing import Callable
 
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 
+from bioclip_jax import paths
 from bioclip_jax.checkpoint import model_dir
 from bioclip_jax.data.pipeline import SKIP_REASONS, SkipBudget, make_train_dataset
 from bioclip_jax.models.config import to_open_clip
 from bioclip_jax.parallel import sharding as sharding_lib
 from bioclip_jax.parallel.mesh import make_mesh
 from bioclip_jax.tokenizer import get_tokenizer
+from bioclip_jax.train import run_identity
 from bioclip_jax.train import state as state_lib
 from bioclip_jax.train.checkpointing import TrainCheckpointer
 from bioclip_jax.train.metrics import MetricsWriter
 from bioclip_jax.train.optimizer import make_schedule
 from bioclip_jax.train.step import device_peak_tflops, make_train_step, model_flops_per_pair
+from bioclip_jax.train.stopping import StopSignals
+from bioclip_jax.train.workdir import check_workdir
 from bioclip_jax.transforms import PreprocessConfig
 
-EvalFn = Callable[[object, int], dict]  # (model, step) -> metrics
+EvalFn = Callable[..., dict]  # (model, step, mesh) -> metrics
+CONFIG_JSON = "config.json"
 
 
-class _StopSignal:
-    """Turns SIGTERM (preemption notice from SLURM, Kubernetes, TPU maintenance) into a flag."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread
-            self._previous = None
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-
-def _any_process(flag: bool) -> bool:
-    if jax.process_count() == 1:
-        return flag
-    from jax.experimental import multihost_utils  # noqa: PLC0415
-    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
-
-
-def initial_params(config: ml_collections.ConfigDict, skeleton: state_lib.ModelSkeleton
-                   ) -> tuple[dict, PreprocessConfig]:
-    """Parameters to start from: `config.init` (any pretrained source) or a seeded random init."""
-    from bioclip_jax.models.clip import build_model  # noqa: PLC0415
-    from bioclip_jax.models.params import flat_params  # noqa: PLC0415
+def initial_params(config: ml_collections.ConfigDict) -> tuple[dict, PreprocessConfig]:
+    """Host (numpy) parameters to start from: `config.init` (any pretrained source) or a seeded random init."""
+    from bioclip_jax.models.clip import sample_params  # noqa: PLC0415
     from bioclip_jax.pretrained import load_source  # noqa: PLC0415
 
     arch = state_lib.train_architecture(config)
@@ -81,7 +60,7 @@ def initial_params(config: ml_collections.ConfigDict, skeleton: state_lib.ModelS
         if arch.init_logit_bias is not None and ("logit_bias",) not in params:
             params[("logit_bias",)] = np.asarray(arch.init_logit_bias, np.float32)
     else:
-        params = flat_params(build_model(arch, seed=config.seed))
+        params = sample_params(arch, seed=config.seed)
         preprocess = PreprocessConfig(size=arch.vision.image_size)
     flat = {model_dir.path_to_key(p): np.asarray(v) for p, v in params.items()}
     if config.loss.kind == "sigmoid" and not config.init:
@@ -89,15 +68,17 @@ def initial_params(config: ml_collections.ConfigDict, skeleton: state_lib.ModelS
     return flat, preprocess
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, stop_after: int | None = None,
-          eval_fn: EvalFn | None = None) -> dict:
-    """Runs (or resumes) training; returns the last logged metrics."""
+def train(config: ml_collections.ConfigDict, workdir, stop_after: int | None = None,
+          eval_fn: EvalFn | None = None, allow_config_change: bool = False) -> dict:
+    """Runs (or resumes) training; returns the last logged metrics, with "stopped" set on an early stop."""
     if not config.data.train_shards:
         raise ValueError("config.data.train_shards is empty: give the training shards "
                          "(e.g. --config.data.train_shards=/data/train/shard-{000000..000159}.tar)")
-    os.makedirs(workdir, exist_ok=True)
+    workdir = epath.Path(workdir)
+    check_workdir(workdir)
     devices = jax.devices()[:config.mesh.num_devices] if config.mesh.num_devices else None
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
+    sharding_lib.check_batch_layout(mesh)
     skeleton = state_lib.model_skeleton(config)
     layout = state_lib.state_layout(config, skeleton, mesh)
     schedule = make_schedule(config, state_lib.optimizer_updates(config))
@@ -115,32 +96,37 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_after: int | Non
 
     checkpointer = TrainCheckpointer(workdir, config.checkpoint.every_steps, config.checkpoint.keep,
                                      config.checkpoint.async_save)
-    start = checkpointer.latest_step()
-    if start is not None:
-        state = checkpointer.restore(start, layout.abstract, layout.shardings, data_iterator)
+    writer = MetricsWriter(workdir, config.total_steps)
+    restored = None
+    if checkpointer.latest_step() is not None:
+        _check_same_run(workdir, config, allow_config_change, checkpointer.latest_step())
+        restored = checkpointer.restore_latest_good(layout.abstract, layout.shardings, data_iterator)
+    if restored is not None:
+        start, state = restored
         meta = model_dir.read_model_json(workdir)
         preprocess = PreprocessConfig.from_open_clip(meta["preprocess_cfg"], arch.vision.image_size)
+        writer.drop_after(start)
         _log0(f"resumed from step {start} in {checkpointer.directory}")
     else:
-        params, preprocess = initial_params(config, skeleton)
+        params, preprocess = initial_params(config)
         state = state_lib.initial_state(layout, params)
         start = 0
         if jax.process_index() == 0:
             model_dir.write_model_json(workdir, to_open_clip(arch), preprocess.to_open_clip())
-            with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-                f.write(config.to_json_best_effort(indent=2))
+            paths.write_atomically(workdir / CONFIG_JSON, config.to_json_best_effort(indent=2))
 
     step_fn = make_train_step(config, skeleton, layout, mesh, schedule, preprocess.mean, preprocess.std)
-    writer = MetricsWriter(workdir, config.total_steps)
     end = config.total_steps if stop_after is None else min(stop_after, config.total_steps)
     flops_per_step = model_flops_per_pair(arch) * config.data.batch_size
     peak = device_peak_tflops(config.device_peak_tflops)
     skipped_total = np.zeros(len(SKIP_REASONS), np.int64)
     last: dict = {}
     step = start
+    stopped_by = None
     window_start, window_steps = time.time(), 0
-    with _StopSignal() as stop_signal:
+    with StopSignals() as stop_signals:
         while step < end:
+            checkpointer.check_for_errors()  # a failed background save stops the run at once
             batch = next(data_iterator)
             budget.update(config.data.batch_size // jax.process_count(), batch["skipped"], batch["last_bad_shard"])
             skipped_total += np.asarray(batch["skipped"], np.int64)
@@ -150,36 +136,55 @@ def train(config: ml_collections.ConfigDict, workdir: str, stop_after: int | Non
             step += 1
             window_steps += 1
 
+            stop_requested = stop_signals.requested if jax.process_count() == 1 else False
             if step % config.log_every_steps == 0 or step == end:
                 metrics = jax.device_get(metrics)
                 elapsed = time.time() - window_start
-                seconds_per_step = elapsed / window_steps
-                last = _step_record(metrics, seconds_per_step, config.data.batch_size, flops_per_step, peak,
-                                    _all_hosts_skipped(skipped_total))
+                skipped_all, stop_requested = _share_counters(skipped_total, stop_signals.requested)
+                last = _step_record(metrics, elapsed / window_steps, config.data.batch_size, flops_per_step,
+                                    peak, skipped_all)
                 writer.write(step, last)
                 writer.progress(step, last)
                 if not math.isfinite(last["loss"]):
-                    raise FloatingPointError(f"loss is {last['loss']} at step {step}; lower the lr or check data")
+                    raise FloatingPointError(f"loss is {last['loss']} at step {step}; lower the lr or check the "
+                                             f"data. {checkpointer.last_good_message()}")
                 window_start, window_steps = time.time(), 0
 
             if eval_fn is not None and config.eval.every_steps and step % config.eval.every_steps == 0 \
                     and step != end:
-                writer.write(step, eval_fn(skeleton.merge(state["params"]), step))
+                writer.write(step, eval_fn(skeleton.merge(state["params"]), step, mesh))
                 window_start, window_steps = time.time(), 0
 
-            preempted = _any_process(stop_signal.requested) or checkpointer.reached_preemption(step)
-            checkpointer.save(step, state, data_iterator, force=preempted or step == end)
-            if preempted:
-                _log0(f"stop requested: saved step {step}, exiting")
+            if checkpointer.reached_preemption(step):
+                stop_requested, stopped_by = True, "a preemption notice"
+            elif stop_requested:
+                stopped_by = stop_signals.reason or "a signal on another process"
+            checkpointer.save(step, state, data_iterator, force=stop_requested or step == end)
+            if stop_requested:
                 break
 
     checkpointer.close()
+    if stopped_by is not None and step < config.total_steps:
+        _log0(f"stopped by {stopped_by}: saved step {step} in {checkpointer.directory}; "
+              f"rerun the same command to resume")
+        writer.close()
+        return {**last, "stopped": True}
     if eval_fn is not None and step == config.total_steps:
-        result = eval_fn(skeleton.merge(state["params"]), step)
+        result = eval_fn(skeleton.merge(state["params"]), step, mesh)
         writer.write(step, result)
         last = {**last, **result}
     writer.close()
     return last
+
+
+def _check_same_run(workdir: epath.Path, config: ml_collections.ConfigDict, allow_change: bool, step: int) -> None:
+    """Refuses to resume under a changed config unless asked to; a permitted change is recorded."""
+    saved_path = paths.uncached(workdir / CONFIG_JSON)
+    if not saved_path.exists():
+        return
+    changes = run_identity.check_resumed_config(json.loads(saved_path.read_text()), config, allow_change)
+    if changes and jax.process_index() == 0:
+        run_identity.record_config_change(workdir, config, changes, step)
 
 
 def _train_tokenizer(config: ml_collections.ConfigDict, arch) -> functools.partial:
@@ -189,11 +194,13 @@ def _train_tokenizer(config: ml_collections.ConfigDict, arch) -> functools.parti
     return functools.partial(get_tokenizer(config.model.name), context_length=length)
 
 
-def _all_hosts_skipped(local: np.ndarray) -> int:
+def _share_counters(local_skipped: np.ndarray, local_stop: bool) -> tuple[int, bool]:
+    """Skipped samples summed over processes, and whether any process was asked to stop (one allgather)."""
     if jax.process_count() == 1:
-        return int(local.sum())
+        return int(local_skipped.sum()), local_stop
     from jax.experimental import multihost_utils  # noqa: PLC0415
-    return int(np.asarray(multihost_utils.process_allgather(local)).sum())
+    gathered = np.asarray(multihost_utils.process_allgather(np.append(local_skipped, np.int64(local_stop))))
+    return int(gathered[:, :-1].sum()), bool(gathered[:, -1].any())
 
 
 def _step_record(metrics: dict, seconds_per_step: float, batch_size: int, flops_per_step: float,

@@ -1,30 +1,39 @@
-"""Training metrics: WORKDIR/metrics.jsonl, TensorBoard events, and a progress line with ETA."""
+"""Training metrics: WORKDIR/metrics.jsonl, TensorBoard events, and a progress line with ETA.
+
+WORKDIR may be local or in a bucket (gs://...); a bucket object cannot be appended to,
+so there each record rewrites the file (see `paths.append_line`).
+"""
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from typing import Mapping
 
 import jax
+from etils import epath
+
+from bioclip_jax import paths
+from bioclip_jax.checkpoint import model_dir
+
+METRICS_FILE = model_dir.METRICS_FILE
 
 
 class MetricsWriter:
-    """Appends one JSON object per logged step; only process 0 writes."""
+    """Writes one JSON object per logged step; only process 0 writes."""
 
-    def __init__(self, workdir: str, total_steps: int):
+    def __init__(self, workdir: paths.PathLike, total_steps: int):
         self.enabled = jax.process_index() == 0
         self.total_steps = total_steps
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.path = epath.Path(workdir) / METRICS_FILE
         self._tb = None
         if self.enabled:
-            os.makedirs(workdir, exist_ok=True)
+            epath.Path(workdir).mkdir(parents=True, exist_ok=True)
             try:
                 from tensorboardX import SummaryWriter  # noqa: PLC0415 - optional dependency
-                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+                self._tb = SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
             except ImportError:
                 print("tensorboardX is not installed: TensorBoard events are not written", file=sys.stderr)
         self._start_time = time.time()
@@ -34,13 +43,17 @@ class MetricsWriter:
         if not self.enabled:
             return
         record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        paths.append_line(self.path, json.dumps(record))
         if self._tb is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                     self._tb.add_scalar(key, value, step)
             self._tb.flush()
+
+    def drop_after(self, step: int) -> None:
+        """Forgets records past `step`: a run resumed from that checkpoint logs those steps again."""
+        if self.enabled:
+            drop_after(self.path.parent, step)
 
     def progress(self, step: int, metrics: Mapping[str, float]) -> None:
         if not self.enabled:
@@ -60,6 +73,7 @@ class MetricsWriter:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+            self._tb = None  # tensorboardX's gs:// writer uploads again when collected: now, not at exit
 
 
 def _plain(value):
@@ -77,9 +91,19 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def read_metrics(workdir: str) -> list[dict]:
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+def _lines(workdir: paths.PathLike) -> list[str]:
+    path = paths.uncached(epath.Path(workdir) / METRICS_FILE)
+    return path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+
+
+def read_metrics(workdir: paths.PathLike) -> list[dict]:
+    return [json.loads(line) for line in _lines(workdir) if line.strip()]
+
+
+def drop_after(workdir: paths.PathLike, step: int) -> int:
+    """Removes the records of steps after `step` from WORKDIR/metrics.jsonl; returns how many."""
+    lines = [line for line in _lines(workdir) if line.strip()]
+    kept = [line for line in lines if json.loads(line).get("step", step) <= step]
+    if len(kept) < len(lines):
+        paths.write_atomically(epath.Path(workdir) / METRICS_FILE, "".join(line + "\n" for line in kept))
+    return len(lines) - len(kept)

@@ -19,7 +19,7 @@ def text_types(config) -> list[str]:
 
 
 def eval_fn_from_config(config):
-    """(model, step) -> {"eval/<text type>/<metric>": value}, or None when no held-out set is set."""
+    """(model, step, mesh) -> {"eval/<text type>/<metric>": value}, or None when no held-out set is set."""
     if not config.eval.held_out_dir:
         return None
     data = open_eval_data(f"folder:{config.eval.held_out_dir}", name="held_out",
@@ -30,13 +30,14 @@ def eval_fn_from_config(config):
     eval_config.progress = False
     eval_config.workers = 2
 
-    def evaluate(model, step: int) -> dict:
-        embedded = runner.embed_dataset(model, data, eval_config)
+    def evaluate(model, step: int, mesh=None) -> dict:
+        """Scores `model`; with the training `mesh`, on its (sharded, multi-process) parameters as they are."""
+        embedded = runner.embed_dataset(model, data, eval_config, mesh=mesh)
         metrics = {"eval/chance_top1": 100.0 / len(data.classes)}
         for text_type in text_types(config):
             type_config = copy.deepcopy(eval_config)
             type_config.text_type = text_type
-            for record in runner.score(model, embedded, type_config):
+            for record in runner.score(model, embedded, type_config, mesh=mesh):
                 metrics[f"eval/{text_type}/{record.metric}"] = record.mean
         return metrics
 

@@ -118,10 +118,24 @@ def _mirror_param_shardings(abstract_opt, abstract_params, p_shardings, mesh: Me
     return jax.tree_util.tree_map_with_path(pick, abstract_opt)
 
 
+def place_host_params(params: dict[str, np.ndarray], shardings: dict[str, NamedSharding]) -> dict[str, jax.Array]:
+    """Global float32 arrays from host parameters that every process holds in full.
+
+    Each process copies only the shards of its own devices (`make_array_from_callback`):
+    no device ever holds a whole sharded parameter, and unlike `device_put` of a full
+    array onto a global sharding there is no cross-process equality check (an allgather
+    of every parameter to every process).
+    """
+    def place(key: str) -> jax.Array:
+        host = np.asarray(params[key], np.float32)
+        return jax.make_array_from_callback(host.shape, shardings[key], lambda index: host[index])
+
+    return {key: place(key) for key in params}
+
+
 def initial_state(layout: StateLayout, params: dict[str, np.ndarray]) -> dict:
     """Places host parameters onto the mesh and initialises the optimiser there (sharded)."""
-    placed = {k: jax.device_put(np.asarray(v, np.float32), layout.shardings["params"][k])
-              for k, v in params.items()}
+    placed = place_host_params(params, layout.shardings["params"])
 
     def init(p):
         return {"params": p, "opt_state": layout.optimizer.init(p), "step": jnp.zeros((), jnp.int32)}

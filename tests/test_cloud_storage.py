@@ -1,0 +1,179 @@
+"""gs:// workdirs, model directories, exports and metrics, against a real local GCS server.
+
+Also what any storage needs on a pod: a checkpoint written by 8 devices loads in a
+1-device process, a resumed run logs each step once, exported weights are readable by
+others (umask), and a damaged weights file is named in one sentence.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import open_clip
+import pytest
+from etils import epath
+
+from bioclip_jax import create_model, export_open_clip, save_model
+from bioclip_jax.checkpoint import model_dir
+from bioclip_jax.cli import main as cli
+from bioclip_jax.convert import state_dict_io
+from bioclip_jax.evaluate import results, runner
+from bioclip_jax.models.params import flat_params
+from bioclip_jax.pretrained import model_metadata
+from bioclip_jax.train.metrics import MetricsWriter, drop_after, read_metrics
+from gcs_server import gcs_bucket, gcs_dir, gcs_env  # noqa: F401 - fixtures
+from train_helpers import run, shards  # noqa: F401 - fixture
+
+TINY = "ViT-Tiny-8"
+
+
+@pytest.fixture(autouse=True)
+def _no_local_gs_folder(tmp_path, monkeypatch):
+    """A gs:// URL mistaken for a local path becomes a folder "gs:" in the working directory."""
+    monkeypatch.chdir(tmp_path)
+    yield
+    for root in (tmp_path, tempfile.gettempdir(), os.path.dirname(os.path.dirname(__file__))):
+        assert not os.path.exists(os.path.join(root, "gs:")), f"a local folder gs: appeared in {root}"
+
+
+def _same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]), err_msg=str(key))
+
+
+def _download(source: str, destination) -> str:
+    """A local copy of a bucket folder (flat), for libraries that read only local files (open_clip)."""
+    os.makedirs(destination, exist_ok=True)
+    for item in epath.Path(source).iterdir():
+        (epath.Path(destination) / item.name).write_bytes(item.read_bytes())
+    return str(destination)
+
+
+def test_model_directory_and_export_in_bucket(gcs_dir, tmp_path):
+    model = create_model(TINY, seed=1)
+    save_model(model, f"{gcs_dir}/model")
+    _same(flat_params(model), model_dir.load_params(f"{gcs_dir}/model"))
+    assert cli.main(["export", "--checkpoint", f"{gcs_dir}/model", "--out", f"{gcs_dir}/export"]) == 0
+    assert cli.main(["import", "--pretrained", f"local-dir:{gcs_dir}/export", "--out", f"{gcs_dir}/again"]) == 0
+    _same(flat_params(model), flat_params(create_model(None, f"{gcs_dir}/again")))
+    open_clip.create_model_and_transforms(f"local-dir:{_download(f'{gcs_dir}/export', tmp_path / 'export')}")
+
+
+def _subprocess(script: str, devices: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, **gcs_env(), "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+           "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+
+
+_ONE_DEVICE = """
+import sys, jax
+from bioclip_jax.checkpoint import model_dir
+from bioclip_jax.cli import main as cli
+assert jax.device_count() == 1
+workdir = {workdir!r}
+params = model_dir.load_params(workdir, step=1)
+print("loaded", len(params))
+sys.exit(cli.main(["export", "--checkpoint", workdir, "--step", "1", "--out", {out!r}]))
+"""
+
+
+def test_fsdp_workdir_in_bucket_loads_and_exports_on_one_device(gcs_dir, shards, tmp_path):  # noqa: F811
+    """Trained under 8-way fsdp into gs://; a 1-device process loads a chosen step and exports it."""
+    workdir = f"{gcs_dir}/run"
+    run(workdir, shards, total_steps=2, checkpoint__every_steps=1, mesh__data=1, mesh__fsdp=8)
+    assert model_dir.finished_steps(workdir) == [1, 2]
+    assert [r["step"] for r in read_metrics(workdir) if "loss" in r] == [1, 2]
+
+    done = _subprocess(_ONE_DEVICE.format(workdir=workdir, out=f"{gcs_dir}/export1"), devices=1)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "loaded" in done.stdout
+    step1 = state_dict_io.read_state_dict(f"{gcs_dir}/export1/{state_dict_io.WEIGHTS_NAME}")
+    _same(step1, state_dict_io.read_state_dict(
+        str(epath.Path(_download(f"{gcs_dir}/export1", tmp_path / "e1")) / state_dict_io.WEIGHTS_NAME)))
+
+    assert cli.main(["export", "--checkpoint", workdir, "--out", str(tmp_path / "latest")]) == 0  # default: step 2
+    latest = state_dict_io.read_state_dict(str(tmp_path / "latest" / state_dict_io.WEIGHTS_NAME))
+    assert step1.keys() == latest.keys()
+    assert any(not np.array_equal(step1[k], latest[k]) for k in latest), "step 1 and step 2 exported the same"
+    reference, _, _ = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'latest'}")
+    assert set(reference.state_dict()) == set(latest)
+
+
+def test_missing_step_is_one_sentence_listing_the_steps(gcs_dir, capsys):
+    model = create_model(TINY, seed=2)
+    workdir = f"{gcs_dir}/run"
+    model_dir.write_model_json(workdir, *model_metadata(model))
+    for step in (3, 6):
+        model_dir.save_params(f"{workdir}/checkpoints/{step}", flat_params(model))
+    # save_params commits params/ itself, not the step folder as a CheckpointManager does in a bucket
+    for step in (3, 6):
+        (epath.Path(workdir) / "checkpoints" / str(step) / "commit_success.txt").write_text("")
+    assert model_dir.finished_steps(workdir) == [3, 6]
+    assert cli.main(["export", "--checkpoint", workdir, "--step", "4", "--out", f"{gcs_dir}/x"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "step 4" in err and "available steps: 3, 6" in err, err
+    with pytest.raises(ValueError, match="training workdir"):
+        create_model(TINY, None, step=3)
+
+
+def test_metrics_in_bucket_and_drop_after(gcs_dir):
+    writer = MetricsWriter(gcs_dir, total_steps=10)
+    for step in (1, 2, 3, 4):
+        writer.write(step, {"loss": 1.0 / step})
+    runner.log_step(gcs_dir, 4, [results.summarise("set", "zero_shot_top1", [0.5])])
+    assert [r["step"] for r in read_metrics(gcs_dir)] == [1, 2, 3, 4, 4]
+    writer.drop_after(2)  # a run resumed from step 2 logs steps 3 and 4 again
+    writer.write(3, {"loss": 0.3})
+    writer.close()
+    assert [(r["step"], r["loss"]) for r in read_metrics(gcs_dir)] == [(1, 1.0), (2, 0.5), (3, 0.3)]
+    assert (epath.Path(gcs_dir) / "tensorboard").is_dir()
+
+
+def test_drop_after_keeps_local_rows_up_to_the_step(tmp_path):
+    lines = [{"step": 1, "loss": 1}, {"step": 2, "loss": 2}, {"note": "no step"}, {"step": 3, "loss": 3}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert drop_after(tmp_path, 2) == 1
+    assert read_metrics(tmp_path) == lines[:3]
+    assert drop_after(tmp_path, 2) == 0
+
+
+def test_resumed_run_logs_each_step_once(tmp_path, shards):  # noqa: F811
+    """Steps logged after the last checkpoint are logged again on resume; only once may remain."""
+    workdir = tmp_path / "run"
+    run(workdir, shards, total_steps=4, checkpoint__every_steps=2)
+    epath.Path(workdir / "checkpoints" / "4").rmtree()  # as if the job died before saving step 4
+    records = run(workdir, shards, total_steps=4, checkpoint__every_steps=2)
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_exported_weights_honour_the_umask(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        export_open_clip(create_model(TINY, seed=3), str(tmp_path / "export"))
+    finally:
+        os.umask(previous)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "export").iterdir()}
+    assert modes == {state_dict_io.WEIGHTS_NAME: 0o644, state_dict_io.CONFIG_NAME: 0o644}
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_damaged_weights_are_one_sentence(tmp_path, capsys, damage):
+    folder = tmp_path / "export"
+    export_open_clip(create_model(TINY, seed=4), str(folder))
+    weights = folder / state_dict_io.WEIGHTS_NAME
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\x07" * 64)
+    with pytest.raises(ValueError, match=rf"{weights} is truncated or corrupt"):
+        create_model(None, f"local-dir:{folder}")
+    assert cli.main(["import", "--pretrained", f"local-dir:{folder}", "--out", str(tmp_path / "ckpt")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "truncated or corrupt" in err and str(weights) in err, err
+
+
+def test_missing_weights_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing.safetensors"):
+        state_dict_io.read_state_dict(str(tmp_path / "nothing.safetensors"))

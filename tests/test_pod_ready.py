@@ -1,0 +1,191 @@
+"""A pod run from start to finish, as 2 processes x 4 CPU devices (gloo) on this machine.
+
+One launch of the real binary (launch/local_multiprocess.sh) trains on a data=2 x fsdp=4
+mesh with periodic zero-shot eval on the held-out species, checkpoints, and exports at
+the end. The same job as 1 process x 8 devices is the reference: eval numbers and the
+exported model must agree. A 1-device process then exports a step the 2-process run
+wrote. In-process checks cover sharded initialisation and the meshes that are refused.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from bioclip_jax.train.job import run_job
+from bioclip_jax.train.metrics import read_metrics
+from train_helpers import shards, smoke_config  # noqa: F401 - shards is a fixture
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCHER = os.path.join(REPO, "launch", "local_multiprocess.sh")
+STEPS = {"total_steps": 4, "checkpoint__every_steps": 2, "eval__every_steps": 2}
+MESH = {"mesh__data": 2, "mesh__fsdp": 4}
+LAUNCH_TIMEOUT = 420
+
+
+def _held_out(shards_dir: str) -> dict:
+    root = os.path.dirname(shards_dir)
+    return {"eval__held_out_dir": os.path.join(root, "held_out", "images"),
+            "eval__taxa_file": os.path.join(root, "held_out", "taxa.csv"), "eval__text_type": "taxon_com,com"}
+
+
+def _flags(overrides: dict) -> list[str]:
+    return [f"--config.{key.replace('__', '.')}={value}" for key, value in overrides.items()]
+
+
+def _eval_rows(workdir) -> dict[int, dict]:
+    rows: dict[int, dict] = {}
+    for record in read_metrics(str(workdir)):
+        evals = {k: v for k, v in record.items() if k.startswith("eval/")}
+        if evals:
+            rows.setdefault(record["step"], {}).update(evals)
+    return rows
+
+
+def _subprocess_env(devices: int) -> dict:
+    flags = os.environ.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
+    env = dict(os.environ, XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices}".strip(),
+               JAX_PLATFORMS="cpu")
+    cache = jax.config.jax_compilation_cache_dir
+    if cache:
+        env.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    return env
+
+
+@pytest.fixture(scope="module")
+def one_process(shards, tmp_path_factory):
+    """The reference: the whole job (train, periodic eval, export) as 1 process x 8 devices."""
+    workdir = tmp_path_factory.mktemp("one_process")
+    config = smoke_config(shards, **STEPS, **MESH, **_held_out(shards))
+    from bioclip_jax.train.periodic_eval import eval_fn_from_config  # noqa: F401 - run_job builds it
+    run_job(config, str(workdir))
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def two_processes(shards, tmp_path_factory):
+    """The same job through the launcher as 2 processes x 4 devices."""
+    workdir = tmp_path_factory.mktemp("two_processes")
+    log_dir = tmp_path_factory.mktemp("pod_logs")
+    command = ["bash", LAUNCHER, "2", "4", "--", "--config=configs/synthetic_tiny.py:smoke", f"--workdir={workdir}",
+               f"--config.data.train_shards={shards}", *_flags({**STEPS, **MESH, **_held_out(shards)})]
+    env = dict(_subprocess_env(4), PYTHON=sys.executable, LOG_DIR=str(log_dir), KILL_GRACE_SECONDS="3")
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    logs = "\n".join(p.read_text() for p in sorted(log_dir.glob("process-*.log")))
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}\n{logs}"
+    return workdir
+
+
+def test_periodic_and_final_eval_across_processes_equal_one_process(two_processes, one_process):
+    launched, expected = _eval_rows(two_processes), _eval_rows(one_process)
+    assert sorted(expected) == [2, 4] and sorted(launched) == [2, 4], (launched, expected)
+    for step in (2, 4):
+        assert set(launched[step]) == set(expected[step])
+        assert any("zero_shot_top1" in k for k in expected[step])
+        for key, value in expected[step].items():
+            np.testing.assert_allclose(launched[step][key], value, atol=1e-6, err_msg=f"step {step} {key}")
+
+
+def _embeddings(export_dir) -> tuple[np.ndarray, np.ndarray]:
+    from bioclip_jax.pretrained import create_model  # noqa: PLC0415
+    from bioclip_jax.tokenizer import get_tokenizer  # noqa: PLC0415
+    model = create_model(None, f"local-dir:{export_dir}")
+    size = model.config.vision.image_size
+    images = np.random.default_rng(0).normal(size=(4, size, size, 3)).astype(np.float32)
+    tokens = get_tokenizer("ViT-B-16", context_length=model.config.text.context_length)(
+        ["a photo of Animalia", "a photo of a bird"])
+    return model.encode_image(images, normalize=True), model.encode_text(tokens, normalize=True)
+
+
+def test_export_after_fsdp_training_across_processes_equals_one_process(two_processes, one_process):
+    for name in ("open_clip_config.json", "open_clip_model.safetensors"):
+        assert (two_processes / "open_clip" / name).is_file()
+    for launched, expected in zip(_embeddings(two_processes / "open_clip"), _embeddings(one_process / "open_clip")):
+        np.testing.assert_allclose(launched, expected, rtol=1e-4, atol=1e-5)
+    assert json.loads((two_processes / "DONE").read_text())["step"] == 4
+
+
+def test_a_one_device_process_exports_a_step_written_by_two_processes(two_processes, tmp_path):
+    out = tmp_path / "step2"
+    result = subprocess.run([sys.executable, "-m", "bioclip_jax.cli.main", "export", "--checkpoint",
+                             str(two_processes), "--step", "2", "--out", str(out)],
+                            cwd=REPO, env=_subprocess_env(1), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    from bioclip_jax.checkpoint.model_dir import load_params  # noqa: PLC0415
+    from safetensors.numpy import load_file  # noqa: PLC0415
+    exported = load_file(str(out / "open_clip_model.safetensors"))
+    step2 = load_params(str(two_processes), step=2)
+    final = load_params(str(two_processes))
+    scale = float(np.asarray(step2[("logit_scale",)]))
+    np.testing.assert_allclose(float(exported["logit_scale"]), scale, rtol=1e-6)
+    assert not np.allclose(scale, float(np.asarray(final[("logit_scale",)]))), "step 2 and 4 should differ"
+
+
+# ---------------------------------------------------------------------------------- in-process checks
+
+
+def test_fresh_initialisation_places_each_shard_without_gathering(monkeypatch):
+    """Old code: device_put of every whole parameter onto the global sharding (on several
+    processes, an equality allgather per parameter). Now: shards only, no device_put."""
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    from bioclip_jax.parallel.mesh import make_mesh  # noqa: PLC0415
+    from bioclip_jax.train import state as state_lib  # noqa: PLC0415
+    from bioclip_jax.train.loop import initial_params  # noqa: PLC0415
+
+    config = smoke_config("unused", mesh__data=2, mesh__fsdp=4)
+    mesh = make_mesh(2, 4, 1)
+    skeleton = state_lib.model_skeleton(config)
+    layout = state_lib.state_layout(config, skeleton, mesh)
+    params, _ = initial_params(config)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("initialisation must not device_put (or allgather) whole parameters")
+
+    monkeypatch.setattr(jax, "device_put", refuse)
+    monkeypatch.setattr(multihost_utils, "assert_equal", refuse)
+    state = state_lib.initial_state(layout, params)
+    monkeypatch.undo()
+
+    sharded = 0
+    for key, value in state["params"].items():
+        expected = layout.shardings["params"][key]
+        assert value.sharding.is_equivalent_to(expected, value.ndim), key
+        shard_shape = expected.shard_shape(value.shape)
+        assert all(s.data.shape == shard_shape for s in value.addressable_shards), key
+        sharded += shard_shape != value.shape
+        np.testing.assert_array_equal(np.asarray(value), params[key].astype(np.float32))
+    assert sharded > 0, "the fsdp mesh should split some parameters"
+
+
+def test_replicated_batch_axes_across_processes_are_refused(monkeypatch):
+    """tensor=8 on 2 processes x 4 devices: both processes would need the same rows."""
+    from bioclip_jax.parallel import sharding as sharding_lib  # noqa: PLC0415
+    from bioclip_jax.parallel.mesh import make_mesh  # noqa: PLC0415
+
+    class FakeDevice:  # what check_batch_layout reads of a device: its owner
+        def __init__(self, device, process):
+            self.device, self.process_index = device, process
+
+    mesh = make_mesh(1, 1, 8)
+    real = sharding_lib.batch_sharding
+    processes = {d: i // 4 for i, d in enumerate(mesh.devices.flat)}
+
+    class TwoHostSharding:
+        def __init__(self, sharding):
+            self.sharding = sharding
+
+        def devices_indices_map(self, shape):
+            return {FakeDevice(d, processes[d]): idx for d, idx in self.sharding.devices_indices_map(shape).items()}
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "local_device_count", lambda: 4)
+    monkeypatch.setattr(sharding_lib, "batch_sharding", lambda m, rules=sharding_lib.LOGICAL_RULES:
+                        TwoHostSharding(real(m, rules)))
+    with pytest.raises(ValueError, match=r"replicates the batch over \['tensor'\] across processes"):
+        sharding_lib.check_batch_layout(mesh)
+    sharding_lib.check_batch_layout(make_mesh(2, 4, 1))  # batch split over every axis: accepted

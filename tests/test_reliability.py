@@ -1,0 +1,145 @@
+"""A long run survives its own failures: bad checkpoints, NaN states, failed saves, changed configs.
+
+Each check is a small real training run on the tiny synthetic tree of life (in-process,
+8 simulated devices) with one thing broken the way it breaks in practice.
+"""
+
+import errno
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from bioclip_jax.train import checkpointing
+from bioclip_jax.train.metrics import read_metrics
+from train_helpers import losses, run, shards, smoke_config  # noqa: F401 - shards is a fixture
+
+CHECKPOINTED = {"total_steps": 6, "checkpoint__every_steps": 3}
+
+
+@pytest.fixture(scope="module")
+def straight_run(shards, tmp_path_factory):
+    """6 uninterrupted steps, checkpoints at 3 and 6: the losses every broken run must reproduce."""
+    workdir = tmp_path_factory.mktemp("straight")
+    return workdir, losses(run(workdir, shards, **CHECKPOINTED))
+
+
+def _steps_on_disk(workdir) -> list[int]:
+    root = workdir / "checkpoints"
+    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit())
+
+
+def _copy(workdir, destination, keep_up_to: int):
+    """The workdir as a run left it when it crashed just after saving `keep_up_to`."""
+    shutil.copytree(workdir, destination)
+    for step in _steps_on_disk(destination):
+        if step > keep_up_to:
+            shutil.rmtree(destination / "checkpoints" / str(step))
+    return destination
+
+
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_previous_one_resumes(straight_run, shards, tmp_path,
+                                                                               capsys):
+    workdir = _copy(straight_run[0], tmp_path / "damaged", keep_up_to=6)
+    data_files = [p for p in (workdir / "checkpoints" / "6" / "params").rglob("*") if p.is_file()]
+    biggest = max(data_files, key=lambda p: p.stat().st_size)
+    with open(biggest, "r+b") as f:  # one data file cut in half, as a crashed copy leaves it
+        f.truncate(biggest.stat().st_size // 2)
+    after = losses(run(workdir, shards, **CHECKPOINTED))
+
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "checkpoint step 6 is unreadable" in line]
+    assert len(lines) == 1 and "moved it to" in lines[0], err
+    aside = list((workdir / checkpointing.UNREADABLE_DIR).iterdir())
+    assert [p.name.split("-")[0] for p in aside] == ["6"]  # moved, never deleted
+    for step in (4, 5, 6):  # recomputed from step 3, exactly as the straight run did
+        assert after[step] == straight_run[1][step], step
+
+
+def test_a_checkpoint_of_another_model_is_a_config_error_and_nothing_is_moved(straight_run, shards, tmp_path):
+    workdir = _copy(straight_run[0], tmp_path / "other_model", keep_up_to=6)
+    (workdir / "config.json").unlink()  # no saved config: only the shapes can tell
+    with pytest.raises(ValueError, match="shape"):
+        run(workdir, shards, model__name="ViT-B-32", **CHECKPOINTED)
+    assert _steps_on_disk(workdir) == [3, 6]
+    assert not (workdir / checkpointing.UNREADABLE_DIR).exists()
+
+
+def test_a_non_finite_state_is_never_saved_and_the_last_good_checkpoint_is_named(straight_run, shards, tmp_path):
+    import jax
+
+    from bioclip_jax.parallel.mesh import make_mesh
+    from bioclip_jax.train import state as state_lib
+
+    workdir = _copy(straight_run[0], tmp_path / "nan", keep_up_to=3)
+    config = smoke_config(shards, **CHECKPOINTED)
+    skeleton = state_lib.model_skeleton(config)
+    layout = state_lib.state_layout(config, skeleton, make_mesh(8, 1, 1))
+    manager = checkpointing.TrainCheckpointer(workdir, 3, 5, async_save=False)
+    state = manager.restore(3, layout.abstract, layout.shardings, _NoIterator())
+    key = sorted(state["params"])[0]
+    state["params"][key] = state["params"][key] * jax.numpy.nan
+    with pytest.raises(checkpointing.NonFiniteStateError,
+                       match=r"NaN or inf at step 4; it was not saved\. The last good checkpoint is step 3"):
+        manager.save(4, state, _NoIterator(), force=True)
+    manager.close()
+    assert _steps_on_disk(workdir) == [3]
+
+
+class _NoIterator:
+    """The data iterator's part of a checkpoint is not under test here."""
+
+    def set_state(self, state):
+        pass
+
+    def get_state(self):
+        return {}
+
+
+def test_a_failed_background_save_stops_the_run_at_the_next_step(shards, tmp_path, monkeypatch):
+    """The second save (step 3; Orbax also saves step 1) fails in Orbax's background thread,
+    as with a full disk: the run stops at the next step with one message naming the path and
+    the cause, and the step-1 checkpoint stays good."""
+    from orbax.checkpoint._src.checkpointers import async_checkpointer
+
+    real_wait = async_checkpointer._background_wait_for_commit_futures
+    calls = []
+
+    def full_disk_on_second_save(directory, commit_futures, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the writes end, then the commit fails: nothing of it may be used
+            for commit in commit_futures:
+                commit.result()
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_wait(directory, commit_futures, *args, **kwargs)
+
+    monkeypatch.setattr(async_checkpointer, "_background_wait_for_commit_futures", full_disk_on_second_save)
+    workdir = tmp_path / "full"
+    with pytest.raises(checkpointing.CheckpointError) as raised:
+        run(workdir, shards, total_steps=12, checkpoint__every_steps=3, checkpoint__async_save=True)
+    message = str(raised.value)
+    assert "No space left on device" in message and str(workdir / "checkpoints") in message
+    assert "last good checkpoint is step 1" in message and "\n" not in message
+    logged = max(losses(read_metrics(str(workdir))))
+    assert logged <= 4, f"the failure of the step-3 save surfaced only after step {logged}"
+    monkeypatch.undo()
+    assert _steps_on_disk(workdir) == [1]
+    resumed = losses(run(workdir, shards, total_steps=12, checkpoint__every_steps=3, stop_after=3))
+    assert sorted(resumed) == [1, 2, 3]
+
+
+def test_resuming_drops_metrics_rows_past_the_restored_step(straight_run, shards, tmp_path):
+    workdir = _copy(straight_run[0], tmp_path / "rows", keep_up_to=3)  # metrics.jsonl holds rows 1..6
+    run(workdir, shards, **CHECKPOINTED)
+    steps = [r["step"] for r in read_metrics(str(workdir)) if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert losses(read_metrics(str(workdir))) == straight_run[1]
+
+
+def test_resuming_with_a_changed_recipe_is_refused_with_a_diff(straight_run, shards, tmp_path):
+    workdir = _copy(straight_run[0], tmp_path / "changed", keep_up_to=3)
+    with pytest.raises(ValueError, match=r"optimizer\.lr"):
+        run(workdir, shards, optimizer__lr=0.5, **CHECKPOINTED)
+    resumed = losses(run(workdir, shards, total_steps=6, checkpoint__every_steps=2, stop_after=4))
+    assert resumed[4] == straight_run[1][4]  # the checkpoint interval may change

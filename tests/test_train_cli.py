@@ -1,0 +1,219 @@
+"""The train binary: one `error:` line and a documented exit status for what users get wrong,
+and one job at a time per workdir (WORKDIR/LOCK)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+from etils import epath
+from gcs_server import gcs_bucket, gcs_dir  # noqa: F401 - fixtures
+from train_helpers import shards  # noqa: F401 - fixture
+
+from bioclip_jax.train import __main__ as train_main
+from bioclip_jax.train import exit_codes
+from bioclip_jax.train.workdir import LOCK_FILE, WorkdirInUseError, WorkdirLock, check_workdir
+
+REPO = os.path.join(os.path.dirname(__file__), "..")
+CONFIG = f"--config={REPO}/configs/synthetic_tiny.py:smoke"
+
+
+def train_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bioclip_jax.train", *args], capture_output=True, text=True,
+                          cwd=REPO, timeout=300)
+
+
+def one_error_line(result: subprocess.CompletedProcess, status: int) -> str:
+    """The single `error:` line of a run that failed with `status`, and no traceback."""
+    report = f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    assert result.returncode == status, report
+    assert "Traceback" not in result.stderr and "Exception" not in result.stderr, report
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, report
+    return errors[0]
+
+
+# ----------------------------------------------------------------------------- one line per mistake
+
+
+def test_read_only_workdir_is_one_line(shards):
+    workdir = "/sys/kernel"  # sysfs refuses new files even to root, which chmod does not
+    try:
+        check_workdir(workdir)
+        pytest.skip(f"{workdir} is writable here")
+    except OSError:
+        pass
+    line = one_error_line(train_cli(CONFIG, f"--workdir={workdir}", f"--config.data.train_shards={shards}"),
+                          exit_codes.ERROR)
+    assert f"cannot write to workdir {workdir}" in line and "writable directory" in line
+
+
+def test_workdir_that_is_a_file_is_one_line(shards, tmp_path):
+    path = tmp_path / "a_file"
+    path.write_text("not a directory")
+    line = one_error_line(train_cli(CONFIG, f"--workdir={path}", f"--config.data.train_shards={shards}"),
+                          exit_codes.ERROR)
+    assert f"workdir {path} is a file" in line and "give a directory" in line
+
+
+def test_misspelt_override_is_a_usage_error_naming_the_field(tmp_path):
+    line = one_error_line(train_cli(CONFIG, f"--workdir={tmp_path}", "--config.totl_steps=5"), exit_codes.USAGE)
+    assert "'totl_steps'" in line and "did you mean 'total_steps'" in line
+
+
+def test_missing_config_file_is_a_usage_error(tmp_path):
+    line = one_error_line(train_cli("--config=configs/nope.py", f"--workdir={tmp_path}"), exit_codes.USAGE)
+    assert "config file not found: configs/nope.py" in line
+
+
+def test_missing_init_weights_is_one_line_without_shutdown_noise(shards, tmp_path):
+    result = train_cli(CONFIG, f"--workdir={tmp_path / 'run'}", f"--config.data.train_shards={shards}",
+                       "--config.init=/nope.safetensors")
+    line = one_error_line(result, exit_codes.ERROR)
+    assert "/nope.safetensors" in line
+    assert "cannot schedule new futures" not in result.stderr + result.stdout
+
+
+def test_second_job_in_a_locked_workdir_refuses(shards, tmp_path):
+    holder = subprocess.Popen(["sleep", "60"])
+    try:
+        (tmp_path / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid}))
+        line = one_error_line(train_cli(CONFIG, f"--workdir={tmp_path}", f"--config.data.train_shards={shards}"),
+                              exit_codes.ERROR)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert f"process {holder.pid} on host {socket.gethostname()}" in line
+    assert not (tmp_path / "checkpoints").exists()  # refused before any work
+
+
+# ----------------------------------------------------------------------------- exit statuses, in process
+
+
+class FakeJob:
+    """Stands in for run_job: records its arguments (and whether the lock was held), then returns or raises."""
+
+    def __init__(self):
+        self.calls, self.result, self.error = [], {}, None
+
+    def __call__(self, config, workdir, **kwargs):
+        self.calls.append({"config": config, "lock_held": (epath.Path(workdir) / LOCK_FILE).exists(), **kwargs})
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+@pytest.fixture
+def fake_job(monkeypatch):
+    import bioclip_jax.train.job as job  # noqa: PLC0415
+    fake = FakeJob()
+    monkeypatch.setattr(job, "run_job", fake)
+    return fake
+
+
+def test_a_stop_exits_75_and_the_flags_reach_the_job(fake_job, tmp_path):
+    fake_job.result = {"loss": 1.0, "stopped": True}
+    status = train_main.main([CONFIG, f"--workdir={tmp_path}", "--allow_config_change", "--stop_after=3",
+                              "--config.total_steps=7"])
+    assert status == exit_codes.STOPPED
+    (call,) = fake_job.calls
+    assert call["allow_config_change"] is True and call["stop_after"] == 3 and call["config"].total_steps == 7
+    assert call["lock_held"] and not (tmp_path / LOCK_FILE).exists()  # held during the job, released after
+
+
+def test_a_finish_exits_0_and_an_error_exits_1_releasing_the_lock(fake_job, tmp_path, capsys):
+    assert train_main.main([CONFIG, f"--workdir={tmp_path}"]) == exit_codes.FINISHED
+    assert fake_job.calls[0]["allow_config_change"] is False
+    fake_job.error = ValueError("config.data.train_shards is empty")
+    assert train_main.main([CONFIG, f"--workdir={tmp_path}"]) == exit_codes.ERROR
+    assert capsys.readouterr().err == "error: config.data.train_shards is empty\n"
+    assert fake_job.calls[1]["lock_held"] and not (tmp_path / LOCK_FILE).exists()
+
+
+def test_bioclip_jax_train_returns_the_same_statuses(tmp_path):
+    from bioclip_jax.cli import main as cli  # noqa: PLC0415
+    assert cli.main(["train", f"--workdir={tmp_path}"]) == exit_codes.USAGE  # --config missing (argparse)
+    assert cli.main(["train", CONFIG, f"--workdir={tmp_path}", "--config.optimizer.lrr=1"]) == exit_codes.USAGE
+
+
+# ----------------------------------------------------------------------------- the workdir lock
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+def write_lock(workdir, **holder) -> None:
+    (epath.Path(workdir) / LOCK_FILE).write_text(json.dumps(holder))
+
+
+def test_lock_is_written_and_released(tmp_path):
+    with WorkdirLock(tmp_path):
+        holder = json.loads((tmp_path / LOCK_FILE).read_text())
+        assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname() and holder["started"]
+    assert not (tmp_path / LOCK_FILE).exists()
+
+
+def test_lock_is_released_after_an_error(tmp_path):
+    with pytest.raises(KeyError), WorkdirLock(tmp_path):
+        raise KeyError("boom")
+    assert not (tmp_path / LOCK_FILE).exists()
+
+
+def test_live_holder_refuses(tmp_path):
+    holder = subprocess.Popen(["sleep", "60"])
+    try:
+        write_lock(tmp_path, host=socket.gethostname(), pid=holder.pid)
+        with pytest.raises(WorkdirInUseError, match=f"process {holder.pid} on host {socket.gethostname()}"):
+            with WorkdirLock(tmp_path):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == holder.pid  # left alone
+
+
+def test_dead_holder_on_this_host_is_taken_over(tmp_path, capsys):
+    pid = dead_pid()
+    write_lock(tmp_path, host=socket.gethostname(), pid=pid)
+    with WorkdirLock(tmp_path):
+        assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+    assert f"taking over the lock {tmp_path / LOCK_FILE} of process {pid}" in capsys.readouterr().err
+    assert not (tmp_path / LOCK_FILE).exists()
+
+
+def test_holder_on_another_host_is_never_taken_over(tmp_path):
+    write_lock(tmp_path, host="some-other-node", pid=dead_pid())
+    with pytest.raises(WorkdirInUseError, match=f"If you know that job is dead, delete {tmp_path / LOCK_FILE}"):
+        with WorkdirLock(tmp_path):
+            pass
+    assert (tmp_path / LOCK_FILE).exists()
+
+
+def test_requeued_slurm_job_takes_over_its_own_lock_from_another_host(tmp_path, monkeypatch, capsys):
+    write_lock(tmp_path, host="node-that-failed", pid=1234, slurm_job_id="77", slurm_restart_count=0)
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    with WorkdirLock(tmp_path):
+        pass
+    assert "earlier run of this SLURM job 77" in capsys.readouterr().err
+    monkeypatch.setenv("SLURM_JOB_ID", "78")  # another job: refused
+    write_lock(tmp_path, host="node-that-failed", pid=1234, slurm_job_id="77", slurm_restart_count=0)
+    with pytest.raises(WorkdirInUseError):
+        with WorkdirLock(tmp_path):
+            pass
+
+
+def test_lock_and_workdir_check_on_a_bucket(gcs_dir):
+    workdir = check_workdir(gcs_dir)
+    with WorkdirLock(workdir):
+        assert json.loads((workdir / LOCK_FILE).read_text())["pid"] == os.getpid()
+    assert not (workdir / LOCK_FILE).exists()
+    write_lock(workdir, host="some-other-node", pid=1)
+    with pytest.raises(WorkdirInUseError, match="some-other-node"):
+        with WorkdirLock(workdir):
+            pass
