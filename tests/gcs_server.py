@@ -18,13 +18,18 @@ pointed at it by environment variables (`gcs_env()`, also for subprocesses):
 gcsfs caches directory listings forever by default, which would hide files another
 process (or tensorstore, in this one) wrote; the listing cache is switched off here.
 Production code that polls a bucket must not rely on this (see bioclip_jax.paths).
-If the server cannot start the fixture fails the test: it never skips.
+If the server cannot start the fixture fails the test: it never skips. The server lives
+as long as this process (tensorboardX's gs:// writers upload once more when collected at
+exit) and is then stopped by the kernel (PR_SET_PDEATHSIG), also if pytest is killed.
 """
 
 from __future__ import annotations
 
+import atexit
+import ctypes
 import json
 import os
+import signal
 import socket
 import subprocess
 import tempfile
@@ -54,6 +59,11 @@ def _binary() -> str:
     return str(_get_binary_path())
 
 
+def _die_with_parent() -> None:
+    """Runs in the child before exec: SIGTERM it when pytest dies, so no server is orphaned."""
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG (Linux)
+
+
 def _request(url: str, data: dict | None = None) -> int:
     body = None if data is None else json.dumps(data).encode()
     request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
@@ -71,7 +81,8 @@ def _start() -> str:
     process = subprocess.Popen(
         [_binary(), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port), "-backend", "memory",
          "-external-url", url, "-public-host", f"127.0.0.1:{port}", "-log-level", "warn"],
-        stdout=log, stderr=subprocess.STDOUT)  # a file, not a pipe: a full pipe would block the server
+        stdout=log, stderr=subprocess.STDOUT,  # a file, not a pipe: a full pipe would block the server
+        preexec_fn=_die_with_parent)
     deadline = time.monotonic() + 30
     while True:
         if process.poll() is not None or time.monotonic() > deadline:
@@ -85,15 +96,8 @@ def _start() -> str:
             time.sleep(0.1)
     _request(f"{url}/storage/v1/b?project=test", {"name": BUCKET})
     _server.update(process=process, url=url, log=log.name)
+    atexit.register(os.unlink, log.name)
     return url
-
-
-def _stop() -> None:
-    if _server:
-        _server["process"].terminate()
-        _server["process"].wait(timeout=10)
-        os.unlink(_server["log"])
-        _server.clear()
 
 
 def gcs_env() -> dict[str, str]:
@@ -125,23 +129,13 @@ def _forget_gcs_clients() -> None:
 
 @pytest.fixture(scope="session")
 def gcs_bucket():
-    """"gs://bioclip-test" on a live local server; this process's environment points at it."""
+    """"gs://bioclip-test" on a live local server; from now on this process's environment points at it."""
     try:
-        env = gcs_env()
+        os.environ.update(gcs_env())
     except Exception as error:  # noqa: BLE001 - a broken server must fail the test, never skip it
         pytest.fail(f"local GCS server unavailable: {error}", pytrace=False)
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
     _forget_gcs_clients()
-    try:
-        yield f"gs://{BUCKET}"
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        _stop()
+    return f"gs://{BUCKET}"
 
 
 @pytest.fixture

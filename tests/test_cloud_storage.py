@@ -84,7 +84,8 @@ sys.exit(cli.main(["export", "--checkpoint", workdir, "--step", "1", "--out", {o
 def test_fsdp_workdir_in_bucket_loads_and_exports_on_one_device(gcs_dir, shards, tmp_path):  # noqa: F811
     """Trained under 8-way fsdp into gs://; a 1-device process loads a chosen step and exports it."""
     workdir = f"{gcs_dir}/run"
-    run(workdir, shards, total_steps=2, checkpoint__every_steps=1, mesh__data=1, mesh__fsdp=8)
+    run(workdir, shards, total_steps=2, schedule__warmup_steps=1, checkpoint__every_steps=1, mesh__data=1,
+        mesh__fsdp=8)
     assert model_dir.finished_steps(workdir) == [1, 2]
     assert [r["step"] for r in read_metrics(workdir) if "loss" in r] == [1, 2]
 

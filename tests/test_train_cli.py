@@ -69,6 +69,14 @@ def test_missing_config_file_is_a_usage_error(tmp_path):
 
 
 def test_missing_init_weights_is_one_line_without_shutdown_noise(shards, tmp_path):
+    """Orbax's CheckpointManager scans its folder for unfinished saves in a background thread.
+
+    A run that failed before that scan ended used to exit under it ("cannot schedule new
+    futures after interpreter shutdown"); a folder with many entries makes the scan outlast
+    the failure every time, not just on a slow disk or bucket.
+    """
+    for i in range(2000):
+        (tmp_path / "run" / "checkpoints" / f"not-a-step-{i}").mkdir(parents=True)
     result = train_cli(CONFIG, f"--workdir={tmp_path / 'run'}", f"--config.data.train_shards={shards}",
                        "--config.init=/nope.safetensors")
     line = one_error_line(result, exit_codes.ERROR)

@@ -28,7 +28,8 @@ from bioclip_jax.train.workdir import WorkdirInUseError, check_workdir, hold_wor
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bioclip-jax train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        allow_abbrev=False, epilog="Any config field is set with --config.FIELD=VALUE, e.g. --config.optimizer.lr=3e-4.")
+        allow_abbrev=False,
+        epilog="Any config field is set with --config.FIELD=VALUE, e.g. --config.optimizer.lr=3e-4.")
     parser.add_argument("--config", required=True, help="training config file (configs/*.py), with :ARG for a size")
     parser.add_argument("--workdir", required=True,
                         help="where checkpoints, metrics and the exported model go (local or gs://)")
@@ -57,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         result = _run(config, args)
     except (ValueError, OSError, BadDataError, FloatingPointError, WorkdirInUseError) as error:
         return _fail(error, exit_codes.ERROR)
+    except KeyboardInterrupt:  # the second Ctrl-C: the user chose not to wait for the save
+        print("aborted without saving (second Ctrl-C); rerunning resumes from the last checkpoint",
+              file=sys.stderr, flush=True)
+        return exit_codes.ABORTED
     stopped = isinstance(result, dict) and result.get("stopped")
     return exit_codes.STOPPED if stopped else exit_codes.FINISHED
 

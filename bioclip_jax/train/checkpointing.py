@@ -71,6 +71,9 @@ class TrainCheckpointer:
         handlers = {PARAMS_DIR: ocp.StandardCheckpointHandler(), OPT_STATE: ocp.StandardCheckpointHandler(),
                     META: ocp.JsonCheckpointHandler(), DATA: grain.checkpoint.CheckpointHandler()}
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        # Orbax scans for unfinished saves in a thread that close() does not wait for; a run failing
+        # before its first save would exit under it ("cannot schedule new futures after interpreter shutdown").
+        self.manager._maybe_await_cleanup_tmp_directory()  # noqa: SLF001 - no public way to wait for it
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()

@@ -6,14 +6,15 @@
   75  STOPPED    stopped early by SIGTERM, SIGINT or a preemption notice, after a checkpoint
                  was saved and with no export; rerun the same command to resume
                  (75 is sysexits' EX_TEMPFAIL: "try again later")
+  130 ABORTED    a second Ctrl-C: stopped at once, without saving (the shell's 128 + SIGINT)
 
-launch/slurm_gpu.sbatch requeues the job on STOPPED; launch/local_multiprocess.sh and
-launch/tpu_pod.sh pass the status through.
+What each launcher does with each status: docs/exit_statuses.md.
 """
 
 FINISHED = 0
 ERROR = 1
 USAGE = 2
 STOPPED = 75
+ABORTED = 130
 
 DONE_FILE = "DONE"  # written into the workdir when a run finishes its whole schedule

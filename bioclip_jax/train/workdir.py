@@ -4,12 +4,12 @@
 that a read-only mount, a missing permission or a path that is a file fails in one line
 before data is indexed or a model is built (rather than at the first checkpoint).
 
-`WorkdirLock` (`hold_workdir` in a multi-process job) keeps two jobs from training into the same workdir, where they would
-overwrite each other's checkpoints. Process 0 of a job writes WORKDIR/LOCK (JSON: host,
-pid, start time, SLURM job and restart count when under SLURM) and removes it on exit,
-also after an error. A second job that finds the file refuses, naming the holder. A lock
-left behind by a job that died without cleaning up is taken over, with a message, only
-when that is provably safe:
+`hold_workdir` (a `WorkdirLock` taken by process 0, its outcome shared with all processes)
+keeps two jobs from training into the same workdir, where they would overwrite each
+other's checkpoints. Process 0 writes WORKDIR/LOCK (JSON: host, pid, start time, SLURM job
+and restart count when under SLURM) and removes it on exit, also after an error. A second
+job that finds the file refuses, naming the holder. A lock left behind by a job that died
+without cleaning up is taken over, with a message, only when that is provably safe:
 - the holder ran on this host and its pid is gone (or is now this process's, as after a
   container restart);
 - the holder is an earlier incarnation of this same SLURM job (a requeue after a node
@@ -18,8 +18,8 @@ A lock from another host is otherwise never taken over; the message says to dele
 once the user knows that job is dead.
 
 Locally the file is created with O_CREAT|O_EXCL, which is atomic. On gs:// (etils.epath)
-there is no exclusive create: the lock is read, then written, then read back, which
-catches all but two jobs starting within the same second.
+there is no exclusive create: the lock is looked for, written, then read back, which misses
+only two jobs that start at the same instant.
 """
 
 from __future__ import annotations
@@ -122,8 +122,8 @@ class WorkdirLock:
             print(f"taking over the lock {self.path} of {_describe(holder)}: {why}", file=sys.stderr, flush=True)
             if self._read() == holder:
                 self.path.unlink(missing_ok=True)
-        raise WorkdirInUseError(f"could not take the lock {self.path}: other jobs keep taking it; is another job "
-                           f"starting in this workdir?")
+        raise WorkdirInUseError(f"could not take the lock {self.path}: other jobs keep taking it; is another "
+                                f"job starting in this workdir?")
 
     def __exit__(self, *exc) -> None:
         try:
