@@ -15,11 +15,13 @@ import numpy as np
 import open_clip
 import pytest
 from etils import epath
+from PIL import Image
 
 from bioclip_jax import create_model, export_open_clip, save_model
 from bioclip_jax.checkpoint import model_dir
 from bioclip_jax.cli import main as cli
 from bioclip_jax.convert import state_dict_io
+from bioclip_jax.evaluate import cli as eval_cli
 from bioclip_jax.evaluate import results, runner
 from bioclip_jax.models.params import flat_params
 from bioclip_jax.pretrained import model_metadata
@@ -104,21 +106,41 @@ def test_fsdp_workdir_in_bucket_loads_and_exports_on_one_device(gcs_dir, shards,
     assert set(reference.state_dict()) == set(latest)
 
 
-def test_missing_step_is_one_sentence_listing_the_steps(gcs_dir, capsys):
+@pytest.fixture
+def bucket_workdir(gcs_dir):
+    """A training workdir in the bucket with finished steps 3 and 6 (no training: quick)."""
     model = create_model(TINY, seed=2)
     workdir = f"{gcs_dir}/run"
     model_dir.write_model_json(workdir, *model_metadata(model))
     for step in (3, 6):
         model_dir.save_params(f"{workdir}/checkpoints/{step}", flat_params(model))
-    # save_params commits params/ itself, not the step folder as a CheckpointManager does in a bucket
-    for step in (3, 6):
+        # in a bucket a CheckpointManager commits the step folder with this file; save_params commits params/
         (epath.Path(workdir) / "checkpoints" / str(step) / "commit_success.txt").write_text("")
-    assert model_dir.finished_steps(workdir) == [3, 6]
-    assert cli.main(["export", "--checkpoint", workdir, "--step", "4", "--out", f"{gcs_dir}/x"]) == 1
+    (epath.Path(workdir) / "checkpoints" / "9" / "params").mkdir(parents=True)  # being written: ignored
+    return workdir
+
+
+def test_missing_step_is_one_sentence_listing_the_steps(bucket_workdir, gcs_dir, capsys):
+    assert model_dir.finished_steps(bucket_workdir) == [3, 6]
+    assert cli.main(["export", "--checkpoint", bucket_workdir, "--step", "4", "--out", f"{gcs_dir}/x"]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "step 4" in err and "available steps: 3, 6" in err, err
     with pytest.raises(ValueError, match="training workdir"):
         create_model(TINY, None, step=3)
+
+
+def test_watch_writes_results_and_metrics_into_the_bucket(bucket_workdir, tmp_path):
+    for name, colour in {"Corvus corax": (15, 15, 20), "Rosa canina": (40, 170, 60)}.items():
+        (tmp_path / "images" / name).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((40, 40, 3), colour, np.uint8)).save(tmp_path / "images" / name / f"{i}.jpg")
+    assert eval_cli.main(["--workdir", bucket_workdir, "--watch", "--watch_timeout=0", "--poll_seconds=0.01",
+                          "--no_progress", f"--data=folder:{tmp_path / 'images'}", "--tasks=few_shot",
+                          "--shots=1", "--trials=1", "--plot_embeddings=genus", "--batch_size=8"]) == 0
+    assert [r["step"] for r in read_metrics(bucket_workdir)] == [3, 6]
+    written = {p.name for p in (epath.Path(bucket_workdir) / "eval" / "6").iterdir()}
+    assert {"results.json", "results.md", "results.png", "results_images_genus.png"} <= written, written
+    assert results.read_json(_download(f"{bucket_workdir}/eval/6", tmp_path / "e6") + "/results.json")
 
 
 def test_metrics_in_bucket_and_drop_after(gcs_dir):
@@ -136,8 +158,9 @@ def test_metrics_in_bucket_and_drop_after(gcs_dir):
 
 def test_drop_after_keeps_local_rows_up_to_the_step(tmp_path):
     lines = [{"step": 1, "loss": 1}, {"step": 2, "loss": 2}, {"note": "no step"}, {"step": 3, "loss": 3}]
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    assert drop_after(tmp_path, 2) == 1
+    text = "".join(json.dumps(r) + "\n" for r in lines)
+    (tmp_path / "metrics.jsonl").write_text(text + '{"step": 4, "lo')  # killed mid-write
+    assert drop_after(tmp_path, 2) == 2
     assert read_metrics(tmp_path) == lines[:3]
     assert drop_after(tmp_path, 2) == 0
 

@@ -189,3 +189,39 @@ def test_replicated_batch_axes_across_processes_are_refused(monkeypatch):
     with pytest.raises(ValueError, match=r"replicates the batch over \['tensor'\] across processes"):
         sharding_lib.check_batch_layout(mesh)
     sharding_lib.check_batch_layout(make_mesh(2, 4, 1))  # batch split over every axis: accepted
+
+
+def test_sigterm_to_one_process_stops_every_process_at_the_same_saved_step(shards, tmp_path):
+    """JAX's preemption service owns SIGTERM in a multi-process job (no Python handler replaces
+    it): a notice to one host reaches all of them, they save the same step and exit 75."""
+    import re
+    import signal
+    import time
+
+    from bioclip_jax.train.exit_codes import STOPPED
+
+    workdir, log_dir = tmp_path / "run", tmp_path / "logs"
+    command = ["bash", LAUNCHER, "2", "4", "--", "--config=configs/synthetic_tiny.py:smoke", f"--workdir={workdir}",
+               f"--config.data.train_shards={shards}", "--config.total_steps=500",
+               "--config.checkpoint.every_steps=1000", *_flags(MESH)]
+    env = dict(_subprocess_env(4), PYTHON=sys.executable, LOG_DIR=str(log_dir), KILL_GRACE_SECONDS="3")
+    with open(tmp_path / "launcher.out", "w") as output:
+        launcher = subprocess.Popen(command, cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + LAUNCH_TIMEOUT
+        while len(read_metrics(str(workdir))) < 2:
+            assert launcher.poll() is None, (tmp_path / "launcher.out").read_text()
+            assert time.time() < deadline, "the 2-process run logged no step in time"
+            time.sleep(0.5)
+        os.kill(int((log_dir / "process-1.pid").read_text()), signal.SIGTERM)
+        returncode = launcher.wait(timeout=240)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    logs = [(log_dir / f"process-{i}.log").read_text() for i in range(2)]
+    assert returncode == STOPPED, (tmp_path / "launcher.out").read_text() + "\n".join(logs)
+    steps = [set(re.findall(r"Reached preemption sync point, step=(\d+)", log)) for log in logs]
+    assert len(steps[0]) == 1 and steps[0] == steps[1], steps
+    saved = int(next(iter(steps[0])))
+    assert (workdir / "checkpoints" / str(saved)).is_dir() and saved < 500
+    assert not (workdir / "open_clip").exists() and not (workdir / "DONE").exists()

@@ -7,7 +7,8 @@
 
 A config file defines `get_config(arg=None)` returning a ConfigDict whose fields are
 those of `runner.default_config()`; flags given on the command line win over the file,
-and `--config.FIELD=VALUE` changes any field.
+and `--config.FIELD=VALUE` changes any field. --pretrained, --workdir and --out may be
+gs:// paths.
 """
 
 from __future__ import annotations

@@ -73,7 +73,6 @@ class MetricsWriter:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
-            self._tb = None  # tensorboardX's gs:// writer uploads again when collected: now, not at exit
 
 
 def _plain(value):
@@ -100,10 +99,20 @@ def read_metrics(workdir: paths.PathLike) -> list[dict]:
     return [json.loads(line) for line in _lines(workdir) if line.strip()]
 
 
+def _up_to(line: str, step: int) -> bool:
+    try:
+        return json.loads(line).get("step", step) <= step
+    except (ValueError, AttributeError, TypeError):
+        return False  # a line cut short when a run was killed mid-write
+
+
 def drop_after(workdir: paths.PathLike, step: int) -> int:
-    """Removes the records of steps after `step` from WORKDIR/metrics.jsonl; returns how many."""
+    """Removes the records of steps after `step` (and damaged lines) from WORKDIR/metrics.jsonl.
+
+    Returns how many lines went. A resumed run repeats the steps after its checkpoint.
+    """
     lines = [line for line in _lines(workdir) if line.strip()]
-    kept = [line for line in lines if json.loads(line).get("step", step) <= step]
+    kept = [line for line in lines if _up_to(line, step)]
     if len(kept) < len(lines):
         paths.write_atomically(epath.Path(workdir) / METRICS_FILE, "".join(line + "\n" for line in kept))
     return len(lines) - len(kept)
