@@ -15,6 +15,7 @@ pointed at it by environment variables (`gcs_env()`, also for subprocesses):
   tensorstore (Orbax arrays)    TENSORSTORE_GCS_HTTP_URL + GOOGLE_AUTH_TOKEN_FOR_TESTING
   gcsfs's bucket-type probe     GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false (it asks a gRPC control
                                 plane the emulator lacks, and retries for minutes per call)
+  etils.epath                   EPATH_USE_TF=false (gcsfs even if TensorFlow is installed)
 gcsfs caches directory listings forever by default, which would hide files another
 process (or tensorstore, in this one) wrote; the listing cache is switched off here.
 Production code that polls a bucket must not rely on this (see bioclip_jax.paths).
@@ -109,6 +110,7 @@ def gcs_env() -> dict[str, str]:
         "GOOGLE_AUTH_TOKEN_FOR_TESTING": "fake-token",
         "FSSPEC_GCS": json.dumps(_FSSPEC_GCS),
         "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+        "EPATH_USE_TF": "false",
         "NO_GCE_CHECK": "true",
         "GOOGLE_CLOUD_PROJECT": "test",
     }

@@ -225,3 +225,14 @@ def test_sigterm_to_one_process_stops_every_process_at_the_same_saved_step(shard
     saved = int(next(iter(steps[0])))
     assert (workdir / "checkpoints" / str(saved)).is_dir() and saved < 500
     assert not (workdir / "open_clip").exists() and not (workdir / "DONE").exists()
+
+
+def test_a_finished_run_is_marked_done_and_a_rerun_does_nothing(one_process, shards, capsys):
+    from bioclip_jax.train.job import done_step  # noqa: PLC0415
+
+    assert done_step(one_process) == 4
+    exported = (one_process / "open_clip" / "open_clip_model.safetensors").stat().st_mtime_ns
+    capsys.readouterr()
+    assert run_job(smoke_config(shards, **STEPS, **MESH, **_held_out(shards)), str(one_process)) == {}
+    assert "nothing to do" in capsys.readouterr().out
+    assert (one_process / "open_clip" / "open_clip_model.safetensors").stat().st_mtime_ns == exported

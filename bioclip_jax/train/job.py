@@ -14,6 +14,7 @@ import jax
 import ml_collections
 from etils import epath
 
+from bioclip_jax import paths
 from bioclip_jax.train.exit_codes import DONE_FILE
 from bioclip_jax.train.loop import train
 from bioclip_jax.train.periodic_eval import eval_fn_from_config, text_types
@@ -66,6 +67,12 @@ def run_job(config: ml_collections.ConfigDict, workdir, stop_after: int | None =
     scheduler's grace period is spent on the checkpoint, and the unfinished model is not
     mistaken for a result.
     """
+    finished_at = done_step(workdir)
+    if finished_at is not None and finished_at >= config.total_steps:
+        if jax.process_index() == 0:
+            print(f"{workdir} finished its {finished_at} steps already ({DONE_FILE}); nothing to do. Raise "
+                  f"--config.total_steps to train on, or use a new workdir.", flush=True)
+        return {}
     config = with_synthetic_data(config, workdir)
     eval_fn = eval_fn_from_config(config)
     last = train(config, workdir, stop_after=stop_after, eval_fn=eval_fn, allow_config_change=allow_config_change)
@@ -86,11 +93,14 @@ def run_job(config: ml_collections.ConfigDict, workdir, stop_after: int | None =
 
 def mark_done(workdir, step: int) -> None:
     """WORKDIR/DONE: the run finished its schedule and its export is complete."""
-    (epath.Path(workdir) / DONE_FILE).write_text(json.dumps({"step": int(step), "time": time.time()}) + "\n")
+    paths.write_atomically(epath.Path(workdir) / DONE_FILE,
+                           json.dumps({"step": int(step), "time": time.time()}) + "\n")
 
 
-def is_done(workdir) -> bool:
-    return (epath.Path(workdir) / DONE_FILE).exists()
+def done_step(workdir) -> int | None:
+    """The step WORKDIR/DONE records, or None when the run has not finished."""
+    path = paths.uncached(epath.Path(workdir) / DONE_FILE)
+    return int(json.loads(path.read_text())["step"]) if path.exists() else None
 
 
 def held_out_report(metrics: dict, types: list[str]) -> str:
