@@ -143,3 +143,20 @@ def test_resuming_with_a_changed_recipe_is_refused_with_a_diff(straight_run, sha
         run(workdir, shards, optimizer__lr=0.5, **CHECKPOINTED)
     resumed = losses(run(workdir, shards, total_steps=6, checkpoint__every_steps=2, stop_after=4))
     assert resumed[4] == straight_run[1][4]  # the checkpoint interval may change
+
+
+def test_an_allowed_model_change_is_recorded_and_reaches_the_model_json(straight_run, shards, tmp_path):
+    import json
+
+    from bioclip_jax.train.loop import train
+    from bioclip_jax.train.run_identity import read_config_history
+
+    workdir = _copy(straight_run[0], tmp_path / "quickgelu", keep_up_to=3)
+    with pytest.raises(ValueError, match=r"model\.name: \"ViT-Tiny-8\" -> \"ViT-Tiny-8-quickgelu\""):
+        run(workdir, shards, model__name="ViT-Tiny-8-quickgelu", **CHECKPOINTED)
+    config = smoke_config(shards, model__name="ViT-Tiny-8-quickgelu", **CHECKPOINTED)
+    train(config, str(workdir), stop_after=4, allow_config_change=True)
+    assert json.loads((workdir / "bioclip_jax_model.json").read_text())["model_cfg"].get("quick_gelu") is True
+    assert json.loads((workdir / "config.json").read_text())["model"]["name"] == "ViT-Tiny-8-quickgelu"
+    [entry] = read_config_history(workdir)
+    assert entry["step"] == 3 and entry["changes"]["model.name"] == ["ViT-Tiny-8", "ViT-Tiny-8-quickgelu"]

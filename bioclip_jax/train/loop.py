@@ -42,7 +42,7 @@ from bioclip_jax.train.workdir import check_workdir
 from bioclip_jax.transforms import PreprocessConfig
 
 EvalFn = Callable[..., dict]  # (model, step, mesh) -> metrics
-CONFIG_JSON = "config.json"
+CONFIG_JSON = run_identity.CONFIG_JSON
 
 
 def initial_params(config: ml_collections.ConfigDict) -> tuple[dict, PreprocessConfig]:
@@ -97,14 +97,18 @@ def train(config: ml_collections.ConfigDict, workdir, stop_after: int | None = N
     checkpointer = TrainCheckpointer(workdir, config.checkpoint.every_steps, config.checkpoint.keep,
                                      config.checkpoint.async_save)
     writer = MetricsWriter(workdir, config.total_steps)
-    restored = None
+    restored, changes = None, []
     if checkpointer.latest_step() is not None:
-        _check_same_run(workdir, config, allow_config_change, checkpointer.latest_step())
+        changes = _config_changes(workdir, config, allow_config_change)
         restored = checkpointer.restore_latest_good(layout.abstract, layout.shardings, data_iterator)
     if restored is not None:
         start, state = restored
+        if changes and jax.process_index() == 0:
+            run_identity.record_config_change(workdir, config, changes, start)
         meta = model_dir.read_model_json(workdir)
         preprocess = PreprocessConfig.from_open_clip(meta["preprocess_cfg"], arch.vision.image_size)
+        if jax.process_index() == 0 and meta["model_cfg"] != to_open_clip(arch):  # an accepted model change
+            model_dir.write_model_json(workdir, to_open_clip(arch), meta["preprocess_cfg"])
         writer.drop_after(start)
         _log0(f"resumed from step {start} in {checkpointer.directory}")
     else:
@@ -177,14 +181,12 @@ def train(config: ml_collections.ConfigDict, workdir, stop_after: int | None = N
     return last
 
 
-def _check_same_run(workdir: epath.Path, config: ml_collections.ConfigDict, allow_change: bool, step: int) -> None:
-    """Refuses to resume under a changed config unless asked to; a permitted change is recorded."""
+def _config_changes(workdir: epath.Path, config: ml_collections.ConfigDict, allow_change: bool) -> list:
+    """How the config differs from the run's saved one; a refused difference raises ValueError."""
     saved_path = paths.uncached(workdir / CONFIG_JSON)
     if not saved_path.exists():
-        return
-    changes = run_identity.check_resumed_config(json.loads(saved_path.read_text()), config, allow_change)
-    if changes and jax.process_index() == 0:
-        run_identity.record_config_change(workdir, config, changes, step)
+        return []
+    return run_identity.check_resumed_config(json.loads(saved_path.read_text()), config, allow_change)
 
 
 def _train_tokenizer(config: ml_collections.ConfigDict, arch) -> functools.partial:
