@@ -160,3 +160,12 @@ def test_an_allowed_model_change_is_recorded_and_reaches_the_model_json(straight
     assert json.loads((workdir / "config.json").read_text())["model"]["name"] == "ViT-Tiny-8-quickgelu"
     [entry] = read_config_history(workdir)
     assert entry["step"] == 3 and entry["changes"]["model.name"] == ["ViT-Tiny-8", "ViT-Tiny-8-quickgelu"]
+
+
+def test_a_diverging_run_stops_naming_the_last_good_checkpoint(shards, tmp_path):
+    """With a learning rate that blows the weights up, the run stops at the first non-finite
+    loss or state, and the message says which checkpoint to go back to."""
+    workdir = tmp_path / "diverged"
+    with pytest.raises(FloatingPointError, match=r"The last good checkpoint is step 1 in "):
+        run(workdir, shards, optimizer__lr=1e30, total_steps=6, checkpoint__every_steps=2, log_every_steps=4)
+    assert _steps_on_disk(workdir) == [1]
