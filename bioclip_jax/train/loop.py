@@ -121,6 +121,7 @@ def train(config: ml_collections.ConfigDict, workdir, stop_after: int | None = N
 
     step_fn = make_train_step(config, skeleton, layout, mesh, schedule, preprocess.mean, preprocess.std)
     end = config.total_steps if stop_after is None else min(stop_after, config.total_steps)
+    _log0(_startup_summary(config, mesh, layout, workdir, start, end))
     flops_per_step = model_flops_per_pair(arch) * config.data.batch_size
     peak = device_peak_tflops(config.device_peak_tflops)
     skipped_total = np.zeros(len(SKIP_REASONS), np.int64)
@@ -136,6 +137,8 @@ def train(config: ml_collections.ConfigDict, workdir, stop_after: int | None = N
             skipped_total += np.asarray(batch["skipped"], np.int64)
             global_batch = sharding_lib.host_batch_to_global(
                 {"image": batch["image"], "tokens": batch["tokens"]}, mesh)
+            if step == start:
+                _log0("compiling the train step (the first step takes longer) ...")
             state, metrics = step_fn(state, global_batch)
             step += 1
             window_steps += 1
@@ -163,7 +166,8 @@ def train(config: ml_collections.ConfigDict, workdir, stop_after: int | None = N
                 stop_requested, stopped_by = True, "a preemption notice"
             elif stop_requested:
                 stopped_by = stop_signals.reason or "a signal on another process"
-            checkpointer.save(step, state, data_iterator, force=stop_requested or step == end)
+            if checkpointer.save(step, state, data_iterator, force=stop_requested or step == end):
+                _log0(f"saving checkpoint step {step} to {checkpointer.directory}")
             if stop_requested:
                 break
 
@@ -187,6 +191,22 @@ def _config_changes(workdir: epath.Path, config: ml_collections.ConfigDict, allo
     if not saved_path.exists():
         return []
     return run_identity.check_resumed_config(json.loads(saved_path.read_text()), config, allow_change)
+
+
+def _startup_summary(config: ml_collections.ConfigDict, mesh, layout: state_lib.StateLayout, workdir,
+                     start: int, end: int) -> str:
+    """What is about to run, in a few lines, before the first (slow, compiling) step."""
+    parameters = sum(int(np.prod(a.shape)) for a in layout.abstract["params"].values())
+    batch = config.data.batch_size
+    shards = sharding_lib.batch_shard_count(mesh)
+    return "\n".join([
+        f"model {config.model.name}: {parameters / 1e6:.1f}M parameters, {config.dtype} compute",
+        f"devices: {jax.device_count()} x {jax.devices()[0].device_kind} in {jax.process_count()} process(es); "
+        f"mesh {dict(mesh.shape)}",
+        f"batch: {batch} global, {batch // jax.process_count()} per process, {batch // shards} per batch shard",
+        f"steps {start} -> {end} of {config.total_steps}; data {config.data.train_shards}",
+        f"workdir {workdir}",
+    ])
 
 
 def _train_tokenizer(config: ml_collections.ConfigDict, arch) -> functools.partial:
