@@ -15,7 +15,9 @@ It receives images already normalised in float32, as its data loader delivers th
 
 --memory compiles (never runs) on 8 simulated CPU devices and reads each program's
 `memory_analysis()`: the loss and its gradient alone on [B, D] features, and the full
-train step of a tiny model, for B = 256 .. 4096.
+train step of a tiny model, for B = 256 .. 4096; then the same total batch run as
+--accumulate-steps micro-batches with global negatives (the same update) against the
+full step, and the saving in temporaries.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ MEMORY_DEVICES = 8
 # ----------------------------------------------------------------------------- ours
 
 
-def jax_step(model_name: str, batch: int, dtype: str, remat: bool, devices):
+def jax_step(model_name: str, batch: int, dtype: str, remat: bool, devices, accumulate_steps: int = 1):
     """(config, mesh, layout, jitted step) built as bioclip_jax.train.loop builds them."""
     from bioclip_jax.parallel.mesh import make_mesh  # noqa: PLC0415
     from bioclip_jax.train import state as state_lib  # noqa: PLC0415
@@ -49,6 +51,7 @@ def jax_step(model_name: str, batch: int, dtype: str, remat: bool, devices):
     config = base_config()
     config.model.name, config.dtype, config.remat = model_name, dtype, remat
     config.data.batch_size = batch
+    config.optimizer.accumulate_steps = accumulate_steps  # global negatives: `batch` is still the whole batch
     config.total_steps = 100_000
     config.schedule.name, config.schedule.warmup_steps = "constant", 0  # lr 1e-4, as the reference's AdamW
     mesh = make_mesh(devices=devices)
@@ -257,15 +260,16 @@ def dense_loss_memory(global_batch: int, embed_dim: int, device) -> dict:
     return _bytes(jax.jit(grad).lower(features, features, scale).compile())
 
 
-def step_memory(model_name: str, global_batch: int, devices) -> dict:
-    """Per-device bytes of the whole compiled train step (tiny model) at this global batch."""
+def step_memory(model_name: str, global_batch: int, devices, accumulate_steps: int = 1) -> dict:
+    """Per-device bytes of the whole compiled train step (tiny model) at this global batch,
+    run as `accumulate_steps` micro-batches with global negatives."""
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
 
     from bioclip_jax.models.config import get_model_config  # noqa: PLC0415
     from bioclip_jax.parallel.sharding import batch_sharding  # noqa: PLC0415
 
-    _, mesh, layout, step = jax_step(model_name, global_batch, "float32", False, devices)
+    _, mesh, layout, step = jax_step(model_name, global_batch, "float32", False, devices, accumulate_steps)
     size = get_model_config(model_name).vision.image_size
     abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                   layout.abstract, layout.shardings)
@@ -316,7 +320,30 @@ def measure_memory(args) -> dict:
           f"[{per_device}, B]): loss temp MiB per device")
     for r, g in zip(weak, _growth([r["loss_temp_per_device"] for r in weak])):
         print(f"{r['devices']:3d} devices  B={r['global_batch']:5d}  {r['loss_temp_per_device'] / mib:9.2f}  exp {g}")
-    return {"fixed_devices": strong, "fixed_rows_per_device": weak}
+    return {"fixed_devices": strong, "fixed_rows_per_device": weak,
+            "accumulated": accumulation_memory(args, strong, devices)}
+
+
+def accumulation_memory(args, full_steps: list[dict], devices) -> list[dict]:
+    """The same total batch as one step and as k micro-batches with global negatives (the same update)."""
+    k, mib = args.accumulate_steps, 2.0 ** 20
+    rows = []
+    for full in full_steps:
+        batch = full["global_batch"]
+        if batch % (k * MEMORY_DEVICES):
+            continue
+        accumulated = step_memory(args.memory_model, batch, devices, k)
+        rows.append({"global_batch": batch, "accumulate_steps": k, "full_step": full["step"],
+                     "accumulated_step": accumulated,
+                     "temp_saving": 1.0 - accumulated["temp"] / full["step"]["temp"]})
+    print(f"\n{args.memory_model}, same total batch as one step and as optimizer.accumulate_steps={k} micro-batches "
+          f"(global negatives): MiB per device")
+    print(f"{'B':>6} {'full temp':>10} {'accum temp':>11} {'saving':>7} {'full args':>10} {'accum args':>11}")
+    for r in rows:
+        full, acc = r["full_step"], r["accumulated_step"]
+        print(f"{r['global_batch']:6d} {full['temp'] / mib:10.2f} {acc['temp'] / mib:11.2f} {r['temp_saving']:7.1%} "
+              f"{full['arguments'] / mib:10.2f} {acc['arguments'] / mib:11.2f}")
+    return rows
 
 
 # ----------------------------------------------------------------------------- main
@@ -339,6 +366,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--memory-batches",
                         help="global batches of the memory table (default 256,512,1024,2048,4096; 256,512 with --quick)")
     parser.add_argument("--memory-model", default="ViT-Tiny-8", help="model of the full-step memory column")
+    parser.add_argument("--accumulate-steps", type=int, default=4,
+                        help="micro-batches of the accumulated step in the --memory comparison (default 4)")
     _timing.add_common_arguments(parser, repeats=3)
     args = parser.parse_args(argv)
     args.model = args.model or ("ViT-Tiny-8" if args.quick else "ViT-B-16")
@@ -358,8 +387,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--memory-batches {args.memory_batches!r} is not a comma-separated list of integers")
     if any(b <= 0 or b % MEMORY_DEVICES for b in args.memory_batches):
         parser.error(f"--memory-batches must be positive multiples of {MEMORY_DEVICES}")
-    if args.batch < 1 or args.repeats < 1:
-        parser.error("--batch and --repeats must be >= 1")
+    if args.batch < 1 or args.repeats < 1 or args.accumulate_steps < 1:
+        parser.error("--batch, --repeats and --accumulate-steps must be >= 1")
     return args
 
 

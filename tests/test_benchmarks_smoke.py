@@ -88,6 +88,10 @@ def test_train_step_memory_table_has_every_batch(tmp_path):
     # The sharded loss holds a [B/8, B] block per device, the dense one [B, B] on one device.
     assert fixed[-1]["loss_temp_per_device"] < fixed[-1]["dense_loss_temp_one_device"]
     assert [r["devices"] for r in result["fixed_rows_per_device"]] == [1, 2, 4, 8]
+    # The same batch as 4 micro-batches with global negatives needs less temporary memory than one step.
+    accumulated = result["accumulated"]
+    assert [r["global_batch"] for r in accumulated] == [64, 128]
+    assert all(r["accumulated_step"]["temp"] < r["full_step"]["temp"] for r in accumulated)
 
 
 def test_data_compares_both_loaders_and_feeds_a_step(tmp_path):

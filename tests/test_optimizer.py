@@ -176,12 +176,23 @@ def test_gradient_clipping_scales_to_the_global_norm():
     np.testing.assert_allclose(first_moment["proj"]["kernel"].value, (1 - 0.9) * clipped, rtol=1e-5)
 
 
+def test_global_negatives_accumulation_leaves_the_optimizer_plain():
+    """The train step accumulates by itself (tests/test_accumulation.py): one call, one update."""
+    params = _params()
+    grads = _random_grads(params, 0)
+    accumulating = _run(make_optimizer(_config(accumulate_steps=4), TOTAL_STEPS), params, [grads])[0][-1]
+    plain = _run(make_optimizer(_config(), TOTAL_STEPS), params, [grads])[0][-1]
+    for name, value in _flat(plain).items():
+        np.testing.assert_array_equal(_flat(accumulating)[name], value, err_msg=name)
+
+
 def test_accumulating_k_micro_steps_equals_one_step_on_the_mean_gradient():
     params, k = _params(), 3
     micro_grads = [_random_grads(params, seed) for seed in range(k)]
     mean_grad = jax.tree.map(lambda *g: sum(g) / k, *micro_grads)
 
-    history, _ = _run(make_optimizer(_config(accumulate_steps=k), TOTAL_STEPS), params, micro_grads)
+    independent = _config(accumulate_steps=k, accumulate_mode="independent_microbatches")
+    history, _ = _run(make_optimizer(independent, TOTAL_STEPS), params, micro_grads)
     single = _run(make_optimizer(_config(), TOTAL_STEPS), params, [mean_grad])[0][-1]
 
     for name, value in _flat(single).items():
@@ -197,6 +208,7 @@ def test_accumulating_k_micro_steps_equals_one_step_on_the_mean_gradient():
         (_config("linear"), "schedule.name 'linear' is unknown"),
         (_config(warmup=TOTAL_STEPS), "must exceed schedule.warmup_steps"),
         (_config(accumulate_steps=0), "accumulate_steps must be >= 1"),
+        (_config(accumulate_mode="average"), "accumulate_mode 'average' is unknown"),
     ],
 )
 def test_bad_config_gives_clear_errors(config, message):

@@ -154,3 +154,32 @@ def test_memory_sizes_read_decimal_and_binary_units():
     assert plan_cli.parse_bytes("80GB") == 80 * 10**9
     assert plan_cli.parse_bytes("16GiB") == 16 * 2**30
     assert plan_cli.parse_bytes("1.5e9") == 1_500_000_000
+
+
+class _FakeCompiler:
+    """Memory without compiling: 1 GB of state + 100 MB per sample of a micro-batch, + 500 MB when accumulating."""
+
+    def __init__(self, config, mesh):
+        from bioclip_jax.train.optimizer import accumulation
+        self.micro_batches = accumulation(config)[0]
+        self.batch_shards, self.flops_per_pair, self.compiles = mesh.size, 1.0, 0
+
+    def __call__(self, per_device_batch):
+        self.compiles += 1
+        temp = 100e6 * per_device_batch // self.micro_batches + (500e6 if self.micro_batches > 1 else 0)
+        return plan_cli.StepPlan(per_device_batch, per_device_batch * self.batch_shards, 0, 0, 0, argument_bytes=10**9,
+                                 temp_bytes=int(temp), output_bytes=0, alias_bytes=0, flops=0.0, model_flops=0.0)
+
+
+def test_a_batch_that_does_not_fit_gets_the_fewest_micro_batches_that_do(monkeypatch):
+    monkeypatch.setattr(plan_cli, "StepCompiler", _FakeCompiler)
+    config = plan_cli.load_train_config(TINY, ["--config.data.batch_size=512"])  # 64 per device
+    result = plan_cli.plan(config, plan_cli.parse_mesh("data=8"), devices=8, device_memory=3 * 10**9)
+    assert result["largest_batch"]["per_device"] == 20
+    assert plan_cli.fewest_microbatches(64, 20) == [4, 8, 16, 32, 64]
+    # 4 micro-batches of 16 would fit as a plain step, but not with the accumulator: 8 of 8 do.
+    assert result["suggest"] == {"accumulate_steps": 8, "micro_batch_per_device": 8, "peak_bytes": 2_300_000_000,
+                                 "fits": True}
+    assert "--config.optimizer.accumulate_steps=8" in plan_cli.format_plan(result)
+    fitting = plan_cli.plan(config, plan_cli.parse_mesh("data=8"), devices=8, device_memory=8 * 10**9)
+    assert "suggest" not in fitting

@@ -6,6 +6,9 @@ device, the memory of parameters, optimiser state, the input batch and XLA's
 temporaries (activations kept for the backward pass, gradients, workspace) from the
 compiled executable's memory analysis, the FLOPs per step, and with --device-memory
 the largest per-device batch that fits (a few compiles: a linear fit, then bisection).
+When the config's batch does not fit but a smaller one does, it suggests
+`optimizer.accumulate_steps=k`: the same batch, with all its negatives, as k micro-batches
+(checked by compiling that step too).
 
 --devices N simulates N CPU devices, so a laptop plans a 256-chip pod. XLA:CPU lays
 out buffers a little differently from TPU and GPU compilers: read the figures as close
@@ -129,7 +132,9 @@ class StepCompiler:
         self.step = make_train_step(config, skeleton, self.layout, mesh, make_schedule(config, config.total_steps))
         # XLA's cost analysis counts a loop body once, so FLOPs are counted on the same step with
         # the blocks unrolled; it is only traced and lowered (cheap), never compiled.
-        unrolled = config.copy_and_resolve_references()
+        # Accumulation's micro-batch loop is a loop too: the count is of the batch as one step (it
+        # leaves out accumulation's extra forward pass).
+        unrolled = without_accumulation(config)
         unrolled.scan_layers = False
         self.counting_step = make_train_step(unrolled, state_lib.model_skeleton(unrolled), self.layout, mesh,
                                              make_schedule(unrolled, unrolled.total_steps))
@@ -168,6 +173,16 @@ class StepCompiler:
             output_bytes=int(memory.output_size_in_bytes), alias_bytes=int(memory.alias_size_in_bytes),
             flops=float((cost or {}).get("flops", float("nan"))) / self.mesh.size,
             model_flops=self.flops_per_pair * global_batch / self.mesh.size)
+
+
+def without_accumulation(config):
+    """A copy of `config` whose step takes the whole batch at once (no micro-batches inside the step)."""
+    from bioclip_jax.train.optimizer import accumulation  # noqa: PLC0415
+
+    copy = config.copy_and_resolve_references()
+    if accumulation(config)[1] == "global_negatives":
+        copy.optimizer.accumulate_steps = 1
+    return copy
 
 
 # ----------------------------------------------------------------------------- largest batch
@@ -309,15 +324,46 @@ def plan(config, mesh_sizes: dict[str, int] | None = None, devices: int | None =
                        "flops": step.flops, "model_flops": step.model_flops},
         "model_flops_per_pair": compiler.flops_per_pair,
     }
-    if device_memory:
-        search = largest_fitting_batch(lambda b: compiler(b).peak_bytes, device_memory, start=per_device_batch,
-                                       max_evaluations=max_compiles)
+    from bioclip_jax.train.optimizer import accumulation  # noqa: PLC0415
+
+    steps, mode = accumulation(config)
+    if steps > 1:
+        result["accumulate"] = {"steps": steps, "mode": mode}
+    compilers = [compiler]
+    if device_memory:  # the largest batch one step takes at once (a micro-batch, when accumulating)
+        if steps > 1 and mode == "global_negatives":
+            compilers.append(StepCompiler(without_accumulation(config), mesh))
+        search = largest_fitting_batch(lambda b: compilers[-1](b).peak_bytes, device_memory,
+                                       start=max(1, per_device_batch // steps), max_evaluations=max_compiles)
         result["largest_batch"] = {"device_memory_bytes": int(device_memory), "per_device": search.fits,
                                    "global": search.fits * compiler.batch_shards, "first_too_big": search.too_big,
                                    "fixed_bytes": _finite(search.fixed_bytes),
                                    "per_sample_bytes": _finite(search.per_sample_bytes)}
-    result["compiles"] = compiler.compiles
+        if mode == "global_negatives" and step.peak_bytes > device_memory and search.fits:
+            result["suggest"] = suggest_accumulation(config, mesh, per_device_batch, search.fits, device_memory,
+                                                     compilers)
+    result["compiles"] = sum(c.compiles for c in compilers)
     return result
+
+
+def fewest_microbatches(per_device_batch: int, fits: int) -> list[int]:
+    """Micro-batch counts k (divisors of the per-device batch) whose micro-batch fits, fewest first."""
+    return [k for k in range(1, per_device_batch + 1) if per_device_batch % k == 0 and per_device_batch // k <= fits]
+
+
+def suggest_accumulation(config, mesh, per_device_batch: int, fits: int, device_memory: int,
+                         compilers: list, tries: int = 3) -> dict:
+    """The smallest `optimizer.accumulate_steps` whose compiled step fits (the cached features and the
+    gradient accumulator cost a little more than a plain step on one micro-batch)."""
+    for k in fewest_microbatches(per_device_batch, fits)[:tries]:
+        accumulated = config.copy_and_resolve_references()
+        accumulated.optimizer.accumulate_steps = k
+        compilers.append(StepCompiler(accumulated, mesh))
+        peak = compilers[-1](per_device_batch).peak_bytes
+        if peak <= device_memory:
+            break
+    return {"accumulate_steps": k, "micro_batch_per_device": per_device_batch // k, "peak_bytes": peak,
+            "fits": peak <= device_memory}
 
 
 def format_plan(result: dict, peak_tflops: float | None = None, mfu: float = 0.4) -> str:
@@ -325,7 +371,9 @@ def format_plan(result: dict, peak_tflops: float | None = None, mfu: float = 0.4
     mesh = " x ".join(f"{k}={v}" for k, v in result["mesh"].items())
     lines = [f"{result['model']} on {result['devices']} {result['platform']} devices, mesh {mesh}; "
              f"dtype {result['dtype']}, remat {'on' if result['remat'] else 'off'}",
-             f"batch: {result['per_device_batch']} per device, {result['global_batch']} global",
+             f"batch: {result['per_device_batch']} per device, {result['global_batch']} global"
+             + (f", as {result['accumulate']['steps']} micro-batches ({result['accumulate']['mode']})"
+                if "accumulate" in result else ""),
              "", "  per device"]
     rows = [("parameters", per["param_bytes"]), ("optimiser state", per["opt_state_bytes"]),
             ("batch (uint8 images, int32 tokens)", per["batch_bytes"]),
@@ -351,6 +399,12 @@ def format_plan(result: dict, peak_tflops: float | None = None, mfu: float = 0.4
             lines.append(f"largest per-device batch within {budget}: {found['per_device']} ({found['global']} "
                          f"global){limit}" + (f"; near it, memory grows by {_bytes(growth)} per sample"
                                                if growth else ""))
+    if "suggest" in result:
+        hint = result["suggest"]
+        lines.append(f"the batch of {result['global_batch']} does not fit: --config.optimizer.accumulate_steps="
+                     f"{hint['accumulate_steps']} runs it as micro-batches of {hint['micro_batch_per_device']} per "
+                     f"device with all its negatives (peak {_bytes(hint['peak_bytes'])}"
+                     f"{'' if hint['fits'] else ', still too much'})")
     lines.append(f"({result['compiles']} compile{'s' * (result['compiles'] != 1)})")
     return "\n".join(lines)
 

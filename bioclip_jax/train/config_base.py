@@ -12,7 +12,8 @@ import ml_collections
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.total_steps = 1000            # batches to train on (the schedule has total_steps / accumulate_steps updates)
+    c.total_steps = 1000            # train-step calls (batches of data.batch_size); each is one optimiser
+                                    # update, except under accumulate_mode="independent_microbatches"
     c.log_every_steps = 10
     c.init = ""                     # any pretrained= source; "" = random initialisation
     c.dtype = "float32"             # compute dtype: float32 | bfloat16 (parameters stay float32)
@@ -50,7 +51,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.eps = 1e-6
     c.optimizer.weight_decay = 0.2
     c.optimizer.grad_clip_norm = 0.0   # 0 = no clipping
-    c.optimizer.accumulate_steps = 1   # gradient accumulation (micro-batches per update)
+    c.optimizer.accumulate_steps = 1   # k: split each update's batch into k micro-batches (activations / k)
+    c.optimizer.accumulate_mode = "global_negatives"
+    # global_negatives: data.batch_size is the batch of one update, with all its negatives; the step
+    #   runs it as k micro-batches of batch_size / k (open_clip's accum_freq): same update as one big batch.
+    # independent_microbatches: optax MultiSteps over k calls, data.batch_size = one micro-batch; each
+    #   sees only its own negatives, a weaker objective than the big batch (not the recipe).
 
     c.schedule = ml_collections.ConfigDict()
     c.schedule.name = "cosine"

@@ -4,8 +4,14 @@ open_clip puts gains, biases, `logit_scale` and every parameter with fewer than 
 dimensions in a group without weight decay; `weight_decay_mask` reproduces that rule
 from NNX State paths. The schedules reproduce `open_clip_train/scheduler.py` value for
 value; note its warm-up is `lr * (step + 1) / warmup`, so step 0 already trains.
-Steps count optimiser updates: with gradient accumulation over k micro-batches the
-schedule advances once per k micro-steps.
+Steps count optimiser updates. `optimizer.accumulate_mode` says what
+`accumulate_steps = k` means:
+  "global_negatives" (default): one train-step call takes the whole global batch and
+      splits it into k micro-batches inside the step (train/accumulation.py), with every
+      negative of the batch in the loss; one call = one update.
+  "independent_microbatches": optax MultiSteps averages the gradients of k calls, each
+      on its own batch with only its own negatives. For a contrastive loss that is a
+      different objective (k times fewer negatives), not the large-batch recipe.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from bioclip_jax.parallel.sharding import key_path_names
 OPTIMIZERS = ("adamw",)
 SCHEDULES = ("cosine", "constant", "const-cooldown")
 NO_DECAY_NAME_PARTS = ("bn", "ln", "bias", "logit_scale")
+ACCUMULATE_MODES = ("global_negatives", "independent_microbatches")
 
 
 def _config_value(section: ml_collections.ConfigDict, key: str, default: Any, where: str) -> Any:
@@ -104,22 +111,39 @@ def make_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.
     return schedule
 
 
-def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
-    """Global-norm clipping (optional) -> AdamW with masked decay; wrapped in MultiSteps if accumulating.
+def accumulation(config: ml_collections.ConfigDict) -> tuple[int, str]:
+    """(accumulate_steps, accumulate_mode), checked; older configs without the mode get the default."""
+    opt = config.get("optimizer")
+    steps = _config_value(opt, "accumulate_steps", 1, "optimizer")
+    steps = 1 if steps is None else int(steps)
+    if steps < 1:
+        raise ValueError(f"optimizer.accumulate_steps must be >= 1, got {steps}.")
+    mode = _config_value(opt, "accumulate_mode", ACCUMULATE_MODES[0], "optimizer")
+    if mode not in ACCUMULATE_MODES:
+        raise ValueError(f"optimizer.accumulate_mode {mode!r} is unknown; choose one of {ACCUMULATE_MODES}.")
+    return steps, mode
 
-    Fields: `optimizer.{name, lr, b1, b2, eps, weight_decay, grad_clip_norm, accumulate_steps}`.
-    Accumulation averages the gradients of k micro-batches (each with its own negatives)
-    before one update; the train step must be called k times per optimiser step.
+
+def batches_per_update(config: ml_collections.ConfigDict) -> int:
+    """Train-step calls per optimiser update: k under MultiSteps ("independent_microbatches"), else 1."""
+    steps, mode = accumulation(config)
+    return steps if mode == "independent_microbatches" else 1
+
+
+def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+    """Global-norm clipping (optional) -> AdamW with masked decay; in MultiSteps for independent micro-batches.
+
+    Fields: `optimizer.{name, lr, b1, b2, eps, weight_decay, grad_clip_norm, accumulate_steps,
+    accumulate_mode}`. Under "independent_microbatches" the gradients of k train-step calls
+    (each batch with its own negatives) are averaged before one update; under
+    "global_negatives" the train step accumulates by itself and the optimiser is plain.
     """
     opt = config.get("optimizer")
     name = _config_value(opt, "name", "adamw", "optimizer")
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer.name {name!r} is unknown; choose one of {OPTIMIZERS}.")
     grad_clip_norm = _config_value(opt, "grad_clip_norm", None, "optimizer")
-    accumulate_steps = _config_value(opt, "accumulate_steps", 1, "optimizer")
-    accumulate_steps = 1 if accumulate_steps is None else int(accumulate_steps)
-    if accumulate_steps < 1:
-        raise ValueError(f"optimizer.accumulate_steps must be >= 1, got {accumulate_steps}.")
+    calls_per_update = batches_per_update(config)
     if grad_clip_norm is not None and grad_clip_norm < 0:
         raise ValueError(f"optimizer.grad_clip_norm must be >= 0 (0 or None disables it), got {grad_clip_norm}.")
     grad_clip_norm = grad_clip_norm or None
@@ -133,6 +157,6 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax
         mask=weight_decay_mask,
     )
     tx = adamw if grad_clip_norm is None else optax.chain(optax.clip_by_global_norm(float(grad_clip_norm)), adamw)
-    if accumulate_steps > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=accumulate_steps).gradient_transformation()
+    if calls_per_update > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=calls_per_update).gradient_transformation()
     return tx

@@ -22,7 +22,7 @@ from bioclip_jax.checkpoint.model_dir import path_to_key
 from bioclip_jax.models.clip import CLIP, abstract_model
 from bioclip_jax.models.config import CLIPConfig, get_model_config
 from bioclip_jax.parallel import sharding as sharding_lib
-from bioclip_jax.train.optimizer import make_optimizer
+from bioclip_jax.train.optimizer import batches_per_update, make_optimizer
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -83,9 +83,9 @@ class StateLayout:
 
 
 def optimizer_updates(config: ml_collections.ConfigDict) -> int:
-    """Schedule length in optimiser updates: `total_steps` counts batches, and with gradient
-    accumulation every `accumulate_steps` batches make one update."""
-    return max(1, config.total_steps // max(1, config.optimizer.accumulate_steps))
+    """Schedule length in optimiser updates: `total_steps` counts train-step calls, and under
+    accumulate_mode="independent_microbatches" every `accumulate_steps` calls make one update."""
+    return max(1, config.total_steps // batches_per_update(config))
 
 
 def state_layout(config: ml_collections.ConfigDict, skeleton: ModelSkeleton, mesh: Mesh) -> StateLayout:

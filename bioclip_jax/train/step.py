@@ -13,39 +13,58 @@ from jax.sharding import Mesh, NamedSharding
 
 from bioclip_jax.models.config import OPENAI_MEAN, OPENAI_STD
 from bioclip_jax.parallel import sharding as sharding_lib
+from bioclip_jax.train.accumulation import LOGIT_SCALE_KEY, accumulated_grads, head_params
 from bioclip_jax.train.loss import MAX_LOG_LOGIT_SCALE, contrastive_loss
+from bioclip_jax.train.optimizer import accumulation, batches_per_update
 from bioclip_jax.train.state import ModelSkeleton, StateLayout
 from bioclip_jax.transforms import normalize
 
-LOGIT_SCALE_KEY = "logit_scale"
+
+def make_grad_fn(config: ml_collections.ConfigDict, skeleton: ModelSkeleton, mesh: Mesh,
+                 mean=OPENAI_MEAN, std=OPENAI_STD, param_shardings=None):
+    """`grads(params, batch) -> ((loss, metrics), grads)` of the contrastive loss over the global batch.
+
+    With `optimizer.accumulate_steps = k > 1` under "global_negatives" the batch runs as k
+    micro-batches with all its negatives (train/accumulation.py); the result is the same.
+    """
+    axes = sharding_lib.batch_axes(mesh)
+
+    def features(params, batch):
+        model = skeleton.merge(params)
+        images = normalize(batch["image"], mean, std)
+        with sharding_lib.pinned_activations(mesh):
+            return model.image_features(images), model.text_features(batch["tokens"])
+
+    def loss(image_features, text_features, head):
+        return contrastive_loss(image_features, text_features, head[LOGIT_SCALE_KEY], mesh, batch_axes=axes,
+                                kind=config.loss.kind, logit_bias=head.get("logit_bias"))
+
+    k, mode = accumulation(config)
+    if k > 1 and mode == "global_negatives":
+        return accumulated_grads(features, loss, mesh, axes, k, param_shardings)
+    return jax.value_and_grad(lambda params, batch: loss(*features(params, batch), head_params(params)),
+                              has_aux=True)
 
 
 def make_train_step(config: ml_collections.ConfigDict, skeleton: ModelSkeleton, layout: StateLayout,
                     mesh: Mesh, schedule: Callable[[jax.Array], jax.Array],
                     mean=OPENAI_MEAN, std=OPENAI_STD):
-    """Returns jitted `step(state, batch) -> (state, metrics)`.
+    """Returns jitted `step(state, batch) -> (state, metrics)`: one call, one batch, one update
+    (except under accumulate_mode="independent_microbatches", where k calls make one).
 
     `batch` holds global arrays: "image" uint8 [B, S, S, 3] (normalised here, on the
     device: 4x less host-to-device traffic than float32) and "tokens" int32 [B, 77].
     """
-    axes = sharding_lib.batch_axes(mesh)
-
-    def loss_fn(params, batch):
-        model = skeleton.merge(params)
-        images = normalize(batch["image"], mean, std)
-        with sharding_lib.pinned_activations(mesh):
-            image_features = model.image_features(images)
-            text_features = model.text_features(batch["tokens"])
-        return contrastive_loss(image_features, text_features, params[LOGIT_SCALE_KEY], mesh,
-                                batch_axes=axes, kind=config.loss.kind, logit_bias=params.get("logit_bias"))
+    grad_fn = make_grad_fn(config, skeleton, mesh, mean, std, layout.shardings["params"])
+    calls_per_update = batches_per_update(config)
 
     def step(state, batch):
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], batch)
+        (loss, metrics), grads = grad_fn(state["params"], batch)
         updates, opt_state = layout.optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         # open_clip clamps the temperature parameter itself after every update.
         params[LOGIT_SCALE_KEY] = jnp.clip(params[LOGIT_SCALE_KEY], 0.0, MAX_LOG_LOGIT_SCALE)
-        update = state["step"] // max(1, config.optimizer.accumulate_steps)
+        update = state["step"] // calls_per_update
         metrics = dict(metrics, loss=loss, lr=schedule(update), grad_norm=optax.global_norm(grads))
         return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
 
