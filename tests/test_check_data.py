@@ -31,6 +31,9 @@ def test_clean_shards_report(tmp_path, capsys):
     write_shards(tmp_path, 22, 10)
     status, report = run_json(capsys, "--shards", str(tmp_path / "shard-{000000..000002}.tar"))
     assert status == 0
+    assert run_json(capsys, str(tmp_path / "shard-{000000..000002}.tar")) == (status, report)  # positional too
+    shard_files = sorted(str(p) for p in tmp_path.glob("shard-*.tar"))  # as a shell glob passes them
+    assert run_json(capsys, *shard_files)[1]["samples"] == 22
     assert (report["shards"], report["samples"], report["usable"]) == (3, 22, 22)
     assert all(entry["count"] == 0 for entry in report["skipped"].values())
     assert report["text_types_present"]["taxon_com"] == 22

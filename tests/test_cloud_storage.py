@@ -124,15 +124,16 @@ def test_missing_step_is_one_sentence_listing_the_steps(bucket_workdir, gcs_dir,
 
 def test_watch_writes_results_and_metrics_into_the_bucket(bucket_workdir, tmp_path):
     for name, colour in {"Corvus corax": (15, 15, 20), "Rosa canina": (40, 170, 60)}.items():
-        (tmp_path / "images" / name).mkdir(parents=True)
+        folder = tmp_path / "birds" / "images" / name  # an "images" folder is named after its parent: birds
+        folder.mkdir(parents=True)
         for i in range(3):
-            Image.fromarray(np.full((40, 40, 3), colour, np.uint8)).save(tmp_path / "images" / name / f"{i}.jpg")
+            Image.fromarray(np.full((40, 40, 3), colour, np.uint8)).save(folder / f"{i}.jpg")
     assert eval_cli.main(["--workdir", bucket_workdir, "--watch", "--watch_timeout=0", "--poll_seconds=0.01",
-                          "--no_progress", f"--data=folder:{tmp_path / 'images'}", "--tasks=few_shot",
+                          "--no_progress", f"--data=folder:{tmp_path / 'birds' / 'images'}", "--tasks=few_shot",
                           "--shots=1", "--trials=1", "--plot_embeddings=genus", "--batch_size=8"]) == 0
     assert [r["step"] for r in read_metrics(bucket_workdir)] == [3, 6]
     written = {p.name for p in (epath.Path(bucket_workdir) / "eval" / "6").iterdir()}
-    assert {"results.json", "results.md", "results.png", "results_images_genus.png"} <= written, written
+    assert {"results.json", "results.md", "results.png", "results_birds_genus.png"} <= written, written
     assert results.read_json(_download(f"{bucket_workdir}/eval/6", tmp_path / "e6") + "/results.json")
 
 

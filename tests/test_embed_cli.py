@@ -46,3 +46,9 @@ def test_embed_errors(tmp_path, capsys):
     assert cli.main(["embed", "--model", "ViT-Tiny-8", "--images", str(tmp_path / "nope"),
                      "--out", str(tmp_path / "x.npy")]) == 1
     assert "not found" in capsys.readouterr().err
+
+
+def test_embed_without_a_model_says_what_to_give(tmp_path, capsys):
+    """No --pretrained and no --model: a non-zero status and a message naming the flag (it used to print nothing)."""
+    assert cli.main(["embed", "--images", str(tmp_path), "--out", str(tmp_path / "x.npy")]) != 0
+    assert "--pretrained" in capsys.readouterr().err

@@ -39,7 +39,7 @@ def colour_folder(tmp_path_factory):
 
 
 def _records(path):
-    return {(r["dataset"], r["metric"]): r for r in json.load(open(path))}
+    return {(r["dataset"], r["metric"]): r for r in json.load(open(path))["records"]}
 
 
 def test_folder_zero_and_few_shot_with_per_rank(colour_folder, tmp_path, capsys):
@@ -48,23 +48,31 @@ def test_folder_zero_and_few_shot_with_per_rank(colour_folder, tmp_path, capsys)
                      "--text_type=taxon_com", "--shots=1,5", "--trials=3", f"--out={out}",
                      "--plot_embeddings=family"])
     assert code == 0
-    records = _records(out)
-    five = records[("images", "5_shot_top1")]
+    records = _records(out)  # a folder named "images" goes by its parent's name
+    five = records[("held_out", "5_shot_top1")]
     assert five["mean"] >= 95.0 and five["trials"] == 3  # random features still separate colours
-    assert records[("images", "5_shot_linear_top1")]["mean"] >= 90.0
+    assert records[("held_out", "5_shot_linear_top1")]["mean"] >= 90.0
     for metric in ("zero_shot_top1", "zero_shot_top5", "1_shot_top1", "zero_shot_top1_genus",
                    "zero_shot_top1_kingdom", "zero_shot_mistake_distance", "5_shot_top1_family"):
-        record = records[("images", metric)]
-        assert set(record) == {"dataset", "metric", "mean", "std", "trials"}
+        record = records[("held_out", metric)]
+        zero = metric.startswith("zero")
+        assert set(record) == {"dataset", "metric", "mean", "std", "trials"} | ({"text_type"} if zero else set())
+        assert record.get("text_type") == ("taxon_com" if zero else None)
         assert 0.0 <= record["mean"] <= (7.0 if "distance" in metric else 100.0)
-    assert records[("images", "zero_shot_top5")]["mean"] == 100.0  # only 4 classes
+    assert records[("held_out", "zero_shot_top5")]["mean"] == 100.0  # only 4 classes
     for rank_pair in (("genus", "family"), ("family", "kingdom")):
-        lower, higher = (records[("images", f"zero_shot_top1_{r}")]["mean"] for r in rank_pair)
+        lower, higher = (records[("held_out", f"zero_shot_top1_{r}")]["mean"] for r in rank_pair)
         assert lower <= higher
+    about = results.read_about(str(out))
+    assert about["model"] == {"source": "random", "step": None, "architecture": "ViT-Tiny-8"}
+    assert (about["text_types"], about["templates"], about["shots"]) == (["taxon_com"], "openai", [1, 5])
+    assert about["datasets"] == [{"name": "held_out", "source": f"folder:{colour_folder}", "path": str(colour_folder),
+                                  "taxa": str(colour_folder.parent / "taxa.csv"), "classes": 4, "images": 28}]
     table = (tmp_path / "res" / "results.md").read_text()
-    assert "| images |" in table and "Accuracy per rank" in table
+    assert "| held_out | taxon_com |" in table and "Accuracy per rank" in table
+    assert f"- dataset held_out: {colour_folder}" in table and "templates: openai" in table
     assert (tmp_path / "res" / "results.png").stat().st_size > 1000
-    assert (tmp_path / "res" / "results_images_family.png").stat().st_size > 1000
+    assert (tmp_path / "res" / "results_held_out_family.png").stat().st_size > 1000
     assert "| dataset |" in capsys.readouterr().out
 
 
@@ -117,8 +125,9 @@ def test_watch_workdir_evaluates_each_checkpoint_once(colour_folder, tmp_path, c
     assert cli.main(args) == 0
     lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 1 and lines[0]["step"] == 10
-    assert lines[0]["eval/images/1_shot_top1"] > 50.0
+    assert lines[0]["eval/held_out/1_shot_top1"] > 50.0
     assert results.read_json(str(workdir / "eval" / "10" / "results.json"))
+    assert results.read_about(str(workdir / "eval" / "10" / "results.json"))["model"]["step"] == 10
     assert any(name.startswith("events") for name in os.listdir(workdir / "tensorboard"))
     assert cli.main(args) == 0  # nothing new: no second evaluation
     assert len((workdir / "metrics.jsonl").read_text().splitlines()) == 1

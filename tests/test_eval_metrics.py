@@ -161,7 +161,7 @@ def test_results_records_json_and_markdown(tmp_path):
     assert records[1].mean == pytest.approx(70.0) and records[1].std == pytest.approx(10.0)
     path = str(tmp_path / "r" / "results.json")
     results.write_json(records, path)
-    rows = json.load(open(path))
+    rows = json.load(open(path))["records"]
     assert set(rows[0]) == {"dataset", "metric", "mean", "std", "trials"} and rows[1]["trials"] == 2
     assert results.read_json(path) == [dataclass_round(r) for r in records]
     table = results.markdown_table(records)

@@ -1,11 +1,14 @@
-"""The README's main job, end to end: synthetic data -> train -> held-out zero-shot -> export."""
+"""The README's main job, end to end: synthetic data -> train -> held-out zero-/few-shot -> results files -> export."""
 
 import json
+import os
 
 import open_clip
 import pytest
 
 from bioclip_jax import create_model
+from bioclip_jax.evaluate import cli as eval_cli
+from bioclip_jax.evaluate import results
 from bioclip_jax.train.job import run_job
 from bioclip_jax.train.metrics import read_metrics
 from openclip_helpers import random_inputs, relative_error, torch_features
@@ -22,13 +25,42 @@ def _job_config(**overrides):
 def test_main_job_generates_trains_evaluates_and_exports(tmp_path, capsys):
     run_job(_job_config(), str(tmp_path))
     out = capsys.readouterr().out
-    assert "held-out species, zero-shot top-1" in out and "| com |" in out
+    eval_lines = [line for line in out.splitlines() if line.startswith("eval step")]
+    assert [line.split()[2] for line in eval_lines] == ["4", "8"], out  # one line per evaluation
+    assert "held_out: zero-shot top-1 taxon_com" in eval_lines[0] and " com " in eval_lines[0]
+    assert "1-shot" in eval_lines[0] and "(chance 25.0%)" in eval_lines[0]
+    assert "| held_out | com |" in out  # the results table
     records = read_metrics(str(tmp_path))
     evals = [r for r in records if "eval/taxon_com/zero_shot_top1" in r]
     assert [r["step"] for r in evals] == [4, 8]
     assert evals[-1]["eval/chance_top1"] == pytest.approx(25.0)
+    assert 0.0 <= evals[-1]["eval/1_shot_top1"] <= 100.0
     for rank in ("genus", "family", "kingdom"):
         assert 0.0 <= evals[-1][f"eval/com/zero_shot_top1_{rank}"] <= 100.0
+
+    # Results files, as the eval binary writes them, of the final evaluation (step 8).
+    held_out = os.path.join(str(tmp_path), "synthetic", "held_out")
+    about = results.read_about(str(tmp_path / "results.json"))
+    assert about["model"] == {"source": str(tmp_path), "step": 8, "architecture": "ViT-Tiny-8"}
+    assert (about["text_types"], about["templates"], about["shots"]) == (["taxon_com", "com"], "openai", [1, 5])
+    assert about["datasets"] == [{"name": "held_out", "source": f"folder:{held_out}/images",
+                                  "path": f"{held_out}/images", "taxa": f"{held_out}/taxa.csv",
+                                  "classes": 4, "images": 16}]
+    final = {(r.metric, r.text_type): r.mean for r in results.read_json(str(tmp_path / "results.json"))}
+    for text_type in ("taxon_com", "com"):
+        assert final[("zero_shot_top1", text_type)] == pytest.approx(evals[-1][f"eval/{text_type}/zero_shot_top1"],
+                                                                     abs=1e-3)
+        assert ("zero_shot_top1_family", text_type) in final
+    assert ("1_shot_top1", "") in final and ("1_shot_top1_genus", "") in final
+    assert ("5_shot_top1", "") not in final  # 4 images per held-out species: 5-shot is skipped, not fatal
+    assert "| held_out | taxon_com |" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "results.png").stat().st_size > 1000
+
+    # `eval --workdir` with no --data scores the held-out set the run recorded.
+    assert eval_cli.main(["--workdir", str(tmp_path), "--tasks=few_shot", "--shots=1", "--trials=2", "--no_plot",
+                          "--no_progress", f"--out={tmp_path / 'again' / 'results.json'}"]) == 0
+    again = results.read_about(str(tmp_path / "again" / "results.json"))
+    assert again["datasets"][0]["path"] == f"{held_out}/images" and again["model"]["step"] == 8
 
     export = tmp_path / "open_clip"
     config = json.loads((export / "open_clip_config.json").read_text())

@@ -1,4 +1,4 @@
-"""`bioclip-jax check-data --shards PATTERN`: read every sample once and report what training would skip.
+"""`bioclip-jax check-data PATTERN` (or `--shards PATTERN`): read every sample once, report what training skips.
 
 Prints the number of samples, how many are usable, the skipped ones by reason (the
 same reasons and rules as the training pipeline, with example keys: captions that
@@ -174,7 +174,9 @@ def format_report(report: Mapping[str, Any]) -> str:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bioclip-jax check-data", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shards", required=True,
+    parser.add_argument("patterns", nargs="*", metavar="SHARDS",
+                        help="shard pattern(s), as --shards; several (e.g. a shell glob's files) are read together")
+    parser.add_argument("--shards", default=None,
                         help="shard pattern, e.g. /data/train/shard-{000000..000159}.tar or "
                              "gs://bucket/train/shard-{000000..000159}.tar, a directory, globs, several "
                              "joined by '::', or .array_record files")
@@ -191,8 +193,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(argv) -> int:
-    args = _parser().parse_args(argv)
-    report = check_data(args.shards, args.text_type, args.examples, args.threads, args.cache_dir,
+    parser = _parser()
+    args = parser.parse_args(argv)
+    shards = "::".join(([args.shards] if args.shards else []) + args.patterns)
+    if not shards:
+        parser.error("give the shards: bioclip-jax check-data PATTERN (or --shards PATTERN)")
+    report = check_data(shards, args.text_type, args.examples, args.threads, args.cache_dir,
                         progress=sys.stderr.isatty())
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     bad = report["samples"] - report["usable"]

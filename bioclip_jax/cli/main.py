@@ -41,9 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[command][0])
     try:
         return int(module.main(rest) or 0)
-    except SystemExit as exit_:  # argparse exits on --help and on usage errors
+    except SystemExit as exit_:  # argparse exits on --help and on usage errors (after printing them)
         code = exit_.code
-        return code if isinstance(code, int) else (0 if code is None else 2)
+        if code is None or isinstance(code, int):
+            return code or 0
+        print(code, file=sys.stderr)  # SystemExit("message"): Python would print it, so do we
+        return 2
 
 
 if __name__ == "__main__":

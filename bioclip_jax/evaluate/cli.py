@@ -4,6 +4,7 @@
         --tasks=zero_shot,few_shot --text_type=taxon_com --shots=1,5 --trials=5 --out=results.json
     python -m bioclip_jax.evaluate --config=configs/eval/bioclip_suite.py:/data/eval --pretrained=...
     python -m bioclip_jax.evaluate --workdir=runs/tiny --watch --data=folder:synthetic/held_out/images
+    python -m bioclip_jax.evaluate --workdir=runs/tiny   # no --data: the held-out set the run recorded
 
 A config file defines `get_config(arg=None)` returning a ConfigDict whose fields are
 those of `runner.default_config()`; flags given on the command line win over the file,
@@ -28,7 +29,8 @@ _FLAGS = {
     "pretrained": dict(help="model source: open_clip folder (local-dir:PATH), .safetensors, bioclip_jax model "
                             "dir, or 'random'"),
     "model": dict(help="architecture name for sources without one (e.g. ViT-B-16)"),
-    "workdir": dict(help="training workdir: evaluate its latest checkpoint (or each new one with --watch)"),
+    "workdir": dict(help="training workdir: evaluate its latest checkpoint (or each new one with --watch); "
+                         "without --data, on the held-out set the run recorded (config.json eval.held_out_dir)"),
     "watch": dict(action="store_true", default=None, help="evaluate every new checkpoint of --workdir as it appears"),
     "poll_seconds": dict(type=float, help="how often --watch looks for checkpoints (default 60)"),
     "watch_timeout": dict(type=float, help="--watch stops after this many seconds without a new checkpoint"),
@@ -37,8 +39,8 @@ _FLAGS = {
     "taxa": dict(help="taxa.csv giving classes a taxonomy (kingdom..species, common[, class_name])"),
     "label_key": dict(help="label member of shards (default scientific_name.txt)"),
     "tasks": dict(help=f"comma list of {', '.join(runner.TASKS)} (default zero_shot,few_shot)"),
-    "text_type": dict(help="class names for zero-shot: com, sci, sci_com, taxon, taxon_com, ... "
-                           "(default taxon_com)"),
+    "text_type": dict(help="class names for zero-shot: com, sci, sci_com, taxon, taxon_com, ...; a comma "
+                           "list scores each (default taxon_com)"),
     "templates": dict(help="prompt templates: openai (80, default) or single"),
     "shots": dict(help="comma list of k for few-shot (default 1,5)"),
     "trials": dict(type=int, help="few-shot trials, seeds 0..T-1 (default 5)"),
@@ -126,15 +128,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = build_config(argv)
         runner.check_config(config)
+        if config.workdir and not config.data and not config.datasets:
+            config.datasets = [runner.recorded_held_out(config.workdir)]
         runner.dataset_specs(config)
         if config.workdir and config.watch:
             runner.watch(config.workdir, config)
             return 0
         if config.workdir:
+            steps = runner.finished_steps(config.workdir)
             model = load_model(config.workdir, config.model or None)
+            records = runner.evaluate(model, config, source=config.workdir, step=steps[-1] if steps else None)
         else:
             model = load_model(config.pretrained or None, config.model or None)
-        records = runner.evaluate(model, config)
+            records = runner.evaluate(model, config)
     except (ValueError, FileNotFoundError) as error:
         print(f"eval: {error}", file=sys.stderr)
         return 2

@@ -1,9 +1,15 @@
 """Result records, results.json and the markdown table.
 
-A record is {"dataset", "metric", "mean", "std", "trials"}. Accuracies are percentages
-(as the BioCLIP paper reports them); `*_mistake_distance` is in ranks (1 = same genus).
-Metric names: zero_shot_top1, zero_shot_top5, zero_shot_top1_genus, ...,
-{k}_shot_top1, {k}_shot_top1_family, {k}_shot_linear_top1, zero_shot_mistake_distance.
+A record is {"dataset", "metric", "mean", "std", "trials"}, plus "text_type" on zero-shot
+records (the class-name type they were scored with; few-shot uses image features only).
+Accuracies are percentages (as the BioCLIP paper reports them); `*_mistake_distance` is in
+ranks (1 = same genus). Metric names: zero_shot_top1, zero_shot_top5,
+zero_shot_top1_genus, ..., {k}_shot_top1, {k}_shot_top1_family, {k}_shot_linear_top1,
+zero_shot_mistake_distance.
+
+results.json is {"model": {"source", "step", "architecture"}, "templates", "text_types",
+"datasets": [{"name", "source", "path", "taxa", "classes", "images"}], "records": [...]};
+`read_json` also reads the older plain list of records.
 """
 
 from __future__ import annotations
@@ -23,32 +29,45 @@ class Record:
     mean: float
     std: float
     trials: int
+    text_type: str = ""  # zero-shot only: the class-name type (com, taxon_com, ...)
 
     def to_json(self) -> dict:
-        return {"dataset": self.dataset, "metric": self.metric, "mean": round(self.mean, 4),
-                "std": round(self.std, 4), "trials": self.trials}
+        row = {"dataset": self.dataset, "metric": self.metric, "mean": round(self.mean, 4),
+               "std": round(self.std, 4), "trials": self.trials}
+        return {**row, "text_type": self.text_type} if self.text_type else row
 
 
-def summarise(dataset: str, metric: str, values: Sequence[float], scale: float = 100.0) -> Record:
+def summarise(dataset: str, metric: str, values: Sequence[float], scale: float = 100.0,
+              text_type: str = "") -> Record:
     """Mean and (population) std over trials, as BioCLIP computes them."""
     values = np.asarray(values, np.float64) * scale
-    return Record(dataset, metric, float(values.mean()), float(values.std()), len(values))
+    return Record(dataset, metric, float(values.mean()), float(values.std()), len(values), text_type)
 
 
-def write_json(records: Iterable[Record], path: str) -> None:
+def write_json(records: Iterable[Record], path: str, about: dict | None = None) -> None:
+    """results.json: `about` (model, templates, text types, datasets) and the records."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     with open(path + ".tmp", "w", encoding="utf-8") as handle:
-        json.dump([r.to_json() for r in records], handle, indent=1)
+        json.dump({**(about or {}), "records": [r.to_json() for r in records]}, handle, indent=1)
     os.replace(path + ".tmp", path)
+
+
+def read_about(path: str) -> dict:
+    """What results.json says besides its records (model, step, templates, datasets)."""
+    with open(path, encoding="utf-8") as handle:
+        content = json.load(handle)
+    return {k: v for k, v in content.items() if k != "records"} if isinstance(content, dict) else {}
 
 
 def read_json(path: str) -> list[Record]:
     with open(path, encoding="utf-8") as handle:
-        rows = json.load(handle)
+        content = json.load(handle)
+    rows = content.get("records") if isinstance(content, dict) else content
     try:
-        return [Record(r["dataset"], r["metric"], float(r["mean"]), float(r["std"]), int(r["trials"])) for r in rows]
-    except (KeyError, TypeError) as error:
+        return [Record(r["dataset"], r["metric"], float(r["mean"]), float(r["std"]), int(r["trials"]),
+                       r.get("text_type") or "") for r in rows]
+    except (KeyError, TypeError, AttributeError) as error:
         raise ValueError(f"{path} is not a results file (records need dataset, metric, mean, std, trials)") from error
 
 
@@ -81,15 +100,54 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
-def markdown_table(records: Sequence[Record]) -> str:
-    """Headline metrics (one row per dataset) and, when classes had a taxonomy, accuracy per rank
-    (one row per dataset and method) with the mean mistake distance in ranks."""
+def text_types_of(records: Sequence[Record]) -> list[str]:
+    """The zero-shot text types, in the order they were scored."""
+    return list(dict.fromkeys(r.text_type for r in records if r.text_type))
+
+
+def _lookup(records: Sequence[Record]):
+    """(dataset, metric, text type) -> record; a few-shot record answers for every text type."""
+    cells = {(r.dataset, r.metric, r.text_type): r for r in records}
+
+    def get(dataset: str, metric: str, text_type: str) -> "Record | None":
+        return cells.get((dataset, metric, text_type)) or cells.get((dataset, metric, ""))
+
+    return get
+
+
+def describe(about: dict) -> list[str]:
+    """The lines above the tables: which model, step, templates and data the numbers are of."""
+    lines = []
+    model = about.get("model") or {}
+    if model:
+        step = f", step {model['step']}" if model.get("step") is not None else ""
+        arch = f" ({model['architecture']})" if model.get("architecture") else ""
+        lines.append(f"- model: {model.get('source') or 'random'}{arch}{step}")
+    if about.get("text_types"):
+        lines.append(f"- zero-shot class names: {', '.join(about['text_types'])} "
+                     f"(templates: {about.get('templates', '?')})")
+    for data in about.get("datasets", []):
+        taxa = f", taxa {data['taxa']}" if data.get("taxa") else ""
+        size = f": {data['classes']} classes, {data['images']} images" if "classes" in data else ""
+        lines.append(f"- dataset {data['name']}: {data.get('path') or data.get('source')}{taxa}{size}")
+    return lines + [""] if lines else []
+
+
+def markdown_table(records: Sequence[Record], about: dict | None = None) -> str:
+    """Headline metrics (one row per dataset and zero-shot text type) and, when classes had a taxonomy,
+    accuracy per rank (one row per dataset and method) with the mean mistake distance in ranks."""
     if not records:
         return "(no results)\n"
     datasets = list(dict.fromkeys(r.dataset for r in records))
-    cells = {(r.dataset, r.metric): r for r in records}
+    get = _lookup(records)
+    types = text_types_of(records) or [""]
+    type_column = ["text type"] if types != [""] else []
     headline = sorted({r.metric for r in records if split_metric(r.metric)[1] == ""}, key=_method_order)
-    lines = _table(["dataset", *headline], [[d, *(_cell(cells.get((d, m))) for m in headline)] for d in datasets])
+    rows = [[d, *([t] if type_column else []), *(_cell(get(d, m, t)) for m in headline)]
+            for d in datasets for t in types]
+    lines = describe(about or {}) + _table(["dataset", *type_column, *headline], rows)
+    if type_column and any(not split_metric(m)[0].startswith("zero") for m in headline):
+        lines += ["", "(few-shot uses image features only: the same on every text type's row)"]
     ranked = sorted({split_metric(r.metric)[0] for r in records if split_metric(r.metric)[1]}, key=_method_order)
     if ranked:
         columns = ["species", *_RANK_SUFFIXES, "mistake distance"]
@@ -98,8 +156,11 @@ def markdown_table(records: Sequence[Record]) -> str:
             for method in ranked:
                 names = [method, *(f"{method}_{rank}" for rank in _RANK_SUFFIXES),
                          method.replace("_top1", "_mistake_distance")]
-                if any((dataset, n) in cells for n in names):
-                    rows.append([dataset, method, *(_cell(cells.get((dataset, n))) for n in names)])
+                for text_type in (types if method.startswith("zero") else [""]):
+                    found = [get(dataset, n, text_type) for n in names]
+                    if any(found):
+                        label = [text_type or "-"] if type_column else []
+                        rows.append([dataset, method, *label, *(_cell(r) for r in found)])
         lines += ["", "Accuracy per rank (a species prediction scored at each rank):", ""]
-        lines += _table(["dataset", "method", *columns], rows)
+        lines += _table(["dataset", "method", *type_column, *columns], rows)
     return "\n".join(lines) + "\n"

@@ -1,7 +1,9 @@
-"""The main job: data (synthetic when none is given) -> train -> held-out zero-shot -> export.
+"""The main job: data (synthetic when none is given) -> train -> held-out zero-/few-shot -> export.
 
 `python -m bioclip_jax.train --config=configs/synthetic_tiny.py --workdir=DIR` runs all of
-it; with `--config.data.train_shards=...` the same command trains on real shards.
+it; with `--config.data.train_shards=...` the same command trains on real shards. A finished
+run leaves WORKDIR/results.json, results.md and results.png (the eval binary's files, of the
+final held-out evaluation), the open_clip export and DONE.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ from etils import epath
 from bioclip_jax import paths
 from bioclip_jax.train.exit_codes import DONE_FILE
 from bioclip_jax.train.loop import train
-from bioclip_jax.train.periodic_eval import eval_fn_from_config, text_types
+from bioclip_jax.train.periodic_eval import HeldOutEval, eval_fn_from_config
 
 SYNTHETIC_DIR = "synthetic"
 EXPORT_DIR = "open_clip"
+RESULTS_FILE = "results.json"  # results.md and results.png go beside it
 
 
 def _is_local(path) -> bool:
@@ -53,9 +56,9 @@ def with_synthetic_data(config: ml_collections.ConfigDict, workdir) -> ml_collec
         multihost_utils.sync_global_devices("synthetic data written")
     config = ml_collections.ConfigDict(config.to_dict())  # unlocked copy; fields stay the same
     config.data.train_shards = os.path.join(root, "train")
-    if not config.eval.held_out_dir:
-        config.eval.held_out_dir = os.path.join(root, "held_out", "images")
-        config.eval.taxa_file = os.path.join(root, "held_out", "taxa.csv")
+    if not config.eval.held_out_dir:  # absolute: `eval --workdir` reads it back from config.json, from anywhere
+        config.eval.held_out_dir = os.path.abspath(os.path.join(root, "held_out", "images"))
+        config.eval.taxa_file = os.path.abspath(os.path.join(root, "held_out", "taxa.csv"))
     return config
 
 
@@ -84,11 +87,21 @@ def run_job(config: ml_collections.ConfigDict, workdir, stop_after: int | None =
         return last
     export_dir = epath.Path(workdir) / EXPORT_DIR
     export_open_clip(model, os.fspath(export_dir))
+    written = write_results(eval_fn, workdir, config)
     mark_done(workdir, config.total_steps)
-    if eval_fn is not None:
-        print(held_out_report(last, text_types(config)))
+    if written:
+        print(f"wrote {', '.join(written)}")
     print(f"exported the model to {export_dir} (open_clip: create_model_and_transforms('local-dir:{export_dir}'))")
     return last
+
+
+def write_results(eval_fn: HeldOutEval | None, workdir, config: ml_collections.ConfigDict) -> list[str]:
+    """WORKDIR/results.{json,md,png} from the final held-out evaluation, as the eval binary writes them."""
+    if eval_fn is None or eval_fn.last_step != config.total_steps:
+        return []
+    from bioclip_jax.evaluate import runner  # noqa: PLC0415
+    about = eval_fn.about(os.fspath(workdir), config.model.name)
+    return runner.write_results(eval_fn.last_records, os.fspath(epath.Path(workdir) / RESULTS_FILE), about)
 
 
 def mark_done(workdir, step: int) -> None:
@@ -101,18 +114,3 @@ def done_step(workdir) -> int | None:
     """The step WORKDIR/DONE records, or None when the run has not finished."""
     path = paths.uncached(epath.Path(workdir) / DONE_FILE)
     return int(json.loads(path.read_text())["step"]) if path.exists() else None
-
-
-def held_out_report(metrics: dict, types: list[str]) -> str:
-    """A small table: zero-shot top-1 on held-out species per text type and rank, with chance."""
-    ranks = ["", "_genus", "_family", "_order", "_class", "_phylum", "_kingdom"]
-    header = ["text type", "species", "genus", "family", "order", "class", "phylum", "kingdom"]
-    lines = ["held-out species, zero-shot top-1 (%):", "| " + " | ".join(header) + " |",
-             "|" + "---|" * len(header)]
-    for text_type in types:
-        cells = [metrics.get(f"eval/{text_type}/zero_shot_top1{r}") for r in ranks]
-        lines.append("| " + " | ".join([text_type] + ["-" if c is None else f"{c:.1f}" for c in cells]) + " |")
-    chance = metrics.get("eval/chance_top1")
-    if chance is not None:
-        lines.append(f"chance (species): {chance:.1f}%")
-    return "\n".join(lines)
