@@ -2,6 +2,8 @@
 
 Accepted sources:
   None                             random initialisation (seeded)
+  hf-hub:ORG/NAME[@REVISION]       an open_clip model repo on the Hugging Face Hub, through
+                                   huggingface_hub's cache (HF_HOME, HF_HUB_OFFLINE, token)
   local-dir:PATH or PATH/          an open_clip hf-hub folder (open_clip_config.json + weights)
   PATH.safetensors                 an open_clip state dict (architecture from `model_name`)
   PATH.bin / .pt / .pth            a PyTorch state dict (needs torch installed)
@@ -17,6 +19,7 @@ import dataclasses
 import jax.numpy as jnp
 from etils import epath
 
+from bioclip_jax import hub
 from bioclip_jax.checkpoint import model_dir
 from bioclip_jax.convert import names, state_dict_io
 from bioclip_jax.models.clip import CLIP, abstract_model, build_model
@@ -38,10 +41,15 @@ class Loaded:
 
 
 def _strip_schema(source: str) -> str:
-    if source.startswith("hf-hub:"):
-        raise ValueError(f"{source!r}: hub downloads are not supported; download the folder and pass "
-                         f"local-dir:PATH")
+    """A local (or bucket) path for any source; a hub source is fetched into the Hugging Face cache."""
+    if hub.is_hub(source):
+        return hub.model_folder(source)
     return source[len(LOCAL_DIR):] if source.startswith(LOCAL_DIR) else source
+
+
+def is_source(name: str | None) -> bool:
+    """Whether a model name is really a source, as open_clip accepts `hf-hub:`/`local-dir:` names."""
+    return isinstance(name, str) and (hub.is_hub(name) or name.startswith(LOCAL_DIR))
 
 
 def _config_for(model_name: str | None, source: str) -> CLIPConfig:
@@ -88,18 +96,25 @@ def create_model(model_name: str | None = "ViT-B-16", pretrained: str | None = N
     """open_clip-style constructor. The architecture comes from the source when it has one.
 
     `step` picks a checkpoint when `pretrained` is a training workdir (default: the latest).
+    As in open_clip, `model_name` may itself be a source (`hf-hub:ORG/NAME`, `local-dir:PATH`).
     """
+    if is_source(model_name):
+        if pretrained is not None and pretrained != model_name:
+            raise ValueError(f"model {model_name} already names its weights; drop pretrained={pretrained}")
+        model_name, pretrained = None, model_name
     if pretrained is None:
         if step is not None:
             raise ValueError(f"step={step} needs pretrained= a training workdir")
         config = get_model_config(model_name)
         model = build_model(config, seed=seed, dtype=dtype, remat=remat)
         model.preprocess = PreprocessConfig(size=config.vision.image_size)
+        model.source = None
         return model
     loaded = load_source(pretrained, model_name, step=step)
     model = abstract_model(loaded.config, dtype=dtype, remat=remat)  # every parameter is assigned below
     assign_params(model, loaded.params, source=loaded.source)
     model.preprocess = loaded.preprocess
+    model.source = str(pretrained)  # as given (hf-hub:ORG/NAME, a path, ...): says which model this is
     return model
 
 

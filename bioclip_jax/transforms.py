@@ -56,6 +56,37 @@ class PreprocessConfig:
                 "resize_mode": self.resize_mode}
 
 
+# pybioclip's preprocessing for its two tree-of-life models (hf-hub:imageomics/bioclip and -2):
+# ToTensor, Resize((224, 224), antialias=True), CLIP Normalize: the whole image squashed, no crop.
+# PIL's bilinear resize is the antialiased filter torchvision ported; only the uint8 rounding differs.
+PYBIOCLIP_TREE_OF_LIFE = PreprocessConfig(size=224, interpolation="bilinear", resize_mode="squash")
+
+_WIDE_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB for any PIL mode; 16- and 32-bit images are scaled to 8 bits, not clipped to white.
+
+    PIL's own convert("RGB") of a 16-bit PNG (mode I or I;16) clips every value above 255.
+    """
+    if image.mode not in _WIDE_MODES:
+        return image if image.mode == "RGB" else image.convert("RGB")
+    pixels = np.asarray(image, dtype=np.float64)
+    if image.mode == "F":
+        top = 1.0 if pixels.max(initial=0.0) <= 1.0 else pixels.max()
+    else:
+        top = 255.0 if pixels.max(initial=0) <= 255 else 65535.0
+    scaled = np.clip(np.round(pixels * (255.0 / top)), 0, 255).astype(np.uint8)
+    return Image.fromarray(scaled, "L").convert("RGB")
+
+
+def open_rgb(path) -> Image.Image:
+    """An image file as RGB (see to_rgb)."""
+    with Image.open(path) as image:
+        image.load()
+        return to_rgb(image)
+
+
 def resize_shortest_side(image: Image.Image, size: int, interpolation: str = "bicubic") -> Image.Image:
     """torchvision's Resize(int): the short side becomes `size`, the long one is truncated."""
     width, height = image.size

@@ -3,6 +3,8 @@
 import csv
 import io
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ import bioclip_jax
 from bioclip_jax.cli import embed_taxa, predict
 from bioclip_jax.evaluate.templates import OPENAI_IMAGENET_TEMPLATES
 from bioclip_jax.taxonomy import Taxon, class_name
+from hub_helpers import add_model_folder, add_repo, offline_env
 
 torch = pytest.importorskip("torch")
 pybioclip = pytest.importorskip("bioclip.predict")
@@ -154,3 +157,132 @@ def test_subset_unreadable_images_and_errors(setup, capsys, tmp_path):
     assert code == 2 and "--taxa-embeddings" in err
     code, _, err = _run(capsys, [str(broken), "--pretrained", setup["source"], "--cls", "a,b", "--no-progress"])
     assert code == 1
+
+
+# ---- pybioclip's defaults: BioCLIP 2 and its tree-of-life embeddings, from the Hugging Face cache ----
+
+
+@pytest.fixture(scope="module")
+def hub_home(setup, tmp_path_factory):
+    """A Hugging Face cache holding 'imageomics/bioclip-2' (a small random model taking 224 x 224
+    images, as pybioclip's squash needs) and the species embeddings of 'imageomics/TreeOfLife-200M'
+    made from CATALOG by embed-taxa."""
+    from bioclip_jax.models.clip import build_model
+    from bioclip_jax.models.config import from_open_clip, get_model_config, to_open_clip
+
+    hf_home = tmp_path_factory.mktemp("hf_home")
+    cfg = to_open_clip(get_model_config("ViT-Tiny-8"))
+    cfg["vision_cfg"].update(image_size=224, patch_size=32)
+    folder = setup["root"] / "model224"
+    bioclip_jax.export_open_clip(build_model(from_open_clip(cfg), seed=7), str(folder))
+    tol = setup["root"] / "tol_hub"
+    assert embed_taxa.main(["--taxa", str(setup["root"] / "catalog.csv"), "--out", str(tol),
+                            "--pretrained", f"local-dir:{folder}", "--batch-size", "160", "--no-progress"]) == 0
+    add_model_folder(hf_home, "imageomics/bioclip-2", folder)
+    add_repo(hf_home, "imageomics/TreeOfLife-200M",
+             {f"embeddings/{name}": tol / name for name in ("txt_emb_species.npy", "txt_emb_species.json")},
+             repo_type="dataset")
+    return hf_home
+
+
+def _pybioclip(env, *argv) -> list[dict]:
+    done = subprocess.run([sys.executable, "-m", "bioclip", "predict", *argv], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return list(csv.DictReader(io.StringIO(done.stdout)))
+
+
+def test_default_predict_is_pybioclips(setup, hub_home, monkeypatch, capsys):
+    """No model flag: `bioclip-jax predict IMAGES --rank species` == `bioclip predict IMAGES --rank species`."""
+    env = offline_env(monkeypatch, hub_home)
+    expected = _pybioclip(env, *setup["images"], "--rank", "species")
+    code, out, err = _run(capsys, [*setup["images"], "--rank", "species", "--no-progress"])
+    assert code == 0, err
+    got = list(csv.DictReader(io.StringIO(out)))
+    assert len(got) == len(expected) == 3 * 5
+    for ours, theirs in zip(got, expected):
+        assert list(ours) == list(theirs)
+        assert {k: v for k, v in ours.items() if k != "score"} == {k: v for k, v in theirs.items() if k != "score"}
+        assert float(ours["score"]) == pytest.approx(float(theirs["score"]), abs=1e-3)
+    scores = [float(r["score"]) for r in expected]
+    assert max(scores) - min(scores) > 0.05  # open_clip's centre crop instead would be off by ~0.02
+
+
+def test_default_model_custom_labels_and_bins(setup, hub_home, monkeypatch, capsys, tmp_path):
+    env = offline_env(monkeypatch, hub_home)
+    bins = tmp_path / "bins.csv"
+    bins.write_text("cls,bin\ncommon raven,bird\nhouse sparrow,bird\ndog rose,plant\nCorvus frugilegus,bird\n")
+    for flags in (["--cls", ",".join(LABELS)], ["--bins", str(bins)]):
+        expected = _pybioclip(env, *setup["images"], *flags)
+        code, out, err = _run(capsys, [*setup["images"], *flags, "--no-progress"])
+        assert code == 0, err
+        got = list(csv.DictReader(io.StringIO(out)))
+        assert [(r["file_name"], r["classification"]) for r in got] == \
+            [(r["file_name"], r["classification"]) for r in expected]
+        for ours, theirs in zip(got, expected):
+            assert float(ours["score"]) == pytest.approx(float(theirs["score"]), abs=1e-3)
+
+
+def test_squashed_preprocessing_only_for_the_tree_of_life_models(setup, hub_home, monkeypatch):
+    offline_env(monkeypatch, hub_home)
+    import argparse
+
+    def loaded(**kwargs):
+        return predict.load_model(argparse.Namespace(**{"pretrained": None, "model": None, "seed": 0, **kwargs}))
+
+    assert loaded().preprocess.resize_mode == "squash"
+    assert loaded(model="hf-hub:imageomics/bioclip-2").preprocess.resize_mode == "squash"
+    assert loaded(pretrained=setup["source"]).preprocess.resize_mode == "shortest"
+
+
+def test_missing_default_model_offline_is_one_sentence(setup, tmp_path, monkeypatch, capsys):
+    offline_env(monkeypatch, tmp_path / "empty_home")
+    code, _, err = _run(capsys, [setup["images"][0], "--no-progress"])
+    assert code == 2
+    assert "imageomics/bioclip-2" in err and str(tmp_path / "empty_home" / "hub") in err
+    assert len(err.strip().splitlines()) == 1
+
+
+# ---- rough edges ----
+
+
+def test_custom_taxa_are_embedded_once_and_cached(setup, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("BIOCLIP_JAX_CACHE", str(tmp_path / "cache"))
+    argv = [setup["images"][0], "--pretrained", setup["source"], "--taxa", str(setup["root"] / "catalog.csv"),
+            "--no-progress"]
+    code, first, err = _run(capsys, argv)
+    assert code == 0 and "embedding the taxa" in err and str(tmp_path / "cache") in err
+    calls = []
+    monkeypatch.setattr(embed_taxa, "write_taxa_embeddings", lambda *a, **k: calls.append(a))
+    code, second, err = _run(capsys, argv)
+    assert code == 0 and first == second and not calls and "embedding" not in err
+    code, _, err = _run(capsys, argv + ["--text-type", "sci"])  # another text type: another entry
+    assert calls
+
+
+def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path):
+    from bioclip_jax.transforms import open_rgb
+
+    ramp = (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65520
+    path = tmp_path / "deep.png"
+    Image.fromarray(ramp).save(path)  # mode I;16
+    assert (np.asarray(Image.open(path).convert("RGB")) == 255).mean() > 0.9  # what PIL alone does
+    rgb = np.asarray(open_rgb(path))
+    assert rgb.shape == (64, 64, 3)
+    assert (rgb == 255).mean() < 0.01
+    np.testing.assert_allclose(rgb[..., 0], np.round(ramp / 257.0), atol=1)
+
+
+def test_label_and_path_mistakes(setup, capsys, tmp_path):
+    base = [setup["images"][0], "--pretrained", setup["source"], "--no-progress", "--format", "json"]
+    code, out, err = _run(capsys, base + ["--cls", "crow,raven,crow"])
+    assert code == 0 and "'crow' (2 times)" in err
+    assert [r["classification"] for r in json.loads(out)] in (["crow", "raven"], ["raven", "crow"])
+    code, _, err = _run(capsys, base + ["--cls", str(tmp_path / "labels.txt")])
+    assert code == 2 and "no such label file" in err and "labels.txt" in err
+    code, _, err = _run(capsys, base + ["--cls", ""])
+    assert code == 2 and "--cls is empty" in err and "tree of life" in err
+    code, out, err = _run(capsys, [setup["images"][0], str(tmp_path / "nope.jpg"), *base[1:], "--cls", "a,b"])
+    assert code == 1  # the good image is still predicted, the run reports the missing one
+    assert {r["file_name"] for r in json.loads(out)} == {setup["images"][0]}
+    assert "nope.jpg" in err

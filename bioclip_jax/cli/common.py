@@ -10,20 +10,39 @@ import os
 from collections.abc import Sequence
 
 
+SOURCES_HELP = ("model source: hf-hub:ORG/NAME[@REVISION] (Hugging Face Hub, cached), local-dir:PATH "
+                "(open_clip folder), a .safetensors/.bin state dict, a bioclip_jax model directory or "
+                "training workdir, or 'random' (seeded random weights)")
+
+
 def add_model_args(parser: argparse.ArgumentParser, required: bool = False) -> None:
     parser.add_argument("--pretrained", required=required, default=None,
-                        help="local-dir:PATH (open_clip folder), a .safetensors/.bin state dict, "
-                             "or a bioclip_jax checkpoint/workdir; omitted = random weights")
+                        help=SOURCES_HELP + "; omitted with --model NAME = random weights")
     parser.add_argument("--model", default=None,
-                        help="architecture name (e.g. ViT-B-16); read from the source when it has one")
+                        help="architecture name (e.g. ViT-B-16), read from the source when it has one; "
+                             "as in open_clip, also a source (hf-hub:ORG/NAME)")
     parser.add_argument("--seed", type=int, default=0, help="seed for random initialisation")
 
 
-def load_model(args: argparse.Namespace):
-    from bioclip_jax.pretrained import create_model  # noqa: PLC0415 - keep --help fast
-    if args.pretrained is None and args.model is None:
-        raise SystemExit("error: give --pretrained SRC or --model NAME")
-    return create_model(args.model or "ViT-B-16", args.pretrained, seed=args.seed)
+def resolve_source(pretrained: str | None, model: str | None, default: str | None = None) -> str | None:
+    """The source a command line names: --pretrained, else a --model that is a source, else
+    'random' for a bare architecture name, else `default`."""
+    from bioclip_jax.pretrained import is_source  # noqa: PLC0415
+
+    if pretrained:
+        return pretrained
+    if is_source(model):
+        return model
+    return "random" if model else default
+
+
+def load_model(args: argparse.Namespace, default: str | None = None):
+    """The model of --pretrained/--model; every command accepts the same sources (SOURCES_HELP)."""
+    from bioclip_jax.inference import load_model as load  # noqa: PLC0415 - keep --help fast
+    from bioclip_jax.pretrained import is_source  # noqa: PLC0415
+
+    source = resolve_source(args.pretrained, args.model, default)
+    return load(source, None if is_source(args.model) else args.model, seed=getattr(args, "seed", 0))
 
 
 def run_cli(body, argv) -> int:

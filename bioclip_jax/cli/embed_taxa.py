@@ -30,7 +30,8 @@ from tqdm import tqdm
 
 from bioclip_jax.data import shard_index
 from bioclip_jax.evaluate.templates import get_templates
-from bioclip_jax.inference import TextEmbedder, load_model
+from bioclip_jax.cli import common
+from bioclip_jax.inference import TextEmbedder
 from bioclip_jax.models.clip import CLIP
 from bioclip_jax.paths import is_remote
 from bioclip_jax.taxonomy import RANKS, TEXT_TYPES, Taxon, check_text_type, class_name
@@ -156,8 +157,7 @@ def build_parser(prog: str = "bioclip-jax embed-taxa") -> argparse.ArgumentParse
                                      "tree-of-life prediction (pybioclip's txt_emb_species.npy/.json layout).")
     parser.add_argument("--taxa", required=True, help="catalog CSV with kingdom .. species (and common) columns")
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--pretrained", help="model source (open_clip folder, .safetensors, bioclip_jax dir, 'random')")
-    parser.add_argument("--model", help="architecture name for sources without one (e.g. ViT-B-16)")
+    common.add_model_args(parser)
     parser.add_argument("--text-type", "--text_type", dest="text_type", default="taxon_com", choices=TEXT_TYPES,
                         help="how each taxon is named (default taxon_com, BioCLIP's training caption)")
     parser.add_argument("--templates", default="openai", help="prompt templates: openai (80) or single")
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         taxa, skipped = read_catalog_taxa(args.taxa, progress=args.progress)
         if skipped:
             print(f"{args.taxa}: {skipped} rows without genus and species epithet skipped", file=sys.stderr)
-        model = load_model(args.pretrained, args.model)
+        model = common.load_model(args)
         start = time.perf_counter()
         path = write_taxa_embeddings(model, taxa, args.out, args.text_type, templates=args.templates,
                                      batch_size=args.batch_size, progress=args.progress)

@@ -1,5 +1,9 @@
 """`bioclip-jax predict`: pybioclip's predictions, streamed in batches over any number of images.
 
+    bioclip-jax predict bird.jpg                     # BioCLIP 2 over the tree of life, as `bioclip predict`
+    bioclip-jax predict photos/ --model hf-hub:imageomics/bioclip --rank genus
+    bioclip-jax predict photos/ --cls "crow,raven,rook"
+    bioclip-jax predict photos/ --bins bins.csv      # pybioclip's class,bin CSV
     bioclip-jax predict photos/ --pretrained local-dir:/models/bioclip --cls "crow,raven,rook"
     bioclip-jax predict a.jpg b.jpg --pretrained ... --taxa-embeddings tol/ --rank family --k 3
     bioclip-jax predict photos/ --pretrained ... --taxa-embeddings tol/ --subset ohio_birds.csv --format json
@@ -10,6 +14,13 @@ model gives the same probabilities. Tree-of-life mode scores every species of an
 (or pybioclip) folder and, for a higher rank, sums the species probabilities above
 --min-prob per taxon at that rank, as pybioclip does. `--subset` keeps only the taxa listed in
 a CSV whose first column is named by a rank. Rows are written as each batch finishes.
+
+With no model flag the model is pybioclip's default, hf-hub:imageomics/bioclip-2, and with
+no labels its tree-of-life embeddings come from the dataset repo pybioclip pairs it with
+(hub.TREE_OF_LIFE), through the Hugging Face cache. These two models are preprocessed as
+pybioclip does (the whole image squashed to 224 x 224); any other model gets open_clip's
+transform. Custom taxa (--taxa CSV without --taxa-embeddings) are embedded once per model,
+catalog and text type, and kept under taxa_cache_dir().
 """
 
 from __future__ import annotations
@@ -18,7 +29,9 @@ import argparse
 import csv
 import dataclasses
 import functools
+import hashlib
 import json
+import os
 import sys
 from typing import IO, Sequence
 
@@ -26,10 +39,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bioclip_jax.cli import embed_taxa
+from bioclip_jax import hub, transforms
+from bioclip_jax.cli import common, embed_taxa
 from bioclip_jax.data import shard_index
-from bioclip_jax.inference import ImageEmbedder, TextEmbedder, file_item, list_image_files, load_model, report_skipped
+from bioclip_jax.inference import ImageEmbedder, ImageItem, TextEmbedder, list_image_files, report_skipped
 from bioclip_jax.models.clip import CLIP
+from bioclip_jax.models.params import flat_params
 from bioclip_jax.taxonomy import RANKS, TEXT_TYPES, Taxon
 
 FORMATS = ("csv", "table", "json")
@@ -49,6 +64,37 @@ def custom_labels(model: CLIP, names: Sequence[str], batch_size: int) -> Labels:
     classes = [n.strip() for n in names]
     features = TextEmbedder(model, batch_size=batch_size).classes(classes)
     return Labels(features, np.arange(len(classes)), [{"classification": c} for c in classes])
+
+
+def binned_labels(model: CLIP, class_to_bin: dict[str, str], batch_size: int) -> Labels:
+    """pybioclip's --bins: each class is scored, and a bin's score is the sum over its classes."""
+    classes = list(class_to_bin)
+    bins = list(dict.fromkeys(class_to_bin.values()))
+    features = TextEmbedder(model, batch_size=batch_size).classes(classes)
+    group_ids = np.asarray([bins.index(class_to_bin[c]) for c in classes])
+    return Labels(features, group_ids, [{"classification": b} for b in bins])
+
+
+def read_bins(path: str) -> dict[str, str]:
+    """class -> bin from pybioclip's bins CSV (header row; first column the class, second its bin)."""
+    if not shard_index.as_path(path).is_file():
+        raise FileNotFoundError(f"bins file not found: {path}")
+    with shard_index.open_text(path) as handle:
+        rows = [r for r in csv.reader(handle) if any(c.strip() for c in r)]
+    if not rows or len(rows[0]) < 2:
+        raise ValueError(f"{path} must have a header and two columns: class, bin")
+    mapping: dict[str, str] = {}
+    for number, row in enumerate(rows[1:], start=2):
+        name, bin_name = (row + ["", ""])[0].strip(), (row + ["", ""])[1].strip()
+        if not name or not bin_name:
+            raise ValueError(f"{path} line {number}: empty class or bin (both are required)")
+        if mapping.get(name, bin_name) != bin_name:
+            raise ValueError(f"{path} line {number}: class {name!r} is put in two bins, "
+                             f"{mapping[name]!r} and {bin_name!r}")
+        mapping[name] = bin_name
+    if not mapping:
+        raise ValueError(f"{path} lists no classes")
+    return mapping
 
 
 def _rank_fields(taxon: Taxon, rank: str) -> dict:
@@ -105,23 +151,62 @@ def subset_mask(taxa: Sequence[Taxon], rank: str, values: set[str], where: str) 
     return np.asarray([n in values for n in names])
 
 
+def cache_root() -> str:
+    """bioclip_jax's own cache: $BIOCLIP_JAX_CACHE, else $XDG_CACHE_HOME/bioclip_jax (~/.cache/bioclip_jax)."""
+    return os.environ.get("BIOCLIP_JAX_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "bioclip_jax")
+
+
+def taxa_cache_dir() -> str:
+    """Where custom taxa embeddings are kept, one folder per (text tower, catalog, text type)."""
+    return os.path.join(cache_root(), "taxa_embeddings")
+
+
+def use_compilation_cache() -> None:
+    """Compiled programs are kept under cache_root()/xla (unless JAX is told otherwise), so only
+    the first run of a model and batch size pays for compilation."""
+    if not jax.config.jax_compilation_cache_dir and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        jax.config.update("jax_compilation_cache_dir", os.path.join(cache_root(), "xla"))
+
+
+def _text_tower_digest(model: CLIP) -> str:
+    """Fingerprint of everything a text embedding depends on (the text tower's weights)."""
+    digest = hashlib.sha256()
+    for path, value in sorted(flat_params(model).items(), key=lambda kv: str(kv[0])):
+        if "visual" in str(path[0]) or "vision" in str(path[0]):
+            continue
+        digest.update(str(path).encode())
+        digest.update(np.ascontiguousarray(np.asarray(value)).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def cached_taxa_folder(model: CLIP, taxa_csv: str, text_type: str) -> str:
+    """The cache folder of one (model, taxa file, text type)."""
+    with shard_index.as_path(taxa_csv).open("rb") as handle:
+        catalog = hashlib.sha256(handle.read()).hexdigest()[:16]
+    return os.path.join(taxa_cache_dir(), f"{_text_tower_digest(model)}-{catalog}-{text_type}")
+
+
 def load_tree_of_life(model: CLIP, args) -> tuple[np.ndarray, list[Taxon]]:
-    """[N, D] species embeddings and taxa from --taxa-embeddings, built from --taxa when absent."""
+    """[N, D] species embeddings and taxa: --taxa-embeddings, else --taxa (embedded once and
+    cached), else the tree-of-life dataset repo pybioclip pairs with the model."""
     directory = args.taxa_embeddings
+    if not directory and args.taxa:
+        directory = cached_taxa_folder(model, args.taxa, args.text_type)
+        if not embed_taxa.has_taxa_embeddings(directory):
+            print(f"predict: embedding the taxa of {args.taxa} once; kept in {directory}", file=sys.stderr)
+    if not directory and hub.tree_of_life_repo(model.source):
+        directory = hub.tree_of_life_folder(hub.tree_of_life_repo(model.source))
     have_files = embed_taxa.has_taxa_embeddings(directory)
     if not have_files and not args.taxa:
         raise ValueError("tree-of-life prediction needs --taxa-embeddings DIR (from `bioclip-jax embed-taxa`) "
-                         "or --taxa CSV; for your own labels pass --cls")
-    if have_files:
-        matrix, taxa = embed_taxa.load_taxa_embeddings(directory)
-        features = np.ascontiguousarray(np.asarray(matrix, np.float32).T)
-    else:
+                         f"or --taxa CSV with this model (only {' and '.join(hub.TREE_OF_LIFE)} come with "
+                         "embeddings); for your own labels pass --cls")
+    if not have_files:
         taxa, _ = embed_taxa.read_catalog_taxa(args.taxa)
-        if directory:  # build once, reuse next time
-            embed_taxa.write_taxa_embeddings(model, taxa, directory, args.text_type, progress=args.progress)
-            return load_tree_of_life(model, args)
-        chunks = embed_taxa.taxa_class_chunks(model, taxa, args.text_type, progress=args.progress)
-        features = np.concatenate(list(chunks))
+        embed_taxa.write_taxa_embeddings(model, taxa, directory, args.text_type, progress=args.progress)
+    matrix, taxa = embed_taxa.load_taxa_embeddings(directory)
+    features = np.ascontiguousarray(np.asarray(matrix, np.float32).T)
     if features.shape[1] != model.config.embed_dim:
         raise ValueError(f"taxa embeddings have dimension {features.shape[1]} but the model embeds into "
                          f"{model.config.embed_dim}; they were made with another model")
@@ -202,27 +287,33 @@ def _format(value) -> str:
 
 
 def build_parser(prog: str = "bioclip-jax predict") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description="Classify images with a BioCLIP model: your own "
-                                     "labels (--cls) or the tree of life (--taxa-embeddings / --taxa).")
+    parser = argparse.ArgumentParser(prog=prog, description="Classify images with a BioCLIP model, as pybioclip's "
+                                     "`bioclip predict` does: over the tree of life (default), your own labels "
+                                     "(--cls) or bins of labels (--bins).")
     parser.add_argument("images", nargs="+", help="image files and/or directories (searched recursively)")
-    parser.add_argument("--pretrained", help="model source (open_clip folder, .safetensors, bioclip_jax dir, 'random')")
-    parser.add_argument("--model", help="architecture name for sources without one (e.g. ViT-B-16)")
+    parser.add_argument("--pretrained", help=common.SOURCES_HELP + f"; default {hub.DEFAULT_MODEL}")
+    parser.add_argument("--model", help="architecture name for sources without one (e.g. ViT-B-16), or, as in "
+                        "pybioclip, the model itself (hf-hub:imageomics/bioclip)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for --pretrained random")
     labels = parser.add_mutually_exclusive_group()
     labels.add_argument("--cls", help="comma-separated labels, or a text file with one label per line")
     labels.add_argument("--cls-file", "--cls_file", dest="cls_file", help="text file with one label per line")
+    labels.add_argument("--bins", help="CSV with a header; first column a label, second the bin it is summed into")
     parser.add_argument("--rank", choices=RANKS, default="species", help="tree-of-life rank (default species)")
-    parser.add_argument("--taxa", help="taxa catalog CSV (kingdom .. species, common) for tree-of-life mode")
+    parser.add_argument("--taxa", help="taxa catalog CSV (kingdom .. species, common) for tree-of-life mode; "
+                        "embedded once per model and text type, then cached")
     parser.add_argument("--taxa-embeddings", "--taxa_embeddings", dest="taxa_embeddings",
                         help="folder with txt_emb_species.npy/.json (from embed-taxa or pybioclip); "
-                             "built from --taxa when empty")
+                             "built from --taxa when empty; default: the model's tree-of-life dataset repo")
     parser.add_argument("--subset", help="CSV whose first column (named by a rank) lists the taxa to keep")
     parser.add_argument("--text-type", "--text_type", dest="text_type", default="taxon_com", choices=TEXT_TYPES,
                         help="how taxa from --taxa are named when embedding them (default taxon_com)")
-    parser.add_argument("--k", type=int, default=5, help="predictions per image (default 5)")
+    parser.add_argument("--k", type=int, default=None,
+                        help="predictions per image (default 5; every label with --cls/--bins, as pybioclip)")
     parser.add_argument("--min-prob", "--min_prob", dest="min_prob", type=float, default=1e-9,
                         help="species probabilities at or below this are not summed into a rank (default 1e-9)")
     parser.add_argument("--format", choices=FORMATS, default="csv", help="output format (default csv)")
-    parser.add_argument("--output", help="write to this file instead of stdout")
+    parser.add_argument("--output", help="write to this file instead of stdout ('stdout', as in pybioclip, is stdout)")
     parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=32,
                         help="images per batch (default 32)")
     parser.add_argument("--workers", type=int, default=8, help="image decoding threads (default 8)")
@@ -230,26 +321,50 @@ def build_parser(prog: str = "bioclip-jax predict") -> argparse.ArgumentParser:
     return parser
 
 
+def _looks_like_path(text: str) -> bool:
+    return "," not in text and (os.sep in text or "/" in text or text.lower().endswith((".txt", ".csv")))
+
+
+def _dedupe(names: list[str], where: str) -> list[str]:
+    """Each label once: a repeated label would split its probability and rank a wrong one first."""
+    counts = {n: names.count(n) for n in dict.fromkeys(names)}
+    repeated = [f"{n!r} ({c} times)" for n, c in counts.items() if c > 1]
+    if repeated:
+        print(f"predict: {where} repeats {', '.join(repeated)}; each label is scored once", file=sys.stderr)
+    return list(counts)
+
+
 def _class_names(args) -> list[str] | None:
+    if args.cls is not None and not args.cls.strip():
+        raise ValueError("--cls is empty: give comma-separated labels or a file with one label per line "
+                         "(or leave --cls out to predict over the tree of life)")
+    if args.cls_file and not shard_index.as_path(args.cls_file).is_file():
+        raise FileNotFoundError(f"label file not found: {args.cls_file}")
     source = args.cls_file or (args.cls if args.cls and shard_index.as_path(args.cls).is_file() else None)
     if source:
         with shard_index.open_text(source) as handle:
             names = [line.strip() for line in handle]
     elif args.cls:
+        if _looks_like_path(args.cls):
+            raise FileNotFoundError(f"--cls {args.cls}: no such label file (for a single label containing "
+                                    f"'/', add a trailing comma)")
         names = [n.strip() for n in args.cls.split(",")]
     else:
         return None
     names = [n for n in names if n]
     if not names:
         raise ValueError(f"no labels in {source or repr(args.cls)}")
-    return names
+    return _dedupe(names, source or "--cls")
 
 
 def build_labels(model: CLIP, args) -> Labels:
     names = _class_names(args)
-    if names is not None:
+    if names is not None or args.bins:
         if args.subset or args.taxa or args.taxa_embeddings or args.rank != "species":
-            raise ValueError("--cls/--cls-file cannot be combined with --rank, --taxa, --taxa-embeddings or --subset")
+            raise ValueError("--cls/--cls-file/--bins cannot be combined with --rank, --taxa, --taxa-embeddings "
+                             "or --subset")
+        if args.bins:
+            return binned_labels(model, read_bins(args.bins), batch_size=256)
         return custom_labels(model, names, batch_size=256)
     features, taxa = load_tree_of_life(model, args)
     if args.subset:
@@ -259,32 +374,55 @@ def build_labels(model: CLIP, args) -> Labels:
     return tree_of_life_labels(features, taxa, args.rank, args.min_prob)
 
 
+def load_model(args) -> CLIP:
+    """--pretrained/--model, defaulting to pybioclip's BioCLIP 2; its two tree-of-life models are
+    preprocessed as pybioclip does, every other model as open_clip does."""
+    model = common.load_model(args, default=hub.DEFAULT_MODEL)
+    if hub.tree_of_life_repo(model.source):
+        model.preprocess = transforms.PYBIOCLIP_TREE_OF_LIFE
+    return model
+
+
+def find_images(paths: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(image files, paths that do not exist): a missing path is reported, not fatal."""
+    missing = [p for p in paths if not os.path.exists(p)]
+    return list_image_files([p for p in paths if os.path.exists(p)]), missing
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.output = None if args.output == "stdout" else args.output
     try:
-        if args.k < 1 or args.batch_size < 1:
+        if (args.k is not None and args.k < 1) or args.batch_size < 1:
             raise ValueError(f"--k and --batch-size must be >= 1, got {args.k} and {args.batch_size}")
-        files = list_image_files(args.images)
+        files, missing = find_images(args.images)
+        for path in missing:
+            print(f"predict: warning: image path not found, skipped: {path}", file=sys.stderr)
         if not files:
-            raise ValueError(f"no image files found in {', '.join(args.images)}")
-        model = load_model(args.pretrained, args.model)
+            raise FileNotFoundError(f"no image files found in {', '.join(args.images)}")
+        use_compilation_cache()
+        model = load_model(args)
         labels = build_labels(model, args)
     except (ValueError, FileNotFoundError) as error:
         print(f"predict: {error}", file=sys.stderr)
         return 2
+    k = args.k or (5 if "classification" not in labels.groups[0] else len(labels.groups))
     embedder = ImageEmbedder(model, batch_size=args.batch_size, workers=args.workers, progress=args.progress)
-    predictor = Predictor(model, labels, args.k, embedder.batch_size)
+    predictor = Predictor(model, labels, k, embedder.batch_size)
     stream = open(args.output, "w", newline="", encoding="utf-8") if args.output else sys.stdout
     writer = RowWriter(stream, args.format)
+    items = (ImageItem(f, functools.partial(transforms.open_rgb, f)) for f in files)
     try:
-        for features, items in embedder.stream((file_item(f) for f in files), total=len(files)):
-            writer.write(predictor.rows([item.key for item in items], features))
+        for features, batch in embedder.stream(items, total=len(files)):
+            writer.write(predictor.rows([item.key for item in batch], features))
         writer.close()
     finally:
         if args.output:
             stream.close()
     report_skipped(embedder.skipped)
-    return 0 if len(embedder.skipped) < len(files) else 1
+    if missing:
+        print(f"predict: {len(missing)} image path(s) not found: {', '.join(missing)}", file=sys.stderr)
+    return 0 if not missing and len(embedder.skipped) < len(files) else 1
 
 
 if __name__ == "__main__":
