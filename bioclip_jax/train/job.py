@@ -26,10 +26,6 @@ EXPORT_DIR = "open_clip"
 RESULTS_FILE = "results.json"  # results.md and results.png go beside it
 
 
-def _is_local(path) -> bool:
-    return "://" not in str(path)
-
-
 def with_synthetic_data(config: ml_collections.ConfigDict, workdir) -> ml_collections.ConfigDict:
     """Generates the synthetic tree of life when no shards are given.
 
@@ -41,7 +37,7 @@ def with_synthetic_data(config: ml_collections.ConfigDict, workdir) -> ml_collec
         return config
     from bioclip_jax.data.synthetic import make_synthetic  # noqa: PLC0415
     syn = config.data.synthetic
-    if _is_local(workdir):
+    if not paths.is_remote(workdir):
         root, writer = os.path.join(os.fspath(workdir), SYNTHETIC_DIR), jax.process_index() == 0
     else:
         name = f"s{syn.species}-i{syn.images_per_species}-h{syn.held_out_species}-seed{syn.seed}-px{syn.image_size}"
