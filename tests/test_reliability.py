@@ -104,25 +104,29 @@ def test_a_failed_background_save_stops_the_run_at_the_next_step(shards, tmp_pat
     from orbax.checkpoint._src.checkpointers import async_checkpointer
 
     real_wait = async_checkpointer._background_wait_for_commit_futures
-    calls = []
+    calls, failed_after = [], []
+    workdir = tmp_path / "full"
 
     def full_disk_on_second_save(directory, commit_futures, *args, **kwargs):
         calls.append(1)
         if len(calls) == 2:  # the writes end, then the commit fails: nothing of it may be used
             for commit in commit_futures:
                 commit.result()
+            failed_after.append(max(losses(read_metrics(str(workdir)))))  # the last step done by then
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_wait(directory, commit_futures, *args, **kwargs)
 
     monkeypatch.setattr(async_checkpointer, "_background_wait_for_commit_futures", full_disk_on_second_save)
-    workdir = tmp_path / "full"
     with pytest.raises(checkpointing.CheckpointError) as raised:
         run(workdir, shards, total_steps=12, checkpoint__every_steps=3, checkpoint__async_save=True)
     message = str(raised.value)
     assert "No space left on device" in message and str(workdir / "checkpoints") in message
     assert "last good checkpoint is step 1" in message and "\n" not in message
     logged = max(losses(read_metrics(str(workdir))))
-    assert logged <= 4, f"the failure of the step-3 save surfaced only after step {logged}"
+    # The save runs in the background: it fails while some step runs; the next step must notice,
+    # long before the next save (step 6), where the old code first heard of it.
+    assert logged <= failed_after[0] + 1 and logged < 6, \
+        f"the save failed after step {failed_after[0]} but the run went on to step {logged}"
     monkeypatch.undo()
     assert _steps_on_disk(workdir) == [1]
     resumed = losses(run(workdir, shards, total_steps=12, checkpoint__every_steps=3, stop_after=3))

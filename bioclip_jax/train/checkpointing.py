@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
 
-from bioclip_jax.checkpoint.model_dir import CHECKPOINTS_DIR, PARAMS_DIR
-from bioclip_jax.paths import absolute, uncached
+from bioclip_jax.checkpoint.model_dir import CHECKPOINTS_DIR, PARAMS_DIR, finished_steps
+from bioclip_jax.paths import absolute
 
 OPT_STATE = "opt_state"
 DATA = "data"
@@ -46,6 +46,12 @@ class CheckpointMismatchError(ValueError):
 
 class NonFiniteStateError(FloatingPointError):
     """The state to be saved holds NaN or inf; saving it would poison every resume."""
+
+
+def _first_line(error: BaseException) -> str:
+    """An exception's message without the stack of details some libraries append (tensorstore, Orbax)."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else ""
 
 
 @jax.jit
@@ -111,23 +117,15 @@ class TrainCheckpointer:
             raise self._save_failed(error) from None
 
     def _save_failed(self, error: BaseException) -> CheckpointError:
-        cause = str(error).strip().splitlines()[0] if str(error).strip() else ""
         return CheckpointError(f"saving a checkpoint under {self.directory} failed "
-                               f"({type(error).__name__}: {cause}); the run is stopped. "
+                               f"({type(error).__name__}: {_first_line(error)}); the run is stopped. "
                                f"{self.last_good_message()}")
 
     def last_good_message(self) -> str:
-        steps = self._committed_steps()
+        steps = finished_steps(self.directory.parent)  # committed on storage, not a save in flight
         if not steps:
             return f"There is no earlier checkpoint in {self.directory}."
         return f"The last good checkpoint is step {steps[-1]} in {self.directory}; rerunning resumes from it."
-
-    def _committed_steps(self) -> list[int]:
-        """Steps whose folder is committed on storage (not a save still in flight)."""
-        directory = uncached(self.directory)
-        if not directory.exists():
-            return []
-        return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
 
     # ---- restoring -------------------------------------------------------------------------------
 
@@ -172,8 +170,7 @@ class TrainCheckpointer:
         """Moves an unreadable step out of Orbax's folder (process 0), so that it is never read again."""
         target = self.directory.parent / UNREADABLE_DIR / f"{step}-{int(time.time())}"
         if jax.process_index() == 0:
-            cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            print(f"checkpoint step {step} is unreadable ({type(error).__name__}: {cause[:300]}); "
+            print(f"checkpoint step {step} is unreadable ({type(error).__name__}: {_first_line(error)[:300]}); "
                   f"moved it to {target} and trying the previous one", file=sys.stderr, flush=True)
             target.parent.mkdir(parents=True, exist_ok=True)
             (self.directory / str(step)).rename(target)
