@@ -144,7 +144,7 @@ def test_a_signal_saves_and_stops_with_the_stopped_status_and_no_export(shards, 
 
 def test_bfloat16_compute_with_remat_tracks_float32(shards, tmp_path):
     reference = as_array(run(tmp_path / "f32", shards, total_steps=4, stop_after=4))
-    low = as_array(run(tmp_path / "bf16", shards, total_steps=4, stop_after=4, dtype="bfloat16", remat=True))
+    low = as_array(run(tmp_path / "bf16", shards, total_steps=4, stop_after=4, dtype="bfloat16", remat="full"))
     assert np.all(np.isfinite(low))
     np.testing.assert_allclose(low, reference, rtol=3e-2)
     params = load_params(str(tmp_path / "bf16"))
@@ -157,7 +157,7 @@ def test_scanned_blocks_train_like_the_unrolled_loop(shards, tmp_path):
     mesh = dict(mesh__data=8, mesh__fsdp=1)
     unrolled = as_array(run(tmp_path / "unrolled", shards, scan_layers=False, **mesh))
     scanned = as_array(run(tmp_path / "scanned", shards, scan_layers=True, **mesh))
-    scanned_remat = as_array(run(tmp_path / "remat", shards, scan_layers=True, remat=True, **mesh))
+    scanned_remat = as_array(run(tmp_path / "remat", shards, scan_layers=True, remat="full", **mesh))
     assert len(unrolled) == 6 and np.all(np.isfinite(unrolled))
     np.testing.assert_allclose(scanned, unrolled, rtol=2e-5)
     np.testing.assert_allclose(scanned_remat, unrolled, rtol=2e-5)

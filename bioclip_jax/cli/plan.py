@@ -315,7 +315,7 @@ def plan(config, mesh_sizes: dict[str, int] | None = None, devices: int | None =
     step = compiler(per_device_batch)
     result = {
         "model": config.model.name, "devices": int(mesh.size), "platform": mesh.devices.flat[0].platform,
-        "mesh": {k: int(v) for k, v in mesh.shape.items()}, "dtype": config.dtype, "remat": bool(config.remat),
+        "mesh": {k: int(v) for k, v in mesh.shape.items()}, "dtype": config.dtype, "remat": config.remat,
         "per_device_batch": step.per_device_batch, "global_batch": step.global_batch,
         "per_device": {"param_bytes": step.param_bytes, "opt_state_bytes": step.opt_state_bytes,
                        "batch_bytes": step.batch_bytes, "argument_bytes": step.argument_bytes,
@@ -429,7 +429,7 @@ def _flops(value: float) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bioclip-jax plan", description=__doc__.split("\n\n")[1],
-                                     epilog="Any config field: --config.FIELD=VALUE (e.g. --config.remat=False).")
+                                     epilog="Any config field: --config.FIELD=VALUE (e.g. --config.remat=full).")
     parser.add_argument("--config", required=True, help="configs/NAME.py or configs/NAME.py:ARG")
     parser.add_argument("--devices", type=int, help="simulate this many CPU devices (set before jax starts)")
     parser.add_argument("--mesh", help="axis sizes, e.g. data=4,fsdp=8 (data takes the rest when not given); "

@@ -17,7 +17,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.log_every_steps = 10
     c.init = ""                     # any pretrained= source; "" = random initialisation
     c.dtype = "float32"             # compute dtype: float32 | bfloat16 (parameters stay float32)
-    c.remat = False                 # recompute each transformer block in the backward pass
+    c.remat = "none"                # backward-pass recomputation of each transformer block: none | full |
+                                    # a jax.checkpoint_policies name, e.g. dots_with_no_batch_dims_saveable
+    c.attention = "auto"            # attention kernel: auto (cuDNN on GPU, XLA elsewhere) | xla | cudnn |
+                                    # head_major (our einsum path)
+    c.compilation_cache_dir = "auto"  # persistent XLA compilation cache: auto (a user cache) | a path | "" off
     c.scan_layers = True            # run transformer blocks in a lax.scan (faster backward, quicker compile)
 
     c.model = ml_collections.ConfigDict()
@@ -29,7 +33,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.text_type = "random"     # fixed type | random | per_sample | weighted "sci:0.5,taxon_com:0.5"
     c.data.text_tokens = 0          # token positions fed to the text tower (0 = the model's 77);
                                     # captions longer than this are truncated (end-of-text kept)
-    c.data.workers = 0              # Grain worker processes per host (0 = in the main process)
+    c.data.workers = -1             # Grain worker processes per host (-1 = sized from the usable CPUs,
+                                    # 0 = in the main process)
+    c.data.prefetch_to_device = 2   # global batches kept on the devices ahead of the step
     c.data.crop_scale = (0.9, 1.0)  # RandomResizedCrop scale, as in BioCLIP
     c.data.max_bad_fraction = 0.01  # stop when more than this fraction of samples is unusable
     c.data.index_cache_dir = ""     # where shard indexes go when the data directory is read-only
@@ -51,6 +57,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.eps = 1e-6
     c.optimizer.weight_decay = 0.2
     c.optimizer.grad_clip_norm = 0.0   # 0 = no clipping
+    c.optimizer.freeze = ""            # "" | image | text: that tower is not trained and has no optimiser state
     c.optimizer.accumulate_steps = 1   # k: split each update's batch into k micro-batches (activations / k)
     c.optimizer.accumulate_mode = "global_negatives"
     # global_negatives: data.batch_size is the batch of one update, with all its negatives; the step

@@ -14,8 +14,10 @@ Allowed without asking (`ALLOWED_CHANGES`):
   checkpoint.every_steps, checkpoint.keep, checkpoint.async_save    how often and how many
   data.workers, data.index_cache_dir                     how data is read, not which data
   data.max_bad_fraction        the tolerance for unusable samples, raised after a stop for bad data
-  mesh.*, remat, scan_layers   how the same computation is laid out on the devices (restoring
-                               onto another mesh is supported)
+  mesh.*, remat, scan_layers, attention   how the same computation is laid out on the devices
+                               (restoring onto another mesh is supported)
+  compilation_cache_dir, data.prefetch_to_device         where compiled steps are kept, how far ahead
+                                                         batches are put on the devices
 A field present on one side only (the code gained or lost a field since the run began)
 counts as a change of that field.
 
@@ -44,7 +46,7 @@ ALLOWED_CHANGES = (
     "total_steps", "log_every_steps", "device_peak_tflops", "eval.*",
     "checkpoint.every_steps", "checkpoint.keep", "checkpoint.async_save",
     "data.workers", "data.index_cache_dir", "data.max_bad_fraction",
-    "mesh.*", "remat", "scan_layers",
+    "mesh.*", "remat", "scan_layers", "attention", "compilation_cache_dir", "data.prefetch_to_device",
 )
 _ABSENT = object()  # a field one side does not have
 

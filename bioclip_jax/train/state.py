@@ -64,7 +64,7 @@ def model_skeleton(config: ml_collections.ConfigDict) -> ModelSkeleton:
     if config.dtype not in COMPUTE_DTYPES:
         raise ValueError(f"config.dtype={config.dtype!r}; choose one of {sorted(COMPUTE_DTYPES)}")
     model = abstract_model(train_architecture(config), dtype=COMPUTE_DTYPES[config.dtype],
-                           remat=bool(config.remat), scan_layers=bool(config.scan_layers))
+                           remat=config.remat != "none", scan_layers=bool(config.scan_layers))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     return ModelSkeleton(graphdef, params, rest)
 
