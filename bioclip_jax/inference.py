@@ -102,7 +102,7 @@ class ImageEmbeddings:
     skipped: list[Skipped]
 
 
-def _decode(item: ImageItem, crop: Callable[[Image.Image], Image.Image]) -> tuple[ImageItem, np.ndarray | Skipped]:
+def _decode(item: ImageItem, pixels: Callable[[Image.Image], np.ndarray]) -> tuple[ImageItem, np.ndarray | Skipped]:
     try:
         opened = item.open()
         if isinstance(opened, tuple):
@@ -110,7 +110,7 @@ def _decode(item: ImageItem, crop: Callable[[Image.Image], Image.Image]) -> tupl
             item = dataclasses.replace(item, label=label)
         with opened as image:
             image.load()  # a truncated file fails here, not later inside the crop
-            return item, np.asarray(crop(image.convert("RGB")), dtype=np.uint8)
+            return item, pixels(image)
     except Exception as error:  # noqa: BLE001 - any unreadable image is skipped and reported
         return item, Skipped(item.key, f"{type(error).__name__}: {error}")
 
@@ -178,7 +178,7 @@ class ImageEmbedder:
         with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:
             pending: collections.deque[concurrent.futures.Future] = collections.deque()
             for item in items:
-                pending.append(pool.submit(_decode, item, self.transform.crop))
+                pending.append(pool.submit(_decode, item, self.transform.pixels))
                 if len(pending) >= window:
                     yield pending.popleft().result()
             while pending:
@@ -190,7 +190,7 @@ class ImageEmbedder:
         if self.mesh is not None:
             yield from self._stream_over_processes(list(items), desc)
             return
-        buffer = np.zeros((self.batch_size, self.size, self.size, 3), np.uint8)
+        buffer = np.zeros((self.batch_size, self.size, self.size, 3), self.transform.pixel_dtype)
         filled: list[ImageItem] = []
         in_flight: tuple[jax.Array, list[ImageItem]] | None = None
         with tqdm(total=total, unit="img", desc=desc, disable=not self.progress, file=sys.stderr) as bar:
@@ -229,7 +229,7 @@ class ImageEmbedder:
         with tqdm(total=len(items), unit="img", desc=desc, disable=not self.progress or jax.process_index(),
                   file=sys.stderr) as bar:
             for k, rows in enumerate(own):
-                pixels = np.zeros((local_rows, self.size, self.size, 3), np.uint8)
+                pixels = np.zeros((local_rows, self.size, self.size, 3), self.transform.pixel_dtype)
                 labels = np.full((local_rows,), -1, np.int64)
                 readable = np.zeros((local_rows,), bool)
                 for j in range(len(rows)):

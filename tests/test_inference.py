@@ -109,3 +109,14 @@ def test_list_image_files_and_model_loading_errors(tmp_path):
         inference.list_image_files([str(tmp_path / "missing.jpg")])
     with pytest.raises(ValueError, match="--pretrained"):
         inference.load_model(None)
+
+
+def test_sixteen_bit_images_are_scaled_before_embedding(model, tmp_path):
+    """embed/eval/predict share the decoder: a 16-bit PNG embeds as its 8-bit version, not as white."""
+    ramp = (np.arange(72 * 64, dtype=np.uint32).reshape(64, 72) * 14).astype(np.uint16)
+    deep, shallow = tmp_path / "deep.png", tmp_path / "shallow.png"
+    Image.fromarray(ramp).save(deep)
+    Image.fromarray(np.round(ramp / 257.0).astype(np.uint8)).save(shallow)
+    embedder = inference.ImageEmbedder(model, batch_size=2, workers=1, progress=False)
+    out = embedder.embed_all([inference.file_item(str(deep)), inference.file_item(str(shallow))])
+    np.testing.assert_allclose(out.features[0], out.features[1], atol=1e-5)

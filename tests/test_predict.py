@@ -203,7 +203,7 @@ def test_default_predict_is_pybioclips(setup, hub_home, monkeypatch, capsys):
     for ours, theirs in zip(got, expected):
         assert list(ours) == list(theirs)
         assert {k: v for k, v in ours.items() if k != "score"} == {k: v for k, v in theirs.items() if k != "score"}
-        assert float(ours["score"]) == pytest.approx(float(theirs["score"]), abs=1e-3)
+        assert float(ours["score"]) == pytest.approx(float(theirs["score"]), abs=1e-5)
     scores = [float(r["score"]) for r in expected]
     assert max(scores) - min(scores) > 0.05  # open_clip's centre crop instead would be off by ~0.02
 
@@ -220,7 +220,7 @@ def test_default_model_custom_labels_and_bins(setup, hub_home, monkeypatch, caps
         assert [(r["file_name"], r["classification"]) for r in got] == \
             [(r["file_name"], r["classification"]) for r in expected]
         for ours, theirs in zip(got, expected):
-            assert float(ours["score"]) == pytest.approx(float(theirs["score"]), abs=1e-3)
+            assert float(ours["score"]) == pytest.approx(float(theirs["score"]), abs=1e-5)
 
 
 def test_squashed_preprocessing_only_for_the_tree_of_life_models(setup, hub_home, monkeypatch):
