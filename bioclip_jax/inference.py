@@ -79,8 +79,8 @@ def list_image_files(paths: Sequence[str]) -> list[str]:
 def load_model(pretrained: str | None, model_name: str | None = None, *, seed: int = 0) -> CLIP:
     """The model a command line asked for; `random` gives a seeded random model (for tests)."""
     if pretrained in (None, ""):
-        raise ValueError("no model given: pass --pretrained=SRC (an open_clip folder, a .safetensors file, "
-                         "a bioclip_jax model directory or training workdir), or --pretrained=random")
+        from bioclip_jax.cli.common import SOURCES_HELP  # noqa: PLC0415
+        raise ValueError(f"no model given: pass --pretrained=SRC ({SOURCES_HELP})")
     if pretrained == RANDOM_MODEL:
         return create_model(model_name or "ViT-B-16", None, seed=seed)
     return create_model(model_name, pretrained, seed=seed)

@@ -24,8 +24,10 @@ def get_config(arg=None):
     c.remat = "full"
     c.mesh.data, c.mesh.fsdp = -1, 8
     c.checkpoint.every_steps = 1000
+    c.hardware.devices, c.hardware.device_memory = 32, "80GB"  # the paper's 32 GPUs (80 GB class)
     c.log_every_steps = 50
     return sized(c, arg, {
         "local": {"data.batch_size": 16, "total_steps": 20, "schedule.warmup_steps": 5,
-                  "checkpoint.every_steps": 10, "dtype": "float32", "mesh.fsdp": 1, "log_every_steps": 5},
+                  "checkpoint.every_steps": 10, "dtype": "float32", "mesh.fsdp": 1, "log_every_steps": 5,
+                  "hardware.devices": 0},
     })

@@ -30,8 +30,10 @@ def get_config(arg=None):
     c.dtype = "bfloat16"  # the reference used fp16 AMP; bf16 is the TPU/Ampere equivalent
     c.mesh.data, c.mesh.fsdp = -1, 1
     c.checkpoint.every_steps = 500
+    c.hardware.devices, c.hardware.device_memory = 8, "80GB"  # the paper's 8 A100-80GB
     c.log_every_steps = 50
     return sized(c, arg, {
         "local": {"data.batch_size": 64, "total_steps": 100, "schedule.warmup_steps": 10,
-                  "checkpoint.every_steps": 50, "dtype": "float32", "log_every_steps": 5},
+                  "checkpoint.every_steps": 50, "dtype": "float32", "log_every_steps": 5,
+                  "hardware.devices": 0},
     })

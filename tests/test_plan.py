@@ -183,3 +183,35 @@ def test_a_batch_that_does_not_fit_gets_the_fewest_micro_batches_that_do(monkeyp
     assert "--config.optimizer.accumulate_steps=8" in plan_cli.format_plan(result)
     fitting = plan_cli.plan(config, plan_cli.parse_mesh("data=8"), devices=8, device_memory=8 * 10**9)
     assert "suggest" not in fitting
+
+
+def test_plain_plan_takes_devices_mesh_and_memory_from_the_config(capsys):
+    """No --devices/--mesh/--device-memory: the config's hardware and mesh decide, with a verdict."""
+    hardware = ["--config.hardware.devices=8", "--config.hardware.device_memory=1GB", "--config.mesh.fsdp=8",
+                "--max-compiles", "3"]
+    assert plan_cli.main([f"--config={TINY}", *hardware, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["devices"] == 8 and result["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert result["verdict"] == {"device_memory_bytes": 10**9, "fits": True}
+    assert result["largest_batch"]["per_device"] >= result["per_device_batch"]
+    assert plan_cli.main([f"--config={TINY}", *hardware[:2], "--config.mesh.fsdp=8", "--device-memory", "1MB"]) == 0
+    text = capsys.readouterr().out
+    assert "verdict (XLA:CPU estimate): the batch of 2 per device does not fit in 0.001 GB per device" in text
+    assert "pessimistic" in text and "1.4x" in text
+
+
+@pytest.mark.parametrize("name, devices, mesh, per_device", [
+    ("bioclip_vitb16", 8, (8, 1, 1), 4096),
+    ("bioclip2_vitl14", 32, (4, 8, 1), 2816),
+])
+def test_shipped_recipes_plan_for_their_published_hardware(name, devices, mesh, per_device):
+    from bioclip_jax.parallel.mesh import resolve_mesh_shape
+
+    config = plan_cli.load_train_config(os.path.join(REPO, "configs", f"{name}.py"))
+    assert plan_cli.planned_devices(None, config) == devices
+    assert plan_cli.parse_bytes(config.hardware.device_memory) == 80 * 10**9
+    shape = resolve_mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
+    assert shape == mesh and config.data.batch_size // (shape[0] * shape[1]) == per_device
+    local = plan_cli.load_train_config(os.path.join(REPO, "configs", f"{name}.py:local"))
+    assert plan_cli.planned_devices(None, local) is None  # the local variant plans for this machine
+    assert plan_cli.planned_devices("local", config) is None and plan_cli.planned_devices("2", config) == 2

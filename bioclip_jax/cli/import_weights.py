@@ -8,13 +8,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bioclip_jax.cli.common import run_cli
+from bioclip_jax.cli.common import SOURCES_HELP, run_cli
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bioclip-jax import", description=__doc__)
-    parser.add_argument("--pretrained", required=True,
-                        help="local-dir:PATH (open_clip folder), PATH.safetensors, or PATH.bin/.pt (needs torch)")
+    parser.add_argument("--pretrained", required=True, help=SOURCES_HELP + "; a .bin/.pt file needs torch")
     parser.add_argument("--model", default=None,
                         help="architecture (e.g. ViT-B-16-quickgelu); read from open_clip_config.json when present")
     parser.add_argument("--out", required=True, help="bioclip_jax checkpoint directory to write")

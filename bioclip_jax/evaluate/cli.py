@@ -20,14 +20,13 @@ import sys
 
 import ml_collections
 
-from bioclip_jax.cli.common import read_config_file
+from bioclip_jax.cli.common import SOURCES_HELP, read_config_file
 from bioclip_jax.evaluate import runner
 from bioclip_jax.inference import load_model
 
 # flag -> (config field, argparse keyword arguments)
 _FLAGS = {
-    "pretrained": dict(help="model source: open_clip folder (local-dir:PATH), .safetensors, bioclip_jax model "
-                            "dir, or 'random'"),
+    "pretrained": dict(help=SOURCES_HELP),
     "model": dict(help="architecture name for sources without one (e.g. ViT-B-16)"),
     "workdir": dict(help="training workdir: evaluate its latest checkpoint (or each new one with --watch); "
                          "without --data, on the held-out set the run recorded (config.json eval.held_out_dir)"),

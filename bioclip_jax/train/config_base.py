@@ -88,6 +88,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.batch_size = 256
 
     c.device_peak_tflops = 0.0      # for MFU; 0 = look up the device kind, unknown -> no MFU
+
+    # The hardware a recipe is meant for: `bioclip-jax plan` simulates it and gives its verdict.
+    c.hardware = ml_collections.ConfigDict()
+    c.hardware.devices = 0          # accelerators of the whole run (0 = the devices where plan runs)
+    c.hardware.device_memory = ""   # usable memory per device, e.g. "80GB" ("" = no verdict)
     return c
 
 

@@ -10,6 +10,7 @@ silently as a different experiment under the old run's name.
 Allowed without asking (`ALLOWED_CHANGES`):
   total_steps                  extend or shorten a run (the cosine schedule follows the new length)
   log_every_steps, device_peak_tflops                    logging and progress only
+  hardware.*                   what `bioclip-jax plan` assumes
   eval.*                       periodic zero-shot eval: what, how often, batch size
   checkpoint.every_steps, checkpoint.keep, checkpoint.async_save    how often and how many
   data.workers, data.index_cache_dir                     how data is read, not which data
@@ -43,7 +44,7 @@ from bioclip_jax import paths
 CONFIG_JSON = "config.json"
 HISTORY_JSONL = "config_history.jsonl"
 ALLOWED_CHANGES = (
-    "total_steps", "log_every_steps", "device_peak_tflops", "eval.*",
+    "total_steps", "log_every_steps", "device_peak_tflops", "hardware.*", "eval.*",
     "checkpoint.every_steps", "checkpoint.keep", "checkpoint.async_save",
     "data.workers", "data.index_cache_dir", "data.max_bad_fraction",
     "mesh.*", "remat", "scan_layers", "attention", "compilation_cache_dir", "data.prefetch_to_device",
