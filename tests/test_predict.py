@@ -273,7 +273,7 @@ def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path):
     np.testing.assert_allclose(rgb[..., 0], np.round(ramp / 257.0), atol=1)
 
 
-def test_label_and_path_mistakes(setup, capsys, tmp_path):
+def test_label_and_path_mistakes(setup, capsys, tmp_path, monkeypatch):
     base = [setup["images"][0], "--pretrained", setup["source"], "--no-progress", "--format", "json"]
     code, out, err = _run(capsys, base + ["--cls", "crow,raven,crow"])
     assert code == 0 and "'crow' (2 times)" in err
@@ -282,6 +282,9 @@ def test_label_and_path_mistakes(setup, capsys, tmp_path):
     assert code == 2 and "no such label file" in err and "labels.txt" in err
     code, _, err = _run(capsys, base + ["--cls", ""])
     assert code == 2 and "--cls is empty" in err and "tree of life" in err
+    offline_env(monkeypatch, tmp_path / "empty_hf_home")  # no model flag: the default model is not in the cache
+    code, _, err = _run(capsys, [setup["images"][0], "--no-progress", "--cls", ""])
+    assert code == 2 and "--cls is empty" in err and "Hugging Face" not in err
     code, out, err = _run(capsys, [setup["images"][0], str(tmp_path / "nope.jpg"), *base[1:], "--cls", "a,b"])
     assert code == 1  # the good image is still predicted, the run reports the missing one
     assert {r["file_name"] for r in json.loads(out)} == {setup["images"][0]}

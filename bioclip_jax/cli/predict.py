@@ -357,8 +357,9 @@ def _class_names(args) -> list[str] | None:
     return _dedupe(names, source or "--cls")
 
 
-def build_labels(model: CLIP, args) -> Labels:
-    names = _class_names(args)
+def build_labels(model: CLIP, args, names: list[str] | None = None) -> Labels:
+    """The labels to score; `names` are the already-read --cls/--cls-file labels, if any."""
+    names = names if names is not None else _class_names(args)
     if names is not None or args.bins:
         if args.subset or args.taxa or args.taxa_embeddings or args.rank != "species":
             raise ValueError("--cls/--cls-file/--bins cannot be combined with --rank, --taxa, --taxa-embeddings "
@@ -400,9 +401,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"predict: warning: image path not found, skipped: {path}", file=sys.stderr)
         if not files:
             raise FileNotFoundError(f"no image files found in {', '.join(args.images)}")
+        names = _class_names(args)  # label mistakes are reported before a model is fetched
         use_compilation_cache()
         model = load_model(args)
-        labels = build_labels(model, args)
+        labels = build_labels(model, args, names)
     except (ValueError, FileNotFoundError) as error:
         print(f"predict: {error}", file=sys.stderr)
         return 2
