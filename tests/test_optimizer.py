@@ -214,3 +214,89 @@ def test_accumulating_k_micro_steps_equals_one_step_on_the_mean_gradient():
 def test_bad_config_gives_clear_errors(config, message):
     with pytest.raises(ValueError, match=message):
         make_optimizer(config, TOTAL_STEPS)
+
+
+# ---- frozen towers (optimizer.freeze, open_clip's --lock-image / --lock-text) ---------------------
+
+
+def _tiny_clip_params(seed=0):
+    """Flat {name: array} with the names of a CLIP's train state (shapes cut to at most 3 per axis)."""
+    shapes = param_shapes(abstract_model(get_model_config("ViT-Tiny-8")))
+    rng = np.random.default_rng(seed)
+    return {path_to_key(path): jnp.asarray(rng.normal(size=tuple(min(d, 3) for d in shape)), jnp.float32)
+            for path, shape in shapes.items()}
+
+
+def _state_arrays(opt_state) -> dict:
+    return {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(opt_state)}
+
+
+@pytest.mark.parametrize("tower, prefix", [("image", "visual."), ("text", "text.")])
+def test_frozen_tower_keeps_its_bits_and_has_no_optimizer_state(tower, prefix):
+    params = _tiny_clip_params()
+    grads = [_random_grads(params, seed) for seed in range(3)]
+    config = _config(grad_clip_norm=1.0, freeze=tower)
+    history, state = _run(make_optimizer(config, TOTAL_STEPS), params, grads)
+    after = history[-1]
+
+    frozen = [name for name in params if name.startswith(prefix)]
+    trained = [name for name in params if not name.startswith(prefix)]
+    assert frozen and "logit_scale" in trained
+    for name in frozen:
+        assert np.asarray(after[name]).tobytes() == np.asarray(params[name]).tobytes(), name
+    for name in trained:
+        assert not np.array_equal(after[name], params[name]), name
+    # No moment, count or accumulator mentions a frozen parameter; the trained ones have mu and nu.
+    leaves = _state_arrays(state)
+    assert not [path for path in leaves if any(f"'{name}'" in path for name in frozen)]
+    moments = sum(int(np.size(leaf)) for leaf in leaves.values() if jnp.issubdtype(leaf.dtype, jnp.floating))
+    assert moments == 2 * sum(int(np.size(params[name])) for name in trained)
+
+
+def test_trained_tower_updates_as_if_the_frozen_one_did_not_exist():
+    """Clipping and AdamW see only the trained parameters: same result as an optimiser over them alone."""
+    params = _tiny_clip_params()
+    grads = [_random_grads(params, seed) for seed in range(2)]
+    after = _run(make_optimizer(_config(grad_clip_norm=1.0, freeze="image"), TOTAL_STEPS), params, grads)[0][-1]
+
+    def text_only(tree):
+        return {name: value for name, value in tree.items() if not name.startswith("visual.")}
+
+    alone = _run(make_optimizer(_config(grad_clip_norm=1.0), TOTAL_STEPS), text_only(params),
+                 [text_only(g) for g in grads])[0][-1]
+    for name, value in alone.items():
+        np.testing.assert_allclose(after[name], value, rtol=1e-6, atol=1e-7, err_msg=name)
+
+
+def test_frozen_tower_in_the_sharded_train_step():
+    """The optimiser state of the real train state (sharded on 8 devices) leaves the frozen tower out."""
+    from bioclip_jax.parallel.mesh import make_mesh
+    from bioclip_jax.parallel.sharding import host_batch_to_global
+    from bioclip_jax.train import state as state_lib
+    from bioclip_jax.train.loop import initial_params
+    from bioclip_jax.train.step import make_train_step
+    from tests.train_helpers import smoke_config
+
+    config = smoke_config("", total_steps=4, data__batch_size=8, optimizer__freeze="image")
+    mesh = make_mesh(data=4, fsdp=2)
+    skeleton = state_lib.model_skeleton(config)
+    layout = state_lib.state_layout(config, skeleton, mesh)
+    params = initial_params(config)[0]
+    state = state_lib.initial_state(layout, params)
+    step = make_train_step(config, skeleton, layout, mesh, make_schedule(config, state_lib.optimizer_updates(config)))
+    rng = np.random.default_rng(0)
+    tokens = np.zeros((8, 48), np.int32)
+    tokens[:, 0], tokens[:, 1:6], tokens[:, 6] = 49406, rng.integers(1, 40000, (8, 5)), 49407
+    for _ in range(2):
+        batch = {"image": rng.integers(0, 256, (8, 64, 64, 3), dtype=np.uint8), "tokens": tokens}
+        state, _ = step(state, host_batch_to_global(batch, mesh))
+    state = jax.device_get(state)
+    assert not [path for path in _state_arrays(state["opt_state"]) if "visual." in path]
+    for name, value in params.items():
+        changed = not np.array_equal(state["params"][name], value)
+        assert changed != name.startswith("visual."), name
+
+
+def test_unknown_frozen_tower_is_refused():
+    with pytest.raises(ValueError, match="optimizer.freeze 'vision' is unknown"):
+        make_optimizer(_config(freeze="vision"), TOTAL_STEPS)

@@ -15,6 +15,7 @@ COMMANDS = {
     "export": ("bioclip_jax.cli.export", "write an open_clip hf-hub folder from a checkpoint"),
     "import": ("bioclip_jax.cli.import_weights", "turn open_clip weights into a bioclip_jax checkpoint"),
     "make-synthetic": ("bioclip_jax.cli.make_synthetic", "generate the synthetic tree of life"),
+    "make-shards": ("bioclip_jax.cli.make_shards", "turn your own labelled images into shards + a held-out set"),
     "check-data": ("bioclip_jax.cli.check_data", "read every sample of some shards and report problems"),
     "convert-shards": ("bioclip_jax.cli.convert_shards", "convert webdataset shards to ArrayRecord"),
     "plan": ("bioclip_jax.cli.plan", "per-device memory and FLOPs of a train config on a mesh"),

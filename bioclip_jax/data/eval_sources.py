@@ -122,7 +122,7 @@ class TfdsData(EvalData):
 
         builder = tfds.builder(dataset, data_dir=data_dir)
         features = builder.info.features
-        self.image_key, self.label_key = _tfds_keys(dataset, builder.info)
+        self.image_key, self.label_key = tfds_keys(dataset, builder.info)
         if split is None:
             split = next((s for s in ("test", "validation", "train") if s in builder.info.splits), None)
             if split is None:
@@ -148,7 +148,7 @@ class TfdsData(EvalData):
         return (ImageItem(f"{self.name}[{i}]", functools.partial(self._read, i)) for i in range(len(self.source)))
 
 
-def _tfds_keys(dataset: str, info) -> tuple[str, str]:
+def tfds_keys(dataset: str, info) -> tuple[str, str]:
     import tensorflow_datasets as tfds  # noqa: PLC0415
 
     features = info.features
@@ -233,7 +233,7 @@ def _tar_samples(path: str, wanted: set[str], image_keys: Sequence[str]) -> Iter
 # ---- taxonomy --------------------------------------------------------------------------------------
 
 
-def _name_key(name: str) -> str:
+def name_key(name: str) -> str:
     return " ".join(name.replace("_", " ").split()).lower()
 
 
@@ -258,8 +258,8 @@ def read_taxa_lookup(path: str) -> dict[str, Taxon]:
             lowered = {k.strip().lower(): v for k, v in row.items() if k}
             names = [lowered.get("class_name") or "", taxon.scientific_name, taxon.taxonomic_name]
             for name in names:
-                if name and _name_key(name) not in lookup:
-                    lookup[_name_key(name)] = taxon
+                if name and name_key(name) not in lookup:
+                    lookup[name_key(name)] = taxon
     return lookup
 
 
@@ -268,7 +268,7 @@ def attach_taxa(data: EvalData, taxa_csv: str) -> int:
     lookup = read_taxa_lookup(taxa_csv)
     matched = 0
     for i, cls in enumerate(data.classes):
-        taxon = lookup.get(_name_key(cls.name))
+        taxon = lookup.get(name_key(cls.name))
         if taxon is not None:
             data.classes[i] = dataclasses.replace(cls, taxon=taxon)
             matched += 1
@@ -279,7 +279,7 @@ def attach_taxa(data: EvalData, taxa_csv: str) -> int:
     return matched
 
 
-def _default_taxa_file(root: str) -> str | None:
+def default_taxa_file(root: str) -> str | None:
     folder = shard_index.as_path(root)
     for candidate in (folder / TAXA_FILE, folder.parent / TAXA_FILE):
         if candidate.is_file():
@@ -296,13 +296,13 @@ def open_eval_data(spec: str, *, name: str | None = None, taxa: str | None = Non
         kind, target = "folder", spec
     if kind == "folder":
         data: EvalData = FolderData(target, name)
-        taxa = taxa or _default_taxa_file(target)
+        taxa = taxa or default_taxa_file(target)
     elif kind == "tfds":
         dataset, _, split = target.partition(":")
         data = TfdsData(dataset, split or None, data_dir=tfds_data_dir, download=tfds_download, name=name)
     elif kind == "shards":
         data = ShardData(target, label_key or DEFAULT_LABEL_KEY, name)
-        taxa = taxa or _default_taxa_file(os.path.dirname(data.paths[0]))
+        taxa = taxa or default_taxa_file(os.path.dirname(data.paths[0]))
     else:
         raise ValueError(f"unknown data source {spec!r}; use folder:PATH, tfds:NAME[:SPLIT] or shards:PATTERN")
     if taxa:

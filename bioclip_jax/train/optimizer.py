@@ -12,6 +12,11 @@ Steps count optimiser updates. `optimizer.accumulate_mode` says what
   "independent_microbatches": optax MultiSteps averages the gradients of k calls, each
       on its own batch with only its own negatives. For a contrastive loss that is a
       different objective (k times fewer negatives), not the large-batch recipe.
+`optimizer.freeze` = "image" | "text" holds one tower fixed while the other fine-tunes, as
+open_clip's `--lock-image` / `--lock-text` do (LiT): the frozen parameters go through
+`optax.set_to_zero` inside an `optax.multi_transform`, so they never change and carry no
+Adam moments (no optimiser memory). `logit_scale` / `logit_bias` belong to neither tower
+and keep training, as in open_clip.
 """
 
 from __future__ import annotations
@@ -30,6 +35,9 @@ OPTIMIZERS = ("adamw",)
 SCHEDULES = ("cosine", "constant", "const-cooldown")
 NO_DECAY_NAME_PARTS = ("bn", "ln", "bias", "logit_scale")
 ACCUMULATE_MODES = ("global_negatives", "independent_microbatches")
+FREEZE_CHOICES = ("", "image", "text")
+TOWER_PREFIXES = {"image": "visual.", "text": "text."}  # parameter-name prefix of each tower
+TRAINED, FROZEN = "trained", "frozen"
 
 
 def _config_value(section: ml_collections.ConfigDict, key: str, default: Any, where: str) -> Any:
@@ -58,6 +66,32 @@ def decays_weight(name: str, ndim: int) -> bool:
 def weight_decay_mask(params: Any) -> Any:
     """A pytree of bools, like `params`: True where AdamW weight decay applies."""
     return jax.tree_util.tree_map_with_path(lambda path, leaf: decays_weight(_path_name(path), jnp.ndim(leaf)), params)
+
+
+def frozen_tower(config: ml_collections.ConfigDict) -> str:
+    """`optimizer.freeze`, checked: "" (train everything), "image" or "text"."""
+    freeze = _config_value(config.get("optimizer"), "freeze", "", "optimizer") or ""
+    if freeze not in FREEZE_CHOICES:
+        raise ValueError(f"optimizer.freeze {freeze!r} is unknown; choose one of {FREEZE_CHOICES} "
+                         f"('' trains both towers).")
+    return freeze
+
+
+def is_frozen(name: str, freeze: str) -> bool:
+    """Whether parameter `name` ('visual.proj', 'text.token_embedding', ...) belongs to the frozen tower."""
+    return bool(freeze) and name.startswith(TOWER_PREFIXES[freeze])
+
+
+def freeze_labels(params: Any, freeze: str) -> Any:
+    """A pytree of "trained" / "frozen" labels, like `params`, for `optax.multi_transform`."""
+    def label(path, _):
+        return FROZEN if is_frozen(_path_name(path), freeze) else TRAINED
+
+    labels = jax.tree_util.tree_map_with_path(label, params)
+    if freeze and FROZEN not in jax.tree_util.tree_leaves(labels):
+        raise ValueError(f"optimizer.freeze={freeze!r} matches no parameter (names starting with "
+                         f"{TOWER_PREFIXES[freeze]!r}); nothing would be frozen.")
+    return labels
 
 
 def _warmup(lr: float, warmup_steps: int, step: jax.Array) -> jax.Array:
@@ -134,9 +168,11 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax
     """Global-norm clipping (optional) -> AdamW with masked decay; in MultiSteps for independent micro-batches.
 
     Fields: `optimizer.{name, lr, b1, b2, eps, weight_decay, grad_clip_norm, accumulate_steps,
-    accumulate_mode}`. Under "independent_microbatches" the gradients of k train-step calls
-    (each batch with its own negatives) are averaged before one update; under
-    "global_negatives" the train step accumulates by itself and the optimiser is plain.
+    accumulate_mode, freeze}`. Under "independent_microbatches" the gradients of k train-step
+    calls (each batch with its own negatives) are averaged before one update; under
+    "global_negatives" the train step accumulates by itself and the optimiser is plain. With a
+    frozen tower, clipping and AdamW see only the trained parameters (the global norm leaves
+    the frozen gradients out, as open_clip's does, whose frozen tensors have no gradient).
     """
     opt = config.get("optimizer")
     name = _config_value(opt, "name", "adamw", "optimizer")
@@ -159,4 +195,8 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int) -> optax
     tx = adamw if grad_clip_norm is None else optax.chain(optax.clip_by_global_norm(float(grad_clip_norm)), adamw)
     if calls_per_update > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=calls_per_update).gradient_transformation()
+    freeze = frozen_tower(config)
+    if freeze:  # outermost, so no state of any inner transformation (moments, accumulators) covers the frozen tower
+        tx = optax.multi_transform({TRAINED: tx, FROZEN: optax.set_to_zero()},
+                                   lambda params: freeze_labels(params, freeze))
     return tx

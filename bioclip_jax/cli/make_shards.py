@@ -1,0 +1,234 @@
+"""`bioclip-jax make-shards`: your own labelled images -> TreeOfLife-layout shards + a held-out eval set.
+
+    bioclip-jax make-shards --folder photos/ --taxa photos/taxa.csv --out data/mine
+    bioclip-jax make-shards --csv labels.csv --out data/mine --held-out-images 0.2
+
+Writes, under --out:
+    train/shard-000000.tar ...  webdataset shards: .jpg + the ten caption members of TreeOfLife-10M
+                                (sci, com, taxon, taxonTag, sci_com, taxon_com, taxonTag_com, names)
+    held_out/images/<class>/    images kept out of training (--held-out-images / --held-out-classes)
+    held_out/taxa.csv           their taxonomy, for zero-shot with any text type and per-rank scores
+    taxa.csv, catalog.csv       every class; every image with its split, sample key and source path
+    skipped.csv, info.json      what was left out and why; counts and parameters
+
+Then it reads the shards back as training will (`check-data`), which also writes their
+indexes, and prints the fine-tuning command. Exit status 1 when the shards fail that check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import concurrent.futures
+import csv
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+from tqdm import tqdm
+
+from bioclip_jax.cli.check_data import check_data, format_report
+from bioclip_jax.cli.common import run_cli
+from bioclip_jax.data import collection as collection_lib
+from bioclip_jax.data.decode import ImageDecodeError
+from bioclip_jax.data.tar_writer import ShardWriter
+from bioclip_jax.taxonomy import RANKS, sample_captions
+
+TAXA_COLUMNS = ("class_name", *RANKS, "common")
+_OUTPUTS = ("train", "held_out", "taxa.csv", "catalog.csv", "skipped.csv", "info.json")
+_CHUNK = 256  # images in flight at once: bounded memory on collections of any size
+_EXAMPLES = 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bioclip-jax make-shards", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--folder", help="image folder with one sub-folder per class (needs a taxa.csv)")
+    source.add_argument("--csv", help="table with an image path column and kingdom .. species, common")
+    parser.add_argument("--taxa", default=None,
+                        help="taxa.csv naming each class folder (columns class_name, kingdom, phylum, class, "
+                             "order, family, genus, species, common); default: FOLDER/taxa.csv or next to it")
+    parser.add_argument("--image-root", default=None, help="base of relative paths in --csv (default: its folder)")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--held-out-images", type=float, default=0.1,
+                        help="fraction of each class's images kept for the held-out eval (default 0.1)")
+    parser.add_argument("--held-out-classes", type=float, default=0.0,
+                        help="whole classes kept out of training, for zero-shot on unseen taxa: a fraction if "
+                             "< 1, else a count (default 0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split and the shard order (default 0)")
+    parser.add_argument("--samples-per-shard", type=int, default=1000, help="images per tar shard (default 1000)")
+    parser.add_argument("--resize", type=int, default=0,
+                        help="re-encode images whose shorter side exceeds this many pixels (default 0: keep)")
+    parser.add_argument("--threads", type=int, default=min(8, os.cpu_count() or 1), help="reader threads")
+    parser.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run in --out")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def _prepare(out: str, overwrite: bool) -> None:
+    existing = [name for name in _OUTPUTS if os.path.lexists(os.path.join(out, name))]
+    if existing and not overwrite:
+        raise FileExistsError(f"{out} already holds shards ({', '.join(existing)}); pass --overwrite to replace "
+                              f"them or choose another --out")
+    for name in existing:
+        path = os.path.join(out, name)
+        shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+    os.makedirs(out, exist_ok=True)
+
+
+def _encoded(images, resize: int, threads: int):
+    """(image, JPEG bytes or a Skip) in order, read by a thread pool a chunk at a time."""
+    def read(image):
+        try:
+            return image, collection_lib.training_jpeg(image.path, resize)
+        except FileNotFoundError:
+            return image, collection_lib.Skip(image.path, "missing file")
+        except (ImageDecodeError, OSError, ValueError) as error:
+            return image, collection_lib.Skip(image.path, "unreadable image", str(error))
+
+    with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
+        for start in range(0, len(images), _CHUNK):
+            yield from pool.map(read, images[start:start + _CHUNK])
+
+
+def _write_table(path: str, columns, rows) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(columns), restval="", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _taxon_row(cls: collection_lib.CollectionClass) -> dict:
+    return dict(zip(TAXA_COLUMNS, (cls.name, *cls.taxon.ranks_tuple(), cls.taxon.common)))
+
+
+def make_shards(found: collection_lib.Collection, out: str, *, held_out_images: float = 0.1,
+                held_out_classes: float = 0.0, seed: int = 0, samples_per_shard: int = 1000, resize: int = 0,
+                threads: int = 4, overwrite: bool = False, progress: bool = True) -> dict:
+    """Writes the layout of the module docstring; returns the counts (also saved in info.json)."""
+    if not found.images:
+        raise ValueError(f"no usable labelled image found ({len(found.skipped)} skipped, e.g. "
+                         f"{found.skipped[0].where if found.skipped else 'none'}: "
+                         f"{found.skipped[0].reason if found.skipped else ''})")
+    train, held = collection_lib.held_out_split(found, held_out_images, held_out_classes, seed)
+    train = [train[i] for i in np.random.default_rng([seed, 1]).permutation(len(train))]  # classes mixed per shard
+    _prepare(out, overwrite)
+    skipped = list(found.skipped)
+    catalog, written = [], collections.Counter()
+    captions = {}
+    held_dir = os.path.join(out, "held_out", "images")
+    with ShardWriter(os.path.join(out, "train"), samples_per_shard) as writer, \
+            tqdm(total=len(train) + len(held), desc="make-shards", unit="img", disable=not progress) as bar:
+        for split, images in (("train", train), ("held_out", held)):
+            for image, data in _encoded(images, resize, threads):
+                bar.update()
+                if isinstance(data, collection_lib.Skip):
+                    skipped.append(data)
+                    continue
+                cls = found.classes[image.class_index]
+                key = f"{split}{written[split]:08d}"
+                if split == "train":
+                    if image.class_index not in captions:
+                        captions[image.class_index] = {ext: text.encode("utf-8")
+                                                       for ext, text in sample_captions(cls.taxon).items()}
+                    writer.write(key, {"jpg": data, **captions[image.class_index]})
+                else:
+                    os.makedirs(os.path.join(held_dir, cls.name), exist_ok=True)
+                    with open(os.path.join(held_dir, cls.name, f"{key}.jpg"), "wb") as handle:
+                        handle.write(data)
+                written[split] += 1
+                catalog.append({"split": split, "key": key, "path": image.path, **_taxon_row(cls)})
+        shards = writer.close()
+    if not written["train"]:
+        raise ValueError(f"none of the {len(train)} training images could be read; see {out}/skipped.csv")
+    used = sorted({row["class_name"] for row in catalog})
+    by_name = {c.name: c for c in found.classes}
+    held_classes = sorted({row["class_name"] for row in catalog if row["split"] == "held_out"})
+    _write_table(os.path.join(out, "taxa.csv"), TAXA_COLUMNS, [_taxon_row(by_name[n]) for n in used])
+    if held_classes:
+        _write_table(os.path.join(out, "held_out", "taxa.csv"), TAXA_COLUMNS,
+                     [_taxon_row(by_name[n]) for n in held_classes])
+    _write_table(os.path.join(out, "catalog.csv"), ("split", "key", "path", *TAXA_COLUMNS), catalog)
+    _write_table(os.path.join(out, "skipped.csv"), ("where", "reason", "detail"),
+                 [vars(s) for s in skipped])
+    counts = {"classes": len(used), "train_images": written["train"], "train_shards": len(shards),
+              "held_out_images": written["held_out"], "held_out_classes": len(held_classes),
+              "skipped": len(skipped),
+              "skipped_by_reason": dict(collections.Counter(s.reason for s in skipped))}
+    info = {"parameters": dict(held_out_images=held_out_images, held_out_classes=held_out_classes, seed=seed,
+                               samples_per_shard=samples_per_shard, resize=resize), "counts": counts}
+    with open(os.path.join(out, "info.json"), "w", encoding="utf-8") as handle:
+        json.dump(info, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+    return {**counts, "skipped_examples": _examples(skipped)}
+
+
+def _examples(skipped: list[collection_lib.Skip]) -> dict[str, list[str]]:
+    examples: dict[str, list[str]] = {}
+    for skip in skipped:
+        shown = examples.setdefault(skip.reason, [])
+        if len(shown) < _EXAMPLES:
+            shown.append(f"{skip.where}" + (f" ({skip.detail})" if skip.detail else ""))
+    return examples
+
+
+def _summary(counts: dict, out: str) -> str:
+    lines = [f"wrote {out}",
+             f"  train/: {counts['train_images']} images of {counts['classes']} classes in "
+             f"{counts['train_shards']} shards"]
+    if counts["held_out_images"]:
+        lines.append(f"  held_out/images/: {counts['held_out_images']} images of {counts['held_out_classes']} "
+                     f"classes; held_out/taxa.csv")
+    else:
+        lines.append("  no held-out images (--held-out-images 0 and --held-out-classes 0)")
+    lines.append(f"  skipped: {counts['skipped']} (listed in skipped.csv)")
+    for reason, examples in counts["skipped_examples"].items():
+        lines.append(f"    {reason}: {counts['skipped_by_reason'][reason]}, e.g. {'; '.join(examples)}")
+    return "\n".join(lines)
+
+
+def finetune_command(out: str, held_out: bool) -> str:
+    """The train command line for these shards (configs/finetune.py starts from BioCLIP 2 by default)."""
+    out = os.path.abspath(out)
+    parts = ["bioclip-jax train --config=configs/finetune.py --workdir=runs/finetune",
+             f"--config.data.train_shards={out}/train"]
+    if held_out:
+        parts += [f"--config.eval.held_out_dir={out}/held_out/images",
+                  f"--config.eval.taxa_file={out}/held_out/taxa.csv"]
+    return " \\\n    ".join(parts)
+
+
+def _run(argv) -> int:
+    args = build_parser().parse_args(argv)
+    if args.folder:
+        found = collection_lib.read_folder_collection(args.folder, args.taxa)
+    else:
+        found = collection_lib.read_table_collection(args.csv, args.image_root)
+    counts = make_shards(found, args.out, held_out_images=args.held_out_images,
+                         held_out_classes=args.held_out_classes, seed=args.seed,
+                         samples_per_shard=args.samples_per_shard, resize=args.resize, threads=args.threads,
+                         overwrite=args.overwrite, progress=not args.no_progress)
+    print(_summary(counts, args.out))
+    print("checking the shards as training reads them (check-data) ...", flush=True)
+    report = check_data(os.path.join(args.out, "train"), threads=args.threads, progress=not args.no_progress)
+    print(format_report(report))
+    if report["usable"] != report["samples"] or report["shard_problems"]:
+        print(f"error: check-data found problems in {args.out}/train (above)", file=sys.stderr)
+        return 1
+    print(f"\nfine-tune with:\n  {finetune_command(args.out, counts['held_out_images'] > 0)}")
+    return 0
+
+
+def main(argv=None) -> int:
+    try:
+        return run_cli(_run, argv)
+    except FileExistsError as error:  # run_cli reports FileNotFoundError; an existing output is the other one
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
