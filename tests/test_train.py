@@ -161,3 +161,41 @@ def test_scanned_blocks_train_like_the_unrolled_loop(shards, tmp_path):
     assert len(unrolled) == 6 and np.all(np.isfinite(unrolled))
     np.testing.assert_allclose(scanned, unrolled, rtol=2e-5)
     np.testing.assert_allclose(scanned_remat, unrolled, rtol=2e-5)
+
+
+_CACHED_START = """
+import sys
+import jax
+hits = []
+jax.monitoring.register_event_listener(
+    lambda event, **_: hits.append(event) if event == "/jax/compilation_cache/cache_hits" else None)
+sys.path.insert(0, "tests")
+from train_helpers import smoke_config
+from bioclip_jax.train.loop import train
+shards, cache, workdir = sys.argv[1:]
+train(smoke_config(shards, compilation_cache_dir=cache), workdir, stop_after=1)
+print("cache hits", len(hits))
+"""
+
+
+def test_a_restarted_run_loads_its_compiled_programs_from_the_cache(shards, tmp_path):
+    """config.compilation_cache_dir is switched on at start-up: the first run fills the folder, a
+    second process starting the same run finds every program there and compiles nothing new."""
+    cache = tmp_path / "xla"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    env.update(JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PLATFORMS="cpu",
+               XLA_FLAGS=env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", ""))
+
+    def start(name: str) -> tuple[int, set]:
+        result = subprocess.run([sys.executable, "-c", _CACHED_START, shards, str(cache), str(tmp_path / name)],
+                                cwd=os.path.join(os.path.dirname(__file__), ".."), env=env,
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        hits = int(result.stdout.rsplit("cache hits", 1)[1])
+        return hits, set(os.listdir(cache)) if cache.exists() else set()
+
+    _, after_first = start("first")
+    assert after_first, "the first run wrote nothing to the compilation cache"
+    hits, after_second = start("second")
+    assert hits > 0 and after_second == after_first, \
+        f"{hits} cache hits; new entries: {sorted(after_second - after_first)}"

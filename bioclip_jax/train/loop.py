@@ -7,7 +7,11 @@ Ctrl-C, or when JAX reports a preemption (see `stopping`); a stop is reported as
 `stopped` in the result, and the job then exits with `exit_codes.STOPPED`, not 0.
 WORKDIR may be local or gs://. Nothing here blocks the host on the devices every step:
 processes agree on stopping through JAX's preemption sync point (no communication until
-a notice) and at logging steps, where they exchange counters anyway.
+a notice) and at logging steps, where they exchange counters anyway. The host runs
+ahead of the devices: the next batches are placed on them while a step runs (`prefetch`;
+a checkpoint saves the data position of the step it holds, not of the prefetched
+batches), and a logging step's metrics are read only after the next step is dispatched
+(`metrics.OneStepLate`).
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ import dataclasses
 import functools
 import json
 import math
-import time
 from typing import Callable
 
 import jax
@@ -25,6 +28,7 @@ import numpy as np
 from etils import epath
 
 from bioclip_jax import paths
+from bioclip_jax.compilation_cache import enable_compilation_cache
 from bioclip_jax.checkpoint import model_dir
 from bioclip_jax.data.pipeline import SKIP_REASONS, SkipBudget, make_train_dataset
 from bioclip_jax.models.config import to_open_clip
@@ -34,8 +38,9 @@ from bioclip_jax.tokenizer import get_tokenizer
 from bioclip_jax.train import run_identity
 from bioclip_jax.train import state as state_lib
 from bioclip_jax.train.checkpointing import TrainCheckpointer
-from bioclip_jax.train.metrics import MetricsWriter
+from bioclip_jax.train.metrics import MetricsWriter, OneStepLate, step_record
 from bioclip_jax.train.optimizer import make_schedule
+from bioclip_jax.train.prefetch import DevicePrefetcher
 from bioclip_jax.train.step import device_peak_tflops, make_train_step, model_flops_per_pair
 from bioclip_jax.train.stopping import StopSignals
 from bioclip_jax.train.workdir import check_workdir
@@ -76,6 +81,7 @@ def train(config: ml_collections.ConfigDict, workdir, stop_after: int | None = N
                          "(e.g. --config.data.train_shards=/data/train/shard-{000000..000159}.tar)")
     workdir = epath.Path(workdir)
     check_workdir(workdir)
+    enable_compilation_cache(config.compilation_cache_dir)  # before the first compile: a requeue reuses it
     devices = jax.devices()[:config.mesh.num_devices] if config.mesh.num_devices else None
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
     sharding_lib.check_batch_layout(mesh)
@@ -84,14 +90,7 @@ def train(config: ml_collections.ConfigDict, workdir, stop_after: int | None = N
     schedule = make_schedule(config, state_lib.optimizer_updates(config))
     arch = state_lib.train_architecture(config)
 
-    dataset = make_train_dataset(
-        config.data.train_shards, global_batch_size=config.data.batch_size, seed=config.seed,
-        text_type=config.data.text_type, tokenizer=_train_tokenizer(config, arch),
-        image_size=arch.vision.image_size, process_index=jax.process_index(),
-        process_count=jax.process_count(), worker_count=config.data.workers,
-        crop_scale=tuple(config.data.crop_scale), max_bad_fraction=config.data.max_bad_fraction,
-        cache_dir=config.data.index_cache_dir or None)
-    data_iterator = iter(dataset)
+    data_iterator = iter(train_dataset(config, arch))
     budget = SkipBudget(config.data.max_bad_fraction, config.data.train_shards)
 
     checkpointer = TrainCheckpointer(workdir, config.checkpoint.every_steps, config.checkpoint.keep,
@@ -125,51 +124,50 @@ def train(config: ml_collections.ConfigDict, workdir, stop_after: int | None = N
     flops_per_step = model_flops_per_pair(arch) * config.data.batch_size
     peak = device_peak_tflops(config.device_peak_tflops)
     skipped_total = np.zeros(len(SKIP_REASONS), np.int64)
-    last: dict = {}
     step = start
     stopped_by = None
-    window_start, window_steps = time.time(), 0
-    with StopSignals() as stop_signals:
+    with StopSignals() as stop_signals, \
+            DevicePrefetcher(data_iterator, functools.partial(to_devices, mesh=mesh),
+                             config.data.prefetch_to_device) as batches:
+        logged = OneStepLate(
+            writer, share=lambda skipped: _share_counters(skipped, stop_signals.requested),
+            to_record=functools.partial(step_record, batch_size=config.data.batch_size,
+                                        flops_per_step=flops_per_step, peak_tflops=peak),
+            diverged_hint=checkpointer.last_good_message, start_step=start)
         while step < end:
             checkpointer.check_for_errors()  # a failed background save stops the run at once
-            batch = next(data_iterator)
-            budget.update(config.data.batch_size // jax.process_count(), batch["skipped"], batch["last_bad_shard"])
-            skipped_total += np.asarray(batch["skipped"], np.int64)
-            global_batch = sharding_lib.host_batch_to_global(
-                {"image": batch["image"], "tokens": batch["tokens"]}, mesh)
+            batch = next(batches)
+            budget.update(config.data.batch_size // jax.process_count(), batch.host["skipped"],
+                          batch.host["last_bad_shard"])
+            skipped_total += np.asarray(batch.host["skipped"], np.int64)
             if step == start:
                 _log0("compiling the train step (the first step takes longer) ...")
-            state, metrics = step_fn(state, global_batch)
+            state, metrics = step_fn(state, batch.device)
             step += 1
-            window_steps += 1
 
             stop_requested = stop_signals.requested if jax.process_count() == 1 else False
+            stop_requested |= logged.read()  # the previous logging step: done or nearly, this one is queued
             if step % config.log_every_steps == 0 or step == end:
-                metrics = jax.device_get(metrics)
-                elapsed = time.time() - window_start
-                skipped_all, stop_requested = _share_counters(skipped_total, stop_signals.requested)
-                last = _step_record(metrics, elapsed / window_steps, config.data.batch_size, flops_per_step,
-                                    peak, skipped_all)
-                writer.write(step, last)
-                writer.progress(step, last)
-                if not math.isfinite(last["loss"]):
-                    raise FloatingPointError(f"loss is {last['loss']} at step {step}; lower the lr or check the "
-                                             f"data. {checkpointer.last_good_message()}")
-                window_start, window_steps = time.time(), 0
+                logged.hold(step, metrics, skipped_total)
+            evaluating = eval_fn is not None and config.eval.every_steps and step % config.eval.every_steps == 0 \
+                and step != end
+            preempted = checkpointer.reached_preemption(step)
+            if evaluating or preempted or stop_requested or step == end or checkpointer.manager.should_save(step):
+                stop_requested |= logged.read()  # the host waits for this step here anyway
 
-            if eval_fn is not None and config.eval.every_steps and step % config.eval.every_steps == 0 \
-                    and step != end:
+            if evaluating:
                 writer.write(step, eval_fn(skeleton.merge(state["params"]), step, mesh))
-                window_start, window_steps = time.time(), 0
+                logged.restart_window(step)
 
-            if checkpointer.reached_preemption(step):
+            if preempted:
                 stop_requested, stopped_by = True, "a preemption notice"
             elif stop_requested:
                 stopped_by = stop_signals.reason or "a signal on another process"
-            if checkpointer.save(step, state, data_iterator, force=stop_requested or step == end):
+            if checkpointer.save(step, state, batch.data_state, force=stop_requested or step == end):
                 _log0(f"saving checkpoint step {step} to {checkpointer.directory}")
             if stop_requested:
                 break
+        last = logged.last
 
     checkpointer.close()
     if stopped_by is not None and step < config.total_steps:
@@ -216,6 +214,22 @@ def _train_tokenizer(config: ml_collections.ConfigDict, arch) -> functools.parti
     return functools.partial(get_tokenizer(config.model.name), context_length=length)
 
 
+def train_dataset(config: ml_collections.ConfigDict, arch):
+    """This process's training batches, as the loop reads them (Grain dataset; `iter` it)."""
+    return make_train_dataset(
+        config.data.train_shards, global_batch_size=config.data.batch_size, seed=config.seed,
+        text_type=config.data.text_type, tokenizer=_train_tokenizer(config, arch),
+        image_size=arch.vision.image_size, process_index=jax.process_index(),
+        process_count=jax.process_count(), worker_count=config.data.workers,
+        crop_scale=tuple(config.data.crop_scale), max_bad_fraction=config.data.max_bad_fraction,
+        cache_dir=config.data.index_cache_dir or None)
+
+
+def to_devices(host_batch: dict, mesh) -> dict:
+    """The step's inputs as global arrays; the counters stay on the host."""
+    return sharding_lib.host_batch_to_global({"image": host_batch["image"], "tokens": host_batch["tokens"]}, mesh)
+
+
 def _share_counters(local_skipped: np.ndarray, local_stop: bool) -> tuple[int, bool]:
     """Skipped samples summed over processes, and whether any process was asked to stop (one allgather)."""
     if jax.process_count() == 1:
@@ -223,18 +237,6 @@ def _share_counters(local_skipped: np.ndarray, local_stop: bool) -> tuple[int, b
     from jax.experimental import multihost_utils  # noqa: PLC0415
     gathered = np.asarray(multihost_utils.process_allgather(np.append(local_skipped, np.int64(local_stop))))
     return int(gathered[:, :-1].sum()), bool(gathered[:, -1].any())
-
-
-def _step_record(metrics: dict, seconds_per_step: float, batch_size: int, flops_per_step: float,
-                 peak_tflops: float, skipped: int) -> dict:
-    record = {k: float(v) for k, v in metrics.items()}
-    record["images_per_sec"] = batch_size / seconds_per_step
-    record["seconds_per_step"] = seconds_per_step
-    tflops = flops_per_step / seconds_per_step / jax.device_count() / 1e12
-    record["model_tflops_per_device"] = tflops
-    record["mfu"] = tflops / peak_tflops if math.isfinite(peak_tflops) else float("nan")
-    record["skipped_samples"] = skipped
-    return record
 
 
 def _log0(message: str) -> None:

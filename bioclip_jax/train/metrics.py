@@ -6,13 +6,15 @@ so there each record rewrites the file (see `paths.append_line`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
 import time
-from typing import Mapping
+from typing import Any, Callable, Mapping
 
 import jax
+import numpy as np
 from etils import epath
 
 from bioclip_jax import paths
@@ -73,6 +75,75 @@ class MetricsWriter:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def step_record(metrics: Mapping[str, Any], seconds_per_step: float, skipped: int, *, batch_size: int,
+                flops_per_step: float, peak_tflops: float) -> dict:
+    """One logged step: the step's own metrics plus throughput, MFU and the skipped-sample count."""
+    record = {k: float(v) for k, v in metrics.items()}
+    record["images_per_sec"] = batch_size / seconds_per_step
+    record["seconds_per_step"] = seconds_per_step
+    tflops = flops_per_step / seconds_per_step / jax.device_count() / 1e12
+    record["model_tflops_per_device"] = tflops
+    record["mfu"] = tflops / peak_tflops if math.isfinite(peak_tflops) else float("nan")
+    record["skipped_samples"] = skipped
+    return record
+
+
+@dataclasses.dataclass(frozen=True)
+class _Held:
+    step: int
+    metrics: Any  # the step's device arrays, not read yet
+    skipped: np.ndarray  # this process's skipped-sample counts up to the step
+
+
+class OneStepLate:
+    """Reads a logging step's metrics only once the next step is dispatched.
+
+    Reading them at once would make the host wait for the step it has just queued, and
+    the devices would then idle while the host prepares the next one. `hold` keeps the
+    arrays; `read` (after the next dispatch, or where the loop waits anyway: eval, save,
+    stop, the last step) fetches them, writes the record and raises on a non-finite
+    loss, naming the held step. Throughput is measured between reads, each of which
+    returns once its step is done.
+
+    `share(skipped) -> (skipped samples over all processes, whether any process was asked
+    to stop)` is the loop's exchange of counters; `read` returns that stop flag.
+    """
+
+    def __init__(self, writer: MetricsWriter, share: Callable[[np.ndarray], tuple[int, bool]],
+                 to_record: Callable[[Mapping[str, Any], float, int], dict], diverged_hint: Callable[[], str],
+                 start_step: int):
+        self._writer, self._share, self._to_record, self._diverged_hint = writer, share, to_record, diverged_hint
+        self._held: _Held | None = None
+        self._since_time, self._since_step = time.time(), start_step
+        self.last: dict = {}
+
+    def hold(self, step: int, metrics: Any, skipped: np.ndarray) -> None:
+        self._held = _Held(step, metrics, np.array(skipped, copy=True))
+
+    def read(self) -> bool:
+        """Writes the held step's record (if any); returns whether any process was asked to stop."""
+        if self._held is None:
+            return False
+        held, self._held = self._held, None
+        metrics = jax.device_get(held.metrics)
+        now = time.time()
+        skipped, stop = self._share(held.skipped)
+        seconds_per_step = (now - self._since_time) / max(held.step - self._since_step, 1)
+        self._since_time, self._since_step = now, held.step
+        record = self._to_record(metrics, seconds_per_step, skipped)
+        self._writer.write(held.step, record)
+        self._writer.progress(held.step, record)
+        if not math.isfinite(record["loss"]):
+            raise FloatingPointError(f"loss is {record['loss']} at step {held.step}; lower the lr or check the "
+                                     f"data. {self._diverged_hint()}")
+        self.last = record
+        return stop
+
+    def restart_window(self, step: int) -> None:
+        """Throughput from here on: time spent on something else (an eval) is not a step's."""
+        self._since_time, self._since_step = time.time(), step
 
 
 def _plain(value):
