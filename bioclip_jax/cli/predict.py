@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bioclip_jax import hub, transforms
+from bioclip_jax.compilation_cache import enable_compilation_cache, user_cache_dir
 from bioclip_jax.cli import common, embed_taxa
 from bioclip_jax.data import shard_index
 from bioclip_jax.inference import ImageEmbedder, ImageItem, TextEmbedder, list_image_files, report_skipped
@@ -151,22 +152,9 @@ def subset_mask(taxa: Sequence[Taxon], rank: str, values: set[str], where: str) 
     return np.asarray([n in values for n in names])
 
 
-def cache_root() -> str:
-    """bioclip_jax's own cache: $BIOCLIP_JAX_CACHE, else $XDG_CACHE_HOME/bioclip_jax (~/.cache/bioclip_jax)."""
-    return os.environ.get("BIOCLIP_JAX_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "bioclip_jax")
-
-
 def taxa_cache_dir() -> str:
     """Where custom taxa embeddings are kept, one folder per (text tower, catalog, text type)."""
-    return os.path.join(cache_root(), "taxa_embeddings")
-
-
-def use_compilation_cache() -> None:
-    """Compiled programs are kept under cache_root()/xla (unless JAX is told otherwise), so only
-    the first run of a model and batch size pays for compilation."""
-    if not jax.config.jax_compilation_cache_dir and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        jax.config.update("jax_compilation_cache_dir", os.path.join(cache_root(), "xla"))
+    return os.path.join(user_cache_dir(), "taxa_embeddings")
 
 
 def _text_tower_digest(model: CLIP) -> str:
@@ -402,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         if not files:
             raise FileNotFoundError(f"no image files found in {', '.join(args.images)}")
         names = _class_names(args)  # label mistakes are reported before a model is fetched
-        use_compilation_cache()
+        enable_compilation_cache()  # only the first run of a model and batch size compiles
         model = load_model(args)
         labels = build_labels(model, args, names)
     except (ValueError, FileNotFoundError) as error:
