@@ -15,12 +15,21 @@ train transform, per-sample tokeniser, batched, WebLoader), with the caption key
 kept on purpose: ours emits uint8 HWC (normalised later on the device), the
 reference float32 CHW normalised (its data contract).
 
+Beside the reference, two figures of ours alone (`--no-extra` skips them):
+- cores: images/s with the worker processes pinned to 2 cores vs to 1 (2 vs 1 workers), and
+  the scaling between them (target >= 1.8x), with the cores each side actually got (CPU
+  seconds / wall seconds: on a shared machine a side given 2 cores may get fewer);
+- read latency: images/s over a source that waits `--read-latency-ms` (default 5) before
+  every sample read, as a network filesystem does, vs no wait (target >= 0.8 kept).
+Images per CPU-second, ours vs the reference (target >= 1.3x), come with the first table.
+
 Each timed call pulls `--batches` batches from one loader. Before every call the
 process tree is left to settle (so the other loader's workers, refilling their
 prefetch buffers, never run during a measurement) and then the batches this loader
 could have prefetched are taken untimed (`--drain`; so the call measures its steady
 production rate, not a full buffer). CPU seconds of the whole process tree are counted too: images
-per CPU-second is the per-core efficiency.
+per CPU-second is the per-core efficiency. They are read from the scheduler's nanosecond
+counters (/proc/PID/task/TID/schedstat) where Linux has them, else in clock ticks.
 """
 
 from __future__ import annotations
@@ -34,6 +43,8 @@ import time
 import _timing
 
 TARGET = 1.3
+SCALING_TARGET = 1.8
+LATENCY_TARGET = 0.8
 
 
 # ----------------------------------------------------------------------------- shards
@@ -64,12 +75,51 @@ def expand(pattern: str) -> list[str]:
 # ----------------------------------------------------------------------------- loaders
 
 
-def ours_loader(shards: list[str], batch: int, workers: int, text_type: str, image_size: int, seed: int = 0):
-    from bioclip_jax.data.pipeline import make_train_dataset  # noqa: PLC0415
+class SlowReads:
+    """A sample source whose every read first waits `seconds`: a network filesystem's per-sample latency."""
 
-    dataset = make_train_dataset(shards, global_batch_size=batch, seed=seed, text_type=text_type,
+    def __init__(self, source, seconds: float):
+        self.source, self.seconds = source, seconds
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index):
+        time.sleep(self.seconds)
+        return self.source[index]
+
+
+def ours_loader(shards: list[str], batch: int, workers: int, text_type: str, image_size: int, seed: int = 0,
+                read_latency: float = 0.0):
+    from bioclip_jax.data.pipeline import make_train_dataset  # noqa: PLC0415
+    from bioclip_jax.data.tar_source import TarShardSource  # noqa: PLC0415
+
+    source = SlowReads(TarShardSource(shards), read_latency) if read_latency else shards
+    dataset = make_train_dataset(source, global_batch_size=batch, seed=seed, text_type=text_type,
                                  tokenizer="ViT-B-16", image_size=image_size, worker_count=workers)
     return iter(dataset)
+
+
+def pinned_loader(args, shards: list[str], cores: list[int]):
+    """Our loader with one worker process per core of `cores`, every thread of each pinned to those cores.
+
+    Affinity is per thread on Linux: the threads a worker has already started keep
+    their mask unless each is pinned (threads started later inherit it).
+    """
+    import psutil  # noqa: PLC0415
+
+    me = psutil.Process()
+    before = {proc.pid for proc in me.children(recursive=True)}
+    loader = ours_loader(shards, args.batch, len(cores), args.text_type, args.image_size)
+    next(loader)  # starts the workers
+    for proc in me.children(recursive=True):
+        if proc.pid not in before:
+            for thread in os.listdir(f"/proc/{proc.pid}/task"):
+                try:
+                    os.sched_setaffinity(int(thread), cores)
+                except OSError:
+                    pass  # the thread ended meanwhile
+    return loader
 
 
 def open_clip_train_loader(shards: list[str], batch: int, workers: int, text_type: str, image_size: int,
@@ -107,17 +157,35 @@ def open_clip_train_loader(shards: list[str], batch: int, workers: int, text_typ
 # ----------------------------------------------------------------------------- measuring
 
 
+def _schedstat_seconds(pid: int) -> float:
+    """CPU seconds of the live threads of one process, from the scheduler's nanosecond counters."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat", encoding="ascii") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass  # the thread ended meanwhile
+    return total / 1e9
+
+
+CPU_CLOCK = "schedstat" if os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/schedstat") else "ticks"
+
+
 def tree_cpu_seconds() -> float:
-    """User + system CPU seconds of this process and its live children (loader workers)."""
+    """CPU seconds of this process and its live children (loader workers)."""
     import psutil  # noqa: PLC0415
 
     total = 0.0
     me = psutil.Process()
     for proc in [me, *me.children(recursive=True)]:
         try:
-            times = proc.cpu_times()
-            total += times.user + times.system
-        except psutil.Error:
+            if CPU_CLOCK == "schedstat":
+                total += _schedstat_seconds(proc.pid)
+            else:
+                times = proc.cpu_times()
+                total += times.user + times.system
+        except (psutil.Error, OSError):
             pass
     return total
 
@@ -149,7 +217,8 @@ def pull(iterator, batches: int, cpu: list[float]):
     return run
 
 
-def measure_loaders(args, shards: list[str]) -> dict:
+def measure_loaders(args, shards: list[str]) -> tuple[dict, dict]:
+    """Ours vs the reference: the compare() row with images per CPU-second, and the live loaders."""
     images = args.batch * args.batches
     loaders = {_timing.OURS: ours_loader(shards, args.batch, args.workers, args.text_type, args.image_size),
                _timing.REFERENCE: open_clip_train_loader(shards, args.batch, args.workers, args.text_type,
@@ -163,7 +232,7 @@ def measure_loaders(args, shards: list[str]) -> dict:
     timed = {name: cpu[name][-args.repeats:] for name in cpu}
     for name in loaders:
         row[name]["cpu_seconds"] = timed[name]
-        # The kernel counts CPU time in clock ticks (10 ms): a call served from a full buffer can read 0.
+        # In clock ticks (10 ms, where schedstat is missing) a call served from a full buffer can read 0.
         row[name]["images_per_cpu_second"] = images * len(timed[name]) / sum(timed[name]) if sum(timed[name]) else None
     _timing.print_rows([row], TARGET)
     ours, reference = (row[name]["images_per_cpu_second"] for name in (_timing.OURS, _timing.REFERENCE))
@@ -175,7 +244,56 @@ def measure_loaders(args, shards: list[str]) -> dict:
         row["per_cpu_second_ratio"] = ours / reference
         print(f"images per CPU-second (per core): ours {ours:.1f}, open_clip_train {reference:.1f}, "
               f"ratio {ours / reference:.2f}x (target {TARGET}x)")
+    return row, loaders
+
+
+def ours_alone(label: str, first, second, sides: tuple[str, str], args, target: float, meaning: str) -> dict:
+    """Two of our loaders side by side (first's speed / second's is the row's ratio).
+
+    Each side also reports the cores its process tree got (CPU seconds / wall seconds of
+    the timed calls): on a shared machine a side given 2 cores may get fewer.
+    """
+    loaders = dict(zip(sides, (first, second)))
+    cpu = {name: [] for name in sides}
+    row = _timing.side_by_side(label, pull(first, args.batches, cpu[sides[0]]),
+                               pull(second, args.batches, cpu[sides[1]]), args.batch * args.batches, args.repeats,
+                               args.warmup, unit="images/s", sides=sides,
+                               before_each=lambda name: (settle(), drain(loaders[name], args.drain)))
+    _timing.print_rows([row])
+    row["target"] = target
+    for name in sides:
+        timed = cpu[name][-args.repeats:]
+        row[name]["cpu_seconds"] = timed
+        row[name]["cores_used"] = sum(timed) / sum(row[name]["seconds"])
+        row[name]["images_per_cpu_second"] = (args.batch * args.batches * len(timed) / sum(timed)
+                                              if sum(timed) else None)
+    print("cores used: " + ", ".join(f"{name} {row[name]['cores_used']:.2f}" for name in sides) +
+          "; images per CPU-second: " + ", ".join(
+              f"{name} {row[name]['images_per_cpu_second'] or 0:.1f}" for name in sides))
+    print(f"{meaning}: {row['ratio_of_medians']:.2f}x by medians, {row['ratio_of_mins']:.2f}x by minima "
+          f"(target >= {target}x){'' if row['ratio_of_medians'] >= target else ': below target'}")
     return row
+
+
+def measure_cores(args, shards: list[str], cores: list[int]) -> dict | None:
+    """Our loader with its workers pinned to 2 cores vs to 1: how it scales with cores."""
+    if len(cores) < 2:
+        print("\ncores: this process may use only 1 CPU, so there is no 2-core figure")
+        return None
+    print(f"\nour loader, workers pinned to CPUs {cores[:2]} (2 workers) vs CPU {cores[0]} (1 worker)")
+    two, one = pinned_loader(args, shards, cores[:2]), pinned_loader(args, shards, cores[:1])
+    return ours_alone(f"ours, 2 vs 1 cores (B={args.batch})", two, one, ("2 cores", "1 core"), args,
+                      SCALING_TARGET, "scaling from 1 to 2 cores")
+
+
+def measure_read_latency(args, shards: list[str], plain) -> dict:
+    """Our loader over a source that waits before every read vs the same loader without the wait."""
+    latency = args.read_latency_ms / 1000
+    print(f"\nour loader, {args.workers} workers: {args.read_latency_ms:g} ms before every sample read vs none")
+    slow = ours_loader(shards, args.batch, args.workers, args.text_type, args.image_size, read_latency=latency)
+    return ours_alone(f"ours, {args.read_latency_ms:g} ms reads (B={args.batch})", slow, plain,
+                      (f"{args.read_latency_ms:g} ms reads", "no latency"), args, LATENCY_TARGET,
+                      "throughput kept with slow reads")
 
 
 def measure_feed(args, shards: list[str]) -> dict:
@@ -187,7 +305,7 @@ def measure_feed(args, shards: list[str]) -> dict:
 
     model = bioclip_jax.create_model(args.feed_model, None)
     size = model.config.vision.image_size
-    train = jax_trainer(model_params(model), args.feed_model, args.batch, "float32", False, jax.devices("cpu")[:1])
+    train = jax_trainer(model_params(model), args.feed_model, args.batch, "float32", "none", jax.devices("cpu")[:1])
     loader = ours_loader(shards, args.batch, args.workers, args.text_type, size)
     cached = next(loader)
 
@@ -220,8 +338,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batches", type=int, default=16, help="batches per timed call (default %(default)s)")
     parser.add_argument("--drain", type=int,
                         help="untimed batches before each timed call, to empty the prefetch buffers "
-                             "(default 8 per worker + 4; Grain holds about 6 per worker, torch 2)")
+                             "(default 8 per worker + 4: more than either loader holds prefetched)")
     parser.add_argument("--text-type", default="taxon_com", help="caption type both sides tokenise")
+    parser.add_argument("--read-latency-ms", type=float, default=5.0,
+                        help="simulated wait before every sample read, for the latency figure (default %(default)s)")
+    parser.add_argument("--no-extra", action="store_true", help="skip the cores and read-latency figures")
     parser.add_argument("--feed", action="store_true", help="also run train steps fed by our loader")
     parser.add_argument("--feed-model", help="model of --feed (default ViT-B-16; ViT-Tiny-8 with --quick)")
     parser.add_argument("--feed-repeats", type=int, default=3, help="timed rounds of --feed (default %(default)s)")
@@ -237,11 +358,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--samples, --num-shards, --batch, --batches and the repeats must be >= 1")
     if args.workers < 0:
         parser.error("--workers must be >= 0")
+    if args.read_latency_ms <= 0:
+        parser.error("--read-latency-ms must be > 0")
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    cores = sorted(os.sched_getaffinity(0))  # before --threads narrows this process
     threads = _timing.pin_threads(args.threads)
     _timing.warn_if_busy(threads)
     machine = _timing.machine_info(threads)
@@ -255,11 +379,16 @@ def main(argv=None) -> int:
                   f"({time.perf_counter() - start:.0f} s)")
         print(f"{len(shards)} shards, batch {args.batch}, {args.workers} workers each, {args.batches} batches "
               f"per call, {args.repeats} interleaved rounds, {threads} cores")
-        result = {"loader": measure_loaders(args, shards)}
+        row, loaders = measure_loaders(args, shards)
+        result = {"loader": row}
+        if not args.no_extra:
+            result["cores"] = measure_cores(args, shards, cores)
+            result["read_latency"] = measure_read_latency(args, shards, loaders[_timing.OURS])
         if args.feed:
             result["feed"] = measure_feed(args, shards)
     _timing.write_json(args.out, {"benchmark": "data", "args": vars(args), "target_ratio": TARGET,
-                                  "machine": machine, "load_average_after": os.getloadavg(), **result})
+                                  "machine": machine, "cpu_clock": CPU_CLOCK, "load_average_after": os.getloadavg(),
+                                  **result})
     return 0
 
 

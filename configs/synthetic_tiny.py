@@ -25,5 +25,6 @@ def get_config(arg=None):
     c.eval.text_type = "taxon_com,sci,com"
     return sized(c, arg, {
         "smoke": {"total_steps": 6, "data.batch_size": 16, "log_every_steps": 1, "schedule.warmup_steps": 2,
-                  "checkpoint.every_steps": 3, "eval.every_steps": 0, "checkpoint.async_save": False},
+                  "checkpoint.every_steps": 3, "eval.every_steps": 0, "checkpoint.async_save": False,
+                  "data.workers": 0},  # tiny batches: decoding in the main process beats starting a worker
     })

@@ -22,8 +22,13 @@
 # the first process that failed (a process killed by a signal: 128 + its number). A
 # process that exits 75 is not a failure: the others get STOP_TIMEOUT_SECONDS to follow.
 #
+# The processes share this machine's CPUs: each gets --config.data.workers=CPUS/NUM_PROCESSES-1
+# Grain worker processes (the rule of workers=-1, applied to its share) unless the train
+# arguments name --config.data.workers.
+#
 # Environment: PYTHON (default python3), TRAIN_MODULE (default bioclip_jax.train),
-# LOG_DIR, KILL_GRACE_SECONDS, STOP_TIMEOUT_SECONDS (default 300), COORDINATOR_PORT.
+# LOG_DIR, KILL_GRACE_SECONDS, STOP_TIMEOUT_SECONDS (default 300), COORDINATOR_PORT,
+# CPUS (default: those this shell may use, `nproc`).
 set -u
 
 usage() {
@@ -61,6 +66,15 @@ fi
 XLA_FLAGS_BASE=$(printf '%s' "${XLA_FLAGS:-}" | sed -E 's/--xla_force_host_platform_device_count=[0-9]+//g')
 PROCESS_XLA_FLAGS="$XLA_FLAGS_BASE --xla_force_host_platform_device_count=$DEVICES_PER_PROCESS"
 
+CPUS=${CPUS:-$(nproc)}
+[[ $CPUS =~ ^[1-9][0-9]*$ ]] || { echo "error: CPUS must be a positive integer, got '$CPUS'" >&2; exit 2; }
+WORKER_ARGS=()
+if [[ " $* " != *" --config.data.workers"* ]]; then
+  WORKERS=$((CPUS / NUM_PROCESSES - 1))
+  ((WORKERS >= 0)) || WORKERS=0
+  WORKER_ARGS=("--config.data.workers=$WORKERS")
+fi
+
 SETSID=()
 command -v setsid >/dev/null && SETSID=(setsid)  # own process group: stop data workers too
 
@@ -71,7 +85,7 @@ for ((i = 0; i < NUM_PROCESSES; i++)); do
   command=(env JAX_PLATFORMS=cpu XLA_FLAGS="$PROCESS_XLA_FLAGS"
            JAX_COORDINATOR_ADDRESS="127.0.0.1:$COORDINATOR_PORT"
            JAX_NUM_PROCESSES="$NUM_PROCESSES" JAX_PROCESS_ID="$i"
-           "${SETSID[@]}" "$PYTHON" -u -m "$TRAIN_MODULE" "$@")
+           "${SETSID[@]}" "$PYTHON" -u -m "$TRAIN_MODULE" "$@" "${WORKER_ARGS[@]}")
   if ((i == 0)); then
     "${command[@]}" > >(tee "$log") 2>&1 &
   else

@@ -18,6 +18,9 @@
 # Each worker is told BIOCLIP_JAX_DISTRIBUTED=1, so jax.distributed reads the slice
 # topology from the TPU metadata. Rerunning the same command resumes from the latest
 # checkpoint, also after the slice was recreated with another number of hosts.
+# Each worker runs one training process, so --config.data.workers=-1 (the default) sizes
+# its Grain worker processes from that VM's CPUs, less one; give --config.data.workers=N
+# to choose. The batches do not depend on it.
 #
 # On each worker the run is started with setsid + nohup, so it goes on when this ssh
 # session drops or this script is interrupted. Each worker keeps, in ~/bioclip_jax_logs/:

@@ -12,6 +12,14 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _index_cache(tmp_path_factory):
+    """Joined shard indexes go to a temporary folder, not the user's ~/.cache."""
+    os.environ["BIOCLIP_JAX_INDEX_CACHE"] = str(tmp_path_factory.mktemp("index_cache"))
+    yield
+    os.environ.pop("BIOCLIP_JAX_INDEX_CACHE", None)
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _compilation_cache():
     """Programs compiled by one test (the same train step, say) are reused by the next."""
     import jax

@@ -183,7 +183,7 @@ def test_slurm_script_lets_the_other_tasks_end_after_one_stops(fake_slurm):
     assert any(re.fullmatch(r"--wait=\d+", option) for option in options), options
 
 
-@pytest.mark.parametrize("cpus, workers", [("12", 10), ("3", 1), ("1", 1)])
+@pytest.mark.parametrize("cpus, workers", [("12", 11), ("3", 2), ("1", 0)])
 def test_slurm_script_sets_data_workers_from_the_cpus_per_task(fake_slurm, cpus, workers):
     directory, env = fake_slurm
     env.update(SLURM_CPUS_PER_TASK=cpus)
@@ -516,3 +516,27 @@ def _live_members(group: int) -> list[int]:
         if state != "Z":
             live.append(int(member))
     return live
+
+
+FAKE_ARGS_PYTHON = """#!/bin/bash
+# python stand-in that records the arguments of each launched process.
+printf '%s\\n' "$@" > "$LOG_DIR/args-$JAX_PROCESS_ID"
+"""
+
+
+@pytest.mark.parametrize("cpus, given, expected", [
+    ("8", [], ["--config.data.workers=3"]),       # 4 CPUs each: 3 workers beside the main process
+    ("2", [], ["--config.data.workers=0"]),       # 1 CPU each: decode in the main process
+    ("8", ["--config.data.workers=1"], ["--config.data.workers=1"]),
+])
+def test_local_launcher_shares_the_cpus_among_the_processes_data_workers(tmp_path, cpus, given, expected):
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_ARGS_PYTHON)
+    fake.chmod(0o755)
+    env = dict(os.environ, PYTHON=str(fake), LOG_DIR=str(tmp_path / "logs"), COORDINATOR_PORT="1", CPUS=cpus)
+    result = subprocess.run(["bash", LAUNCHER, "2", "1", "--", "--workdir=w", *given], env=env,
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for i in range(2):
+        args = (tmp_path / "logs" / f"args-{i}").read_text().splitlines()
+        assert [a for a in args if "data.workers" in a] == expected

@@ -32,7 +32,8 @@ def shards(tmp_path):
 
 
 def dataset(shards, **overrides):
-    options = dict(global_batch_size=8, seed=SEED, text_type="com", tokenizer="ViT-B-16", image_size=16)
+    options = dict(global_batch_size=8, seed=SEED, text_type="com", tokenizer="ViT-B-16", image_size=16,
+                   worker_count=0)
     options.update(overrides)
     return make_train_dataset(shards, **options)
 

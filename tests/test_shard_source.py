@@ -5,13 +5,14 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import shutil
 import tarfile
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from bioclip_jax.data import shard_index
+from bioclip_jax.data import shard_index, source_index
 from bioclip_jax.data.shard_index import ShardNotFoundError, expand_braces, expand_shard_pattern
 from bioclip_jax.data.tar_source import ERROR, TarShardSource
 from bioclip_jax.data.tar_writer import ShardWriter
@@ -160,8 +161,9 @@ def test_read_only_data_dir_uses_cache_dir(tmp_path, cache_dir, monkeypatch):
     monkeypatch.setattr(shard_index, "write_text_atomically", refuse_data_dir)
     assert len(TarShardSource(path)) == 4
     assert not os.path.exists(path + shard_index.INDEX_SUFFIX)
-    cached = list(cache_dir.iterdir())
+    cached = list(cache_dir.glob(f"*{shard_index.INDEX_SUFFIX}"))
     assert len(cached) == 1 and cached[0].name.startswith("shard-000000.tar.")
+    shutil.rmtree(source_index.index_directory(str(cache_dir)))  # the per-shard cache alone must serve it
     monkeypatch.setattr(shard_index, "build_shard_index", lambda p: pytest.fail("index rebuilt"))
     assert len(TarShardSource(path)) == 4
 
@@ -248,3 +250,36 @@ def test_unreadable_shards_reported_not_fatal(tmp_path, cache_dir):
     os.remove(paths[1])  # vanishes after indexing: reads come back as errors, not exceptions
     assert source[2][ERROR] == "unreadable_shard" and "shard-000001.tar" in source[2]["__detail__"]
     assert source[0]["__key__"] == "s00000"
+
+
+# ----------------------------------------------------------------------------- one mapped index per host
+
+
+def test_pickled_source_carries_the_index_file_not_the_index(tmp_path, cache_dir):
+    """A Grain worker unpickles the source: at 200M samples the arrays would be 3.2 GB per worker."""
+    small = TarShardSource(write_shards(tmp_path / "small", 20, 20))
+    large = TarShardSource(write_shards(tmp_path / "large", 400, 400))
+    assert len(pickle.dumps(large)) - len(pickle.dumps(small)) < 200  # not 380 more samples * 16 bytes
+    copy = pickle.loads(pickle.dumps(large))
+    assert isinstance(copy.indexes[0].starts, np.memmap)  # pages shared with every process on the host
+    for i in (0, 17, 399):
+        assert copy[i] == large[i]
+
+
+def test_later_processes_map_the_joined_index_without_parsing_shard_indexes(tmp_path, cache_dir, monkeypatch):
+    paths = write_shards(tmp_path, 30, 10)
+    first = TarShardSource(paths)
+    monkeypatch.setattr(shard_index.ShardIndex, "from_json",
+                        classmethod(lambda cls, text, path: pytest.fail(f"parsed the index of {path}")))
+    again = TarShardSource(paths)
+    assert len(again) == 30 and [again[i] for i in (0, 29)] == [first[0], first[29]]
+
+
+def test_a_source_with_an_unreadable_shard_keeps_its_index_in_memory(tmp_path, cache_dir):
+    paths = write_shards(tmp_path, 20, 10)
+    with open(paths[1], "wb") as f:
+        f.write(b"\0garbage" * 100)
+    source = TarShardSource(paths)
+    assert list(source.problems) == [paths[1]] and len(source) == 10
+    assert not isinstance(source.indexes[0].starts, np.memmap)  # a passing error must not be kept on disk
+    assert not os.path.exists(source_index.index_directory(str(cache_dir)))

@@ -1,12 +1,14 @@
 """The training input pipeline: shards -> globally shuffled, host-sliced, decoded, tokenised batches.
 
-    source -> shuffle(seed, new order each epoch) -> repeat -> host slice -> batch -> decode+tokenise
+    source -> shuffle(seed, new order each epoch) -> repeat -> host slice
+      -> per example: read, decode+crop, tokenise (threads in worker processes) -> batch
 
 Everything is a pure function of (seed, global position p in the shuffled stream):
 global batch s holds positions [s*B, (s+1)*B), host h of H takes those with
 p % H == h, and the crop of position p uses an RNG seeded by (seed, p). So the
 batches do not depend on the number of hosts or Grain workers, and the iterator
-state (one counter) resumes a run exactly.
+state (one counter) resumes a run exactly. How examples are made in parallel,
+and the memory that bounds, is in `batching`.
 
 Bad samples (see SKIP_REASONS) never stop training: the sample at position p is
 replaced by the next good one after it in the shuffled stream (so batch shapes and
@@ -22,9 +24,8 @@ from typing import Any, Callable, Mapping
 
 import grain
 import numpy as np
-from absl import flags
 
-from bioclip_jax.data import decode, shard_index
+from bioclip_jax.data import batching, decode, shard_index
 from bioclip_jax.data.array_record import ArrayRecordSampleSource
 from bioclip_jax.data.tar_source import DETAIL, ERROR, TarShardSource
 from bioclip_jax.taxonomy import CAPTION_FILES, TextTypeSampler
@@ -34,6 +35,7 @@ SKIP_REASONS = ("corrupt_image", "missing_image", "missing_caption", "truncated_
                 "corrupt_caption")
 IMAGE_MEMBER = "jpg"
 MAX_REPLACEMENT_TRIES = 64
+TFDS_PREFIX = "tfds:"
 _CROP_STREAM = 0xC60F  # keeps crop seeds apart from any other use of (seed, position)
 _MEMBER_OF_TYPE = {text_type: extension for extension, text_type in CAPTION_FILES.items()}
 
@@ -57,13 +59,18 @@ class SkippedSample(Exception):
 
 
 def open_sample_source(shards: Any, cache_dir: str | None = None):
-    """A random-access sample source for a shard pattern: tar shards or converted ArrayRecord files.
+    """A random-access sample source for a shard pattern: tar shards, converted ArrayRecord files, or
+    "tfds:name" (a TensorFlow Datasets dataset, read by `tfds_source`).
 
     An object that already has `__len__` and `__getitem__` (and is not a list of
     paths) is returned as it is.
     """
     if hasattr(shards, "__getitem__") and hasattr(shards, "__len__") and not isinstance(shards, (str, list, tuple)):
         return shards
+    if isinstance(shards, str) and shards.startswith(TFDS_PREFIX):
+        from bioclip_jax.data.tfds_source import open_tfds_source  # noqa: PLC0415 (optional dependency)
+
+        return open_tfds_source(shards[len(TFDS_PREFIX):])
     paths = shard_index.expand_shard_pattern(shards)
     converted = [path.endswith(".array_record") for path in paths]
     if all(converted):
@@ -130,11 +137,16 @@ def crop_rng(seed: int, position: int) -> np.random.Generator:
                                   position & 0xFFFFFFFF, position >> 32])
 
 
-# ----------------------------------------------------------------------------- batches
+# ----------------------------------------------------------------------------- examples
 
 
-class _BatchAssembler:
-    """map_with_index transform: raw samples of host batch `step` -> arrays, bad samples replaced."""
+class _ExampleMaker:
+    """Example k of this host (shuffled position p = k * hosts + host), bad samples replaced.
+
+    Returns {"image": uint8 [S, S, 3], "tokens": int32 [T], "skip_reason": int32 (index
+    in SKIP_REASONS of the replaced sample's defect, -1 if none), "bad_shard": int32,
+    "position": int64}; `join_batch` turns a batch of them into the batch contract.
+    """
 
     def __init__(self, stream: grain.MapDataset, *, host: int, hosts: int, global_batch: int, seed: int,
                  sampler: Any, tokenizer: Callable[[list[str]], np.ndarray], image_size: int | tuple[int, int],
@@ -144,32 +156,20 @@ class _BatchAssembler:
         self.seed, self.sampler, self.tokenizer = seed, sampler, tokenizer
         self.image_size, self.crop_scale = image_size, crop_scale
 
-    def __call__(self, step: int, samples: list[dict[str, Any]]) -> dict[str, np.ndarray]:
-        local = len(samples)
-        in_batch = np.arange(local, dtype=np.int64) * self.hosts + self.host  # position within global batch
-        positions = step * self.global_batch + in_batch
-        types = self.sampler.types_for_batch(step, in_batch)
-        skipped = np.zeros(len(SKIP_REASONS), dtype=np.int32)
-        last_bad_shard = -1
-        images, captions = [], []
-        for raw, position, text_type in zip(samples, positions, types):
-            member = caption_member(text_type)
-            try:
-                pixels, caption = prepare_sample(raw, member, self.image_size, crop_rng(self.seed, int(position)),
-                                                 self.crop_scale)
-            except SkippedSample as skip:
-                skipped[SKIP_REASONS.index(skip.reason)] += 1
-                last_bad_shard = int(raw.get("__shard__", -1))
-                pixels, caption = self._replacement(int(position), member, skip)
-            images.append(pixels)
-            captions.append(caption)
-        return {
-            "image": np.stack(images),
-            "tokens": np.asarray(self.tokenizer(captions), dtype=np.int32),
-            "skipped": skipped,
-            "last_bad_shard": np.int32(last_bad_shard),
-            "position": positions,
-        }
+    def __call__(self, k: int) -> dict[str, np.ndarray]:
+        position = k * self.hosts + self.host
+        step, in_batch = divmod(position, self.global_batch)
+        member = caption_member(self.sampler.types_for_batch(step, np.array([in_batch]))[0])
+        raw = self.stream[position]
+        reason, bad_shard = -1, -1
+        try:
+            pixels, caption = prepare_sample(raw, member, self.image_size, crop_rng(self.seed, position),
+                                             self.crop_scale)
+        except SkippedSample as skip:
+            reason, bad_shard = SKIP_REASONS.index(skip.reason), int(raw.get("__shard__", -1))
+            pixels, caption = self._replacement(position, member, skip)
+        return {"image": pixels, "tokens": np.asarray(self.tokenizer([caption]), dtype=np.int32)[0],
+                "skip_reason": np.int32(reason), "bad_shard": np.int32(bad_shard), "position": np.int64(position)}
 
     def _replacement(self, position: int, member: str, first: SkippedSample) -> tuple[np.ndarray, str]:
         """The next good sample after `position` in the shuffled stream (the same on every host)."""
@@ -182,6 +182,22 @@ class _BatchAssembler:
         raise BadDataError(
             f"the {MAX_REPLACEMENT_TRIES + 1} samples from shuffled position {position} on are all unusable "
             f"for caption .{member} (first: {first}); run check_data on the shards")
+
+
+def join_batch(chunks: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Stacked examples, in order -> one batch, with its replaced samples counted by reason."""
+    def joined(key: str) -> np.ndarray:
+        return np.concatenate([chunk[key] for chunk in chunks])
+
+    reasons, bad_shards = joined("skip_reason"), joined("bad_shard")
+    replaced = reasons >= 0
+    return {
+        "image": joined("image"),
+        "tokens": joined("tokens"),
+        "skipped": np.bincount(reasons[replaced], minlength=len(SKIP_REASONS)).astype(np.int32),
+        "last_bad_shard": np.int32(bad_shards[replaced][-1] if replaced.any() else -1),
+        "position": joined("position").astype(np.int64),
+    }
 
 
 def _check_source(source: Any, max_bad_fraction: float) -> None:
@@ -199,17 +215,20 @@ def _check_source(source: Any, max_bad_fraction: float) -> None:
 
 def make_train_dataset(shards: Any, *, global_batch_size: int, seed: int, text_type: Any, tokenizer: Any,
                        image_size: int = 224, process_index: int = 0, process_count: int = 1,
-                       num_epochs: int | None = None, worker_count: int = 0,
+                       num_epochs: int | None = None, worker_count: int = -1,
                        crop_scale: tuple[float, float] = decode.DEFAULT_SCALE, max_bad_fraction: float = 0.01,
-                       cache_dir: str | None = None, read_threads: int = 4,
-                       worker_buffer_size: int = 2) -> grain.IterDataset:
+                       cache_dir: str | None = None, read_threads: int = 8,
+                       chunk_examples: int = batching.MAX_CHUNK_EXAMPLES) -> grain.IterDataset:
     """This host's batches: {"image": uint8 [b, S, S, 3], "tokens": int32 [b, 77],
     "skipped": int32 [len(SKIP_REASONS)], "last_bad_shard": int32 (-1 if none), "position": int64 [b]}.
 
-    `shards` is a pattern (tar or .array_record), a list of paths, or a sample
-    source; `text_type` a TextTypeSampler spec or sampler; `tokenizer` a callable
+    `shards` is a pattern (tar or .array_record, or "tfds:name"), a list of paths, or a
+    sample source; `text_type` a TextTypeSampler spec or sampler; `tokenizer` a callable
     or a model name. `b = global_batch_size / process_count`. With `num_epochs`
-    set, every host yields the same number of full global batches.
+    set, every host yields the same number of full global batches. `worker_count` -1
+    sizes the worker processes from the usable CPUs (see batching.resolve_worker_count);
+    each worker (or the main process, with 0) reads and decodes with `read_threads`
+    threads, `chunk_examples` examples at a time (memory bound: see batching).
     """
     if global_batch_size <= 0 or global_batch_size % process_count:
         raise ValueError(f"global_batch_size {global_batch_size} must be positive and divisible by "
@@ -218,6 +237,7 @@ def make_train_dataset(shards: Any, *, global_batch_size: int, seed: int, text_t
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     if not 0 <= seed < 2**32:
         raise ValueError(f"seed must be in [0, 2**32), got {seed}")
+    workers = batching.resolve_worker_count(worker_count)
     source = open_sample_source(shards, cache_dir)
     _check_source(source, max_bad_fraction)
     if isinstance(tokenizer, str):
@@ -226,21 +246,13 @@ def make_train_dataset(shards: Any, *, global_batch_size: int, seed: int, text_t
         text_type = TextTypeSampler(text_type, seed)
 
     stream = grain.MapDataset.source(source).shuffle(seed=seed).repeat(num_epochs)
-    local_batch = global_batch_size // process_count
-    batches = stream[process_index::process_count].batch(local_batch, drop_remainder=True, batch_fn=list)
-    if num_epochs is not None:
-        batches = batches[: len(stream) // global_batch_size]
-    batches = batches.map_with_index(_BatchAssembler(
-        stream, host=process_index, hosts=process_count, global_batch=global_batch_size, seed=seed,
-        sampler=text_type, tokenizer=tokenizer, image_size=image_size, crop_scale=tuple(crop_scale)))
-    threads = max(1, read_threads)
-    dataset = batches.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads))
-    if worker_count > 0:
-        if not flags.FLAGS.is_parsed():  # Grain reads absl flags; our CLIs parse with argparse
-            flags.FLAGS.mark_as_parsed()
-        dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
-            num_workers=worker_count, per_worker_buffer_size=worker_buffer_size))
-    return dataset
+    make_example = _ExampleMaker(stream, host=process_index, hosts=process_count, global_batch=global_batch_size,
+                                 seed=seed, sampler=text_type, tokenizer=tokenizer, image_size=image_size,
+                                 crop_scale=tuple(crop_scale))
+    return batching.ParallelBatches(
+        make_example, join_batch, local_batch=global_batch_size // process_count,
+        num_batches=None if num_epochs is None else len(stream) // global_batch_size,
+        workers=workers, read_threads=read_threads, chunk_examples=chunk_examples)
 
 
 # ----------------------------------------------------------------------------- budget
@@ -259,7 +271,10 @@ class SkipBudget:
         if not 0 <= max_bad_fraction <= 1:
             raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
         self.max_bad_fraction = max_bad_fraction
-        self.shards = shard_index.expand_shard_pattern(shards) if isinstance(shards, str) else list(shards or [])
+        if isinstance(shards, str):  # a TFDS dataset has no shard files to name
+            self.shards = [] if shards.startswith(TFDS_PREFIX) else shard_index.expand_shard_pattern(shards)
+        else:
+            self.shards = list(shards or [])
         self.window_samples = window_samples
         self.min_samples = min(min_samples, window_samples)
         self._window: collections.deque = collections.deque()

@@ -6,7 +6,8 @@ Reading never raises for bad data: a sample that cannot be read comes back as
 `{"__key__", "__shard__", "__error__": reason, "__detail__": text}`, with reason
 "truncated_tar" or "unreadable_shard", so the pipeline can skip and count it.
 
-File handles are opened lazily, one per shard per process (reads on one handle
+The shard indexes are one memory-mapped file shared by the processes of a host (see
+`source_index`). File handles are opened lazily, one per shard per process (reads on one handle
 are serialised by a lock, since Grain calls from several threads), dropped when
 pickled into a Grain worker process, and reopened there. Shards may be local files
 (also a read-only gcsfuse mount) or `gs://` objects, read by ranged requests.
@@ -23,7 +24,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from bioclip_jax.data import shard_index
+from bioclip_jax.data import shard_index, source_index
 
 ERROR = "__error__"
 DETAIL = "__detail__"
@@ -134,7 +135,7 @@ class TarShardSource:
     def __init__(self, shards: str | Sequence[str], *, cache_dir: str | None = None,
                  index_threads: int = 8, max_open_files: int = 256):
         self.shard_paths = shard_index.expand_shard_pattern(shards)
-        self.indexes = shard_index.index_shards(self.shard_paths, cache_dir, index_threads)
+        self.indexes, self._index_file = source_index.load_source_index(self.shard_paths, cache_dir, index_threads)
         counts = np.array([len(index) for index in self.indexes], dtype=np.int64)
         self._first = np.concatenate([[0], np.cumsum(counts)])
         self._files = ShardFiles(self.shard_paths, [ix.size for ix in self.indexes], max_open_files)
@@ -177,6 +178,18 @@ class TarShardSource:
 
     def close(self) -> None:
         self._files.close()
+
+    def __getstate__(self):
+        """A mapped index travels as its file name (workers map the same pages), not as its arrays."""
+        state = dict(self.__dict__)
+        if self._index_file is not None:
+            del state["indexes"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if self._index_file is not None:
+            self.indexes = source_index.open_mapped(self._index_file)
 
     def __repr__(self) -> str:
         return f"TarShardSource({len(self.shard_paths)} shards, {len(self)} samples)"

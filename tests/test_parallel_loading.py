@@ -1,0 +1,131 @@
+"""Per-example loading in threads and worker processes: same batches whatever the workers, bounded buffers."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+import types
+
+import numpy as np
+import pytest
+
+from bioclip_jax.data import batching, pipeline
+from bioclip_jax.data.tar_source import TarShardSource
+from test_pipeline import assert_batches_equal, dataset, take
+from test_shard_source import write_shards
+
+
+@pytest.fixture(autouse=True)
+def _index_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("BIOCLIP_JAX_INDEX_CACHE", str(tmp_path / "index_cache"))
+
+
+class CountingSource:
+    """Raw samples held in memory; counts reads, and can make the first `rendezvous` reads wait for each other."""
+
+    def __init__(self, samples: list[dict], rendezvous: int = 0):
+        self.samples = samples
+        self.reads = 0
+        self._lock = threading.Lock()
+        self._barrier = threading.Barrier(rendezvous, timeout=20) if rendezvous else None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        with self._lock:
+            self.reads += 1
+            first = self.reads <= (self._barrier.parties if self._barrier else 0)
+        if first:
+            self._barrier.wait()  # raises BrokenBarrierError if the reads are not concurrent
+        return self.samples[int(index)]
+
+
+def in_memory(tmp_path, count: int) -> list[dict]:
+    source = TarShardSource(write_shards(tmp_path / "mem", count, 16))
+    return [source[i] for i in range(len(source))]
+
+
+def test_two_workers_small_chunks_give_the_one_process_batches(tmp_path):
+    # 5 batches of 3 chunks of 2: the 15 chunks split unevenly over 2 workers, and chunks of a batch cross workers.
+    shards = write_shards(tmp_path / "s", 30, 8)
+    options = dict(global_batch_size=6, num_epochs=1, chunk_examples=2)
+    expected = list(dataset(shards, **options))
+    iterator = iter(dataset(shards, **options, worker_count=2))
+    try:
+        got = list(iterator)
+    finally:
+        iterator.close()
+    assert len(expected) == 5
+    assert_batches_equal(got, expected)
+    np.testing.assert_array_equal(np.concatenate([b["position"] for b in got]), np.arange(30))
+
+
+def test_state_saved_without_workers_resumes_with_workers(tmp_path):
+    shards = write_shards(tmp_path / "s", 24, 8)
+    iterator = iter(dataset(shards, text_type="random", chunk_examples=4))
+    take(iterator, 2)
+    state = iterator.get_state()
+    assert state == {"next_index": 2}  # one counter: the form a plain Grain iterator saves
+    expected = take(iterator, 3)
+    resumed = iter(dataset(shards, text_type="random", chunk_examples=4, worker_count=2))
+    try:
+        resumed.set_state(state)
+        assert_batches_equal(take(resumed, 3), expected)
+    finally:
+        resumed.close()
+
+
+def wait_until_still(source: CountingSource, quiet_s: float = 1.0, limit_s: float = 30.0) -> int:
+    """Reads once the loader's background threads have stopped reading (their buffers are full)."""
+    deadline = time.monotonic() + limit_s
+    seen = source.reads
+    while time.monotonic() < deadline:
+        time.sleep(quiet_s)
+        if source.reads == seen:
+            return seen
+        seen = source.reads
+    raise AssertionError("the loader kept reading: its buffers are not bounded")
+
+
+def test_buffered_examples_are_bounded_not_whole_batches(tmp_path):
+    source = CountingSource(in_memory(tmp_path, 48))
+    batch, chunk, threads = 48, 4, 2
+    iterator = iter(dataset(source, global_batch_size=batch, chunk_examples=chunk, read_threads=threads))
+    next(iterator)
+    bound = 2 * threads + (batching.WORKER_BUFFER_CHUNKS + 2) * chunk  # the bound batching promises
+    assert wait_until_still(source) <= batch + bound < 2 * batch
+
+
+def test_reads_of_one_batch_overlap_across_threads(tmp_path):
+    source = CountingSource(in_memory(tmp_path, 8), rendezvous=2)  # the first two reads must be in flight together
+    batches = list(dataset(source, global_batch_size=8, num_epochs=1, read_threads=2))
+    assert len(batches) == 1 and not batches[0]["skipped"].any()
+
+
+def test_worker_count_minus_one_is_sized_from_the_usable_cpus(monkeypatch):
+    monkeypatch.setattr(batching.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5}, raising=False)
+    assert batching.resolve_worker_count(-1) == 5
+    monkeypatch.setattr(batching.os, "sched_getaffinity", lambda pid: {3}, raising=False)
+    assert batching.resolve_worker_count(-1) == 0
+    assert batching.resolve_worker_count(3) == 3
+    with pytest.raises(ValueError, match="data workers must be >= 0, or -1"):
+        batching.resolve_worker_count(-2)
+
+
+def test_chunks_tile_every_batch():
+    assert [batching.chunk_size(b) for b in (8, 96, 32768, 97)] == [8, 48, 64, 1]
+    for workers in (2, 3):
+        order = [batching.worker_major(i, 2, workers) for i in range(12)]
+        assert sorted(order) == list(range(12))
+        assert order[:workers * 2:workers] == [0, 1]  # worker 0 reads chunk 0 first, whole
+
+
+def test_tfds_sources_are_opened_by_the_tfds_module(monkeypatch):
+    opened = []
+    fake = types.ModuleType("bioclip_jax.data.tfds_source")
+    fake.open_tfds_source = lambda name: opened.append(name) or ["sample"]
+    monkeypatch.setitem(sys.modules, "bioclip_jax.data.tfds_source", fake)
+    assert pipeline.open_sample_source("tfds:tree_of_life/10m:1.0.0") == ["sample"]
+    assert opened == ["tree_of_life/10m:1.0.0"]
