@@ -3,6 +3,7 @@
     python benchmarks/train_step.py                     # CPU, ViT-B-16, global batch 16, fp32
     python benchmarks/train_step.py --quick             # < 1 minute: ViT-Tiny-8, batch 8, 2 rounds
     python benchmarks/train_step.py --device gpu        # bf16, batch 256, MFU against the device peak
+    python benchmarks/train_step.py --remat dots_with_no_batch_dims_saveable --attention xla
     python benchmarks/train_step.py --memory            # per-device memory of the loss, batch 256 -> 4096
 
 Ours is `bioclip_jax.train.step.make_train_step` exactly as the training loop builds
@@ -40,8 +41,13 @@ MEMORY_DEVICES = 8
 # ----------------------------------------------------------------------------- ours
 
 
-def jax_step(model_name: str, batch: int, dtype: str, remat: bool, devices, accumulate_steps: int = 1):
-    """(config, mesh, layout, jitted step) built as bioclip_jax.train.loop builds them."""
+def jax_step(model_name: str, batch: int, dtype: str, remat: bool | str, devices, accumulate_steps: int = 1,
+             attention: str = "auto"):
+    """(config, mesh, layout, jitted step) built as bioclip_jax.train.loop builds them.
+
+    `remat`: none, full or a jax.checkpoint_policies name (True/False: full/none); `attention`:
+    the config's kernel choice (auto, xla, cudnn, head_major)."""
+    from bioclip_jax.models import remat as remat_lib  # noqa: PLC0415
     from bioclip_jax.parallel.mesh import make_mesh  # noqa: PLC0415
     from bioclip_jax.train import state as state_lib  # noqa: PLC0415
     from bioclip_jax.train.config_base import base_config  # noqa: PLC0415
@@ -49,7 +55,8 @@ def jax_step(model_name: str, batch: int, dtype: str, remat: bool, devices, accu
     from bioclip_jax.train.step import make_train_step  # noqa: PLC0415
 
     config = base_config()
-    config.model.name, config.dtype, config.remat = model_name, dtype, remat
+    config.model.name, config.dtype, config.remat = model_name, dtype, remat_lib.check(remat)
+    config.attention = attention
     config.data.batch_size = batch
     config.optimizer.accumulate_steps = accumulate_steps  # global negatives: `batch` is still the whole batch
     config.total_steps = 100_000
@@ -69,14 +76,15 @@ def model_params(model) -> dict:
     return {path_to_key(p): np.asarray(v) for p, v in flat_params(model).items()}
 
 
-def jax_trainer(params: dict, model_name: str, batch: int, dtype: str, remat: bool, devices):
+def jax_trainer(params: dict, model_name: str, batch: int, dtype: str, remat: bool | str, devices,
+                attention: str = "auto"):
     """`train(batch) -> loss`: our train step, state carried over (and donated); `train.place` puts a batch on the mesh."""
     import jax  # noqa: PLC0415
 
     from bioclip_jax.parallel.sharding import host_batch_to_global  # noqa: PLC0415
     from bioclip_jax.train.state import initial_state  # noqa: PLC0415
 
-    _, mesh, layout, step = jax_step(model_name, batch, dtype, remat, devices)
+    _, mesh, layout, step = jax_step(model_name, batch, dtype, remat, devices, attention=attention)
     holder = {"state": initial_state(layout, params)}
 
     def place(host_batch: dict) -> dict:
@@ -177,17 +185,17 @@ def measure_speed(args) -> dict:
     ours_model, reference = twin_models(args.model)
     params = model_params(ours_model)
     del ours_model
-    if args.remat:
+    if args.remat != "none":  # torch has one kind: every block recomputed
         reference.set_grad_checkpointing(True)
     run_torch, torch_out = torch_runner(reference, images, tokens, args.dtype == "bfloat16", "cuda" if gpu else "cpu")
     del reference
-    train = jax_trainer(params, args.model, args.batch, args.dtype, args.remat, devices)
+    train = jax_trainer(params, args.model, args.batch, args.dtype, args.remat, devices, args.attention)
     placed = train.place({"image": images, "tokens": tokens.astype(np.int32)})  # on the device, like torch's
     jax_losses = []
     contenders = {_timing.OURS: lambda: jax_losses.append(train(placed)), _timing.REFERENCE: run_torch}
     if args.variant:
         contenders[args.variant] = variant_runner(args, params, placed, devices)
-    print(f"{args.model}, global batch {args.batch}, {args.dtype}, remat={args.remat}, on "
+    print(f"{args.model}, global batch {args.batch}, {args.dtype}, remat={args.remat}, attention={args.attention}, on "
           f"{devices[0].device_kind} / torch {'cuda' if gpu else 'cpu'}; {args.repeats} interleaved rounds")
     rows = _timing.with_variant(f"train step {args.dtype} (B={args.batch})", contenders, args.variant, args.batch,
                                 args.repeats, args.warmup, unit="images/s")
@@ -204,12 +212,12 @@ def measure_speed(args) -> dict:
     if gpu and rows[0][_timing.OURS]["mfu_best"] is not None and rows[0][_timing.OURS]["mfu_best"] < GPU_MFU_TARGET:
         print(f"below the {GPU_MFU_TARGET:.0%} MFU target")
     return {"rows": rows, "target_ratio": target, "peak_tflops": peak if math.isfinite(peak) else None,
-            "mfu_target": GPU_MFU_TARGET if gpu else None}
+            "mfu_target": GPU_MFU_TARGET if gpu else None, "device_kind": devices[0].device_kind}
 
 
 def variant_runner(args, params: dict, placed: dict, devices):
     """Our step with candidate layers.py changes (see encode.VARIANTS), as its own program and state."""
-    changed = jax_trainer(params, args.model, args.batch, args.dtype, args.remat, devices)
+    changed = jax_trainer(params, args.model, args.batch, args.dtype, args.remat, devices, args.attention)
 
     def run():
         with layer_variant(args.variant):  # the first (warm-up) call traces the step
@@ -350,6 +358,9 @@ def accumulation_memory(args, full_steps: list[dict], devices) -> list[dict]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from bioclip_jax.models import remat as remat_lib  # noqa: PLC0415
+    from bioclip_jax.models.attention import CHOICES as attention_kernels  # noqa: PLC0415
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="architecture (default ViT-B-16; ViT-Tiny-8 with --quick)")
@@ -357,7 +368,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, help="global batch (default 16 on cpu: 32 needs ~12 GB free for both frameworks; 256 on gpu; 8 with --quick)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"),
                         help="compute dtype (default float32 on cpu, bfloat16 on gpu)")
-    parser.add_argument("--remat", action="store_true", help="recompute blocks in the backward pass (both sides)")
+    parser.add_argument("--remat", nargs="?", const="full", default="none",
+                        help="what our blocks recompute in the backward pass: none (default), full (bare --remat) "
+                             "or a jax.checkpoint_policies name; open_clip recomputes every block unless none")
+    parser.add_argument("--attention", default="auto", choices=attention_kernels,
+                        help="our attention kernel (default auto: cuDNN on GPU in bf16, head-major on CPU)")
     parser.add_argument("--variant", help=f"also time our step with candidate changes to models/layers.py against "
                                           f"ours as is: {', '.join(sorted(VARIANTS))}, or several joined by '+'")
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="device peak for MFU (0 = look it up)")
@@ -387,6 +402,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--memory-batches {args.memory_batches!r} is not a comma-separated list of integers")
     if any(b <= 0 or b % MEMORY_DEVICES for b in args.memory_batches):
         parser.error(f"--memory-batches must be positive multiples of {MEMORY_DEVICES}")
+    try:
+        args.remat = remat_lib.check(args.remat, "--remat")
+    except ValueError as error:
+        parser.error(str(error))
     if args.batch < 1 or args.repeats < 1 or args.accumulate_steps < 1:
         parser.error("--batch, --repeats and --accumulate-steps must be >= 1")
     return args

@@ -92,11 +92,13 @@ def load_source(pretrained: str, model_name: str | None = None, *, step: int | N
 
 
 def create_model(model_name: str | None = "ViT-B-16", pretrained: str | None = None, *, seed: int = 0,
-                 dtype=jnp.float32, remat: bool = False, step: int | None = None) -> CLIP:
+                 dtype=jnp.float32, remat: bool | str = False, attention: str = "auto",
+                 step: int | None = None) -> CLIP:
     """open_clip-style constructor. The architecture comes from the source when it has one.
 
     `step` picks a checkpoint when `pretrained` is a training workdir (default: the latest).
     As in open_clip, `model_name` may itself be a source (`hf-hub:ORG/NAME`, `local-dir:PATH`).
+    `remat` and `attention` choose how it computes (see `bioclip_jax.models.clip.abstract_model`).
     """
     if is_source(model_name):
         if pretrained is not None and pretrained != model_name:
@@ -106,12 +108,13 @@ def create_model(model_name: str | None = "ViT-B-16", pretrained: str | None = N
         if step is not None:
             raise ValueError(f"step={step} needs pretrained= a training workdir")
         config = get_model_config(model_name)
-        model = build_model(config, seed=seed, dtype=dtype, remat=remat)
+        model = build_model(config, seed=seed, dtype=dtype, remat=remat, attention=attention)
         model.preprocess = PreprocessConfig(size=config.vision.image_size)
         model.source = None
         return model
     loaded = load_source(pretrained, model_name, step=step)
-    model = abstract_model(loaded.config, dtype=dtype, remat=remat)  # every parameter is assigned below
+    # Every parameter is assigned below.
+    model = abstract_model(loaded.config, dtype=dtype, remat=remat, attention=attention)
     assign_params(model, loaded.params, source=loaded.source)
     model.preprocess = loaded.preprocess
     model.source = str(pretrained)  # as given (hf-hub:ORG/NAME, a path, ...): says which model this is

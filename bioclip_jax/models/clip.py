@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bioclip_jax.models.attention import AUTO
 from bioclip_jax.models.config import CLIPConfig
 from bioclip_jax.models.layers import Init
 from bioclip_jax.models.towers import TextTransformer, VisionTransformer
@@ -30,13 +31,12 @@ class CLIP(nnx.Module):
     open_clip-style entry points: they take numpy arrays and run one compiled call.
     """
 
-    def __init__(self, config: CLIPConfig, *, dtype=jnp.float32, remat: bool = False,
-                 scan_layers: bool = False, rngs: nnx.Rngs):
+    def __init__(self, config: CLIPConfig, *, dtype=jnp.float32, remat: bool | str = False,
+                 scan_layers: bool = False, attention: str = AUTO, rngs: nnx.Rngs):
         self.config = config
-        self.visual = VisionTransformer(config.vision, config.embed_dim, quick_gelu=config.quick_gelu,
-                                        dtype=dtype, remat=remat, scan_layers=scan_layers, rngs=rngs)
-        self.text = TextTransformer(config.text, config.embed_dim, quick_gelu=config.quick_gelu,
-                                    dtype=dtype, remat=remat, scan_layers=scan_layers, rngs=rngs)
+        how = dict(dtype=dtype, remat=remat, scan_layers=scan_layers, attention=attention, rngs=rngs)
+        self.visual = VisionTransformer(config.vision, config.embed_dim, quick_gelu=config.quick_gelu, **how)
+        self.text = TextTransformer(config.text, config.embed_dim, quick_gelu=config.quick_gelu, **how)
         self.logit_scale = _scalar_param(INIT_LOGIT_SCALE)
         if config.init_logit_bias is not None:
             self.logit_bias = _scalar_param(config.init_logit_bias)
@@ -88,13 +88,14 @@ def _encode(graphdef, state, inputs, tower: str, normalize: bool):
     return model.text_features(inputs, normalize)
 
 
-def build_model(config: CLIPConfig, *, seed: int = 0, dtype=jnp.float32, remat: bool = False) -> CLIP:
+def build_model(config: CLIPConfig, *, seed: int = 0, dtype=jnp.float32, remat: bool | str = False,
+                attention: str = AUTO) -> CLIP:
     """A randomly initialised model, filled on the host with numpy (deterministic for a seed).
 
     Eager JAX initialisation compiles one random kernel per parameter shape and is ~100x
     slower on CPU; sampling the same distributions with numpy takes a second for ViT-B.
     """
-    model = abstract_model(config, dtype=dtype, remat=remat)
+    model = abstract_model(config, dtype=dtype, remat=remat, attention=attention)
     values = sample_params(config, seed=seed)
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         var.value = jnp.asarray(values[tuple(path)])
@@ -117,8 +118,12 @@ def _scalar_param(value: float) -> nnx.Param:
     return nnx.Param(jnp.asarray(value, jnp.float32), init=init)
 
 
-def abstract_model(config: CLIPConfig, *, dtype=jnp.float32, remat: bool = False,
-                   scan_layers: bool = False) -> CLIP:
-    """Shapes only: nothing is allocated, so models larger than one device can be planned."""
+def abstract_model(config: CLIPConfig, *, dtype=jnp.float32, remat: bool | str = False,
+                   scan_layers: bool = False, attention: str = AUTO) -> CLIP:
+    """Shapes only: nothing is allocated, so models larger than one device can be planned.
+
+    `remat` (none, full or a `jax.checkpoint_policies` name; True/False mean full/none) and
+    `attention` (auto, xla, cudnn, head_major) change how the model computes, never its numbers.
+    """
     return nnx.eval_shape(lambda: CLIP(config, dtype=dtype, remat=remat, scan_layers=scan_layers,
-                                       rngs=nnx.Rngs(0)))
+                                       attention=attention, rngs=nnx.Rngs(0)))

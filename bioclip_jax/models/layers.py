@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bioclip_jax.models import attention, remat as remat_lib
 from bioclip_jax.parallel.sharding import constrain
 
 LN_EPSILON = 1e-5  # PyTorch's LayerNorm default, which open_clip uses.
@@ -81,11 +82,17 @@ class LayerNorm(nnx.Module):
 
 
 class Attention(nnx.Module):
-    """Multi-head self-attention with separate q/k/v kernels [embed, heads, head_dim]."""
+    """Multi-head self-attention with separate q/k/v kernels [embed, heads, head_dim].
 
-    def __init__(self, width: int, heads: int, *, proj_std: float, rngs: nnx.Rngs):
+    `implementation` names the kernel (`bioclip_jax.models.attention`); "auto" is resolved
+    when the call is traced, from the compute dtype and JAX's default backend.
+    """
+
+    def __init__(self, width: int, heads: int, *, proj_std: float, implementation: str = attention.AUTO,
+                 rngs: nnx.Rngs):
         if width % heads:
             raise ValueError(f"attention width {width} is not divisible by {heads} heads")
+        self.implementation = attention.check(implementation)
         head_dim = width // heads
         in_init = normal(width ** -0.5)
         qkv_axes = ("embed", "heads", "head_dim")
@@ -99,29 +106,32 @@ class Attention(nnx.Module):
                                  ("heads", "head_dim", "embed"))
         self.out_bias = logical_param(rngs, ZEROS, (width,), ("embed",))
 
-    def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
-        # Head-major [batch, heads, tokens, head_dim] from the projection on: both attention
-        # contractions then batch over leading axes, which XLA:CPU runs about twice as fast as
-        # the token-major layout (benchmarks/README.md); parameter layouts are unchanged.
+    def __call__(self, x: jax.Array, mask: jax.Array | np.ndarray | None) -> jax.Array:
         dtype = x.dtype
+        kernel = attention.resolve(self.implementation, dtype)
+        head_major = kernel == attention.HEAD_MAJOR
 
-        def project(kernel, bias):
-            return (jnp.einsum("btd,dhk->bhtk", x, kernel[...].astype(dtype))
-                    + bias[...].astype(dtype)[:, None, :])
+        # Head-major [batch, heads, tokens, head_dim] for our einsums, token-major for
+        # jax.nn.dot_product_attention, which takes that layout; the parameters are the same.
+        def project(weight, bias):
+            if head_major:
+                return jnp.einsum("btd,dhk->bhtk", x, weight[...].astype(dtype)) + bias[...].astype(dtype)[:, None]
+            return jnp.einsum("btd,dhk->bthk", x, weight[...].astype(dtype)) + bias[...].astype(dtype)
 
-        return self.attend(project(self.query, self.query_bias), project(self.key, self.key_bias),
-                           project(self.value, self.value_bias), mask)
+        q, k, v = (project(self.query, self.query_bias), project(self.key, self.key_bias),
+                   project(self.value, self.value_bias))
+        if head_major:
+            return self.attend(q, k, v, mask)
+        return self.output(attention.fused(q, k, v, mask, kernel), "bqhk")
 
-    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
-        """Scaled dot-product attention on [batch, heads, tokens, head_dim] q/k/v, then the output projection."""
-        dtype = q.dtype
-        q = q * jnp.asarray(q.shape[-1] ** -0.5, dtype)
-        logits = jnp.einsum("bhqk,bhsk->bhqs", q, k).astype(jnp.float32)
-        if mask is not None:
-            logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-        weights = jax.nn.softmax(logits, axis=-1).astype(dtype)
-        context = jnp.einsum("bhqs,bhsk->bhqk", weights, v)
-        return jnp.einsum("bhqk,hkd->bqd", context, self.out[...].astype(dtype)) + self.out_bias[...].astype(dtype)
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask) -> jax.Array:
+        """Head-major attention on [batch, heads, tokens, head_dim] q/k/v, then the output projection."""
+        return self.output(attention.head_major(q, k, v, mask), "bhqk")
+
+    def output(self, context: jax.Array, layout: str) -> jax.Array:
+        dtype = context.dtype
+        return (jnp.einsum(f"{layout},hkd->bqd", context, self.out[...].astype(dtype))
+                + self.out_bias[...].astype(dtype))
 
 
 class MLP(nnx.Module):
@@ -145,10 +155,10 @@ class ResidualBlock(nnx.Module):
     """Pre-LN transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
 
     def __init__(self, width: int, heads: int, mlp_width: int, activation: Callable, *,
-                 layers: int, rngs: nnx.Rngs):
+                 layers: int, attention_kernel: str = attention.AUTO, rngs: nnx.Rngs):
         proj_std = (width ** -0.5) * ((2 * layers) ** -0.5)
         self.ln_1 = LayerNorm(width, rngs=rngs)
-        self.attn = Attention(width, heads, proj_std=proj_std, rngs=rngs)
+        self.attn = Attention(width, heads, proj_std=proj_std, implementation=attention_kernel, rngs=rngs)
         self.ln_2 = LayerNorm(width, rngs=rngs)
         self.mlp = MLP(width, mlp_width, activation, proj_std=proj_std, rngs=rngs)
 
@@ -171,19 +181,22 @@ class Transformer(nnx.Module):
     fusion boundary: unrolled, XLA:CPU fuses the backward chain of residual-gradient adds
     and LayerNorm backward passes of all later blocks into each consumer, work that grows
     with layers^2; scanned, a ViT-B/16 train step runs ~1.4x faster on CPU and compiles
-    one block instead of all. `remat` recomputes each block in the backward pass.
+    one block instead of all. `remat` (`bioclip_jax.models.remat`: none, full or a policy name;
+    True/False mean full/none) says what each block recomputes in the backward pass.
     """
 
     def __init__(self, width: int, layers: int, heads: int, mlp_width: int, activation: Callable, *,
-                 remat: bool = False, scan: bool = False, rngs: nnx.Rngs):
-        self.remat = remat
+                 remat: bool | str = remat_lib.NONE, scan: bool = False, attention_kernel: str = attention.AUTO,
+                 rngs: nnx.Rngs):
+        self.remat = remat_lib.check(remat)
         self.scan = scan
         self.layers = layers
 
         @nnx.split_rngs(splits=layers)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS})
         def stacked_blocks(block_rngs: nnx.Rngs) -> ResidualBlock:
-            return ResidualBlock(width, heads, mlp_width, activation, layers=layers, rngs=block_rngs)
+            return ResidualBlock(width, heads, mlp_width, activation, layers=layers,
+                                 attention_kernel=attention_kernel, rngs=block_rngs)
 
         self.blocks = stacked_blocks(rngs)
 
@@ -196,7 +209,7 @@ class Transformer(nnx.Module):
         def run_block(block_state, y):
             return nnx.merge(graphdef, block_state)(y, mask)
 
-        run = jax.checkpoint(run_block) if self.remat else run_block
+        run = remat_lib.checkpointed(run_block, self.remat, in_scan=False)
         for i in range(self.layers):
             x = run(jax.tree.map(lambda value: value[i], stacked), x)
         return x
@@ -207,4 +220,4 @@ class Transformer(nnx.Module):
         def body(carry, block_state):
             return nnx.merge(graphdef, block_state)(carry, mask), None
 
-        return jax.lax.scan(jax.checkpoint(body) if self.remat else body, x, stacked)[0]
+        return jax.lax.scan(remat_lib.checkpointed(body, self.remat, in_scan=True), x, stacked)[0]

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from bioclip_jax.models.attention import AUTO, causal_mask
 from bioclip_jax.models.config import TextConfig, VisionConfig
 from bioclip_jax.models.layers import TOKENS, LayerNorm, Transformer, exact_gelu, logical_param, normal, quick_gelu
 from bioclip_jax.parallel.sharding import constrain
@@ -23,8 +24,8 @@ class VisionTransformer(nnx.Module):
     """
 
     def __init__(self, cfg: VisionConfig, embed_dim: int, *, quick_gelu: bool = False,
-                 dtype=jnp.float32, remat: bool = False, scan_layers: bool = False,
-                 rngs: nnx.Rngs):
+                 dtype=jnp.float32, remat: bool | str = False, scan_layers: bool = False,
+                 attention: str = AUTO, rngs: nnx.Rngs):
         if cfg.image_size % cfg.patch_size:
             raise ValueError(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
         self.cfg = cfg
@@ -40,7 +41,7 @@ class VisionTransformer(nnx.Module):
             rngs, normal(scale), (cfg.grid * cfg.grid + 1, w), ("position", "embed"))
         self.ln_pre = LayerNorm(w, rngs=rngs)
         self.transformer = Transformer(w, cfg.layers, cfg.heads, cfg.mlp_width, _activation(quick_gelu),
-                                       remat=remat, scan=scan_layers, rngs=rngs)
+                                       remat=remat, scan=scan_layers, attention_kernel=attention, rngs=rngs)
         self.ln_post = LayerNorm(w, rngs=rngs)
         self.proj = logical_param(rngs, normal(scale), (w, embed_dim), ("embed", "proj_out"))
 
@@ -68,8 +69,8 @@ class TextTransformer(nnx.Module):
     """Causal text transformer pooled at the end-of-text token (the largest token id)."""
 
     def __init__(self, cfg: TextConfig, embed_dim: int, *, quick_gelu: bool = False,
-                 dtype=jnp.float32, remat: bool = False, scan_layers: bool = False,
-                 rngs: nnx.Rngs):
+                 dtype=jnp.float32, remat: bool | str = False, scan_layers: bool = False,
+                 attention: str = AUTO, rngs: nnx.Rngs):
         self.cfg = cfg
         self.dtype = dtype
         w = cfg.width
@@ -78,7 +79,7 @@ class TextTransformer(nnx.Module):
         self.positional_embedding = logical_param(rngs, normal(0.01),
                                                   (cfg.context_length, w), ("position", "embed"))
         self.transformer = Transformer(w, cfg.layers, cfg.heads, cfg.mlp_width, _activation(quick_gelu),
-                                       remat=remat, scan=scan_layers, rngs=rngs)
+                                       remat=remat, scan=scan_layers, attention_kernel=attention, rngs=rngs)
         self.ln_final = LayerNorm(w, rngs=rngs)
         self.text_projection = logical_param(rngs, normal(w ** -0.5), (w, embed_dim),
                                              ("embed", "proj_out"))
@@ -97,8 +98,7 @@ class TextTransformer(nnx.Module):
         table = constrain(self.token_embedding[...], ("vocab", None))
         x = jnp.take(table, tokens, axis=0).astype(dtype)
         x = constrain(x + self.positional_embedding[:length].astype(dtype), TOKENS)
-        causal = jnp.tril(jnp.ones((length, length), dtype=bool))
-        x = self.transformer(x, causal)
+        x = self.transformer(x, causal_mask(length))
         x = self.ln_final(x)
         pooled = jnp.take_along_axis(x, jnp.argmax(tokens, axis=-1)[:, None, None], axis=1)[:, 0]
         return pooled @ self.text_projection[...].astype(dtype)

@@ -92,16 +92,32 @@ def model_flops_per_pair(config) -> float:
     return 3 * 2 * float(vision + text)
 
 
-# bf16 dense peak TFLOP/s per device, for MFU; unknown devices (CPUs) get no MFU.
-PEAK_TFLOPS = {"TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v6 lite": 918.0,
-               "NVIDIA A100": 312.0, "NVIDIA H100": 989.0, "NVIDIA H200": 989.0, "NVIDIA B200": 2250.0}
+# bf16 dense peak TFLOP/s per device, by `jax.devices()[0].device_kind`, for MFU; unknown kinds
+# (CPUs) get no MFU. TPUs report one exact kind per generation: v5e and v6e as "lite", v5p as
+# plain "TPU v5". NVIDIA kinds add form factor and memory to the model ("NVIDIA H100 80GB HBM3",
+# "NVIDIA A100-SXM4-40GB"), so their entries also match as the longest leading name.
+PEAK_TFLOPS = {
+    "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5": 459.0, "TPU v6 lite": 918.0,
+    "NVIDIA A100": 312.0,
+    "NVIDIA H100": 989.0, "NVIDIA H100 PCIe": 756.0, "NVIDIA H100 NVL": 835.0,
+    "NVIDIA H200": 989.0, "NVIDIA H200 NVL": 835.0,
+    "NVIDIA B200": 2250.0,
+}
+_FAMILY_PREFIX = "NVIDIA "
+
+
+def peak_tflops_of(kind: str) -> float:
+    """The table's peak for a device kind: its exact entry, else (NVIDIA) the longest entry that
+    starts it and ends at a word boundary; NaN when none does."""
+    if kind in PEAK_TFLOPS:
+        return PEAK_TFLOPS[kind]
+    families = [name for name in PEAK_TFLOPS if name.startswith(_FAMILY_PREFIX) and kind.startswith(name)
+                and not kind[len(name)].isalnum()]
+    return PEAK_TFLOPS[max(families, key=len)] if families else math.nan
 
 
 def device_peak_tflops(configured: float = 0.0) -> float:
+    """`configured` when set, else the first device's peak from `PEAK_TFLOPS` (NaN: no MFU)."""
     if configured:
         return configured
-    kind = jax.devices()[0].device_kind
-    for prefix, peak in PEAK_TFLOPS.items():
-        if kind.startswith(prefix):
-            return peak
-    return math.nan
+    return peak_tflops_of(jax.devices()[0].device_kind)
