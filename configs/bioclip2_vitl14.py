@@ -8,7 +8,9 @@ The replay of 320 LAION samples per GPU with a separate visual projector is not 
 from bioclip_jax.train.config_base import base_config, sized
 
 TREE_OF_LIFE_200M_IMAGES = 214_000_000
-GLOBAL_BATCH = 2816 * 32
+GPUS = 32
+GLOBAL_BATCH = 2816 * GPUS
+REPLAY_PER_BATCH = 320 * GPUS
 EPOCHS = 30
 
 
@@ -17,6 +19,8 @@ def get_config(arg=None):
     c.model.name = "ViT-L-14"
     c.data.batch_size = GLOBAL_BATCH
     c.data.text_type = "random"
+    c.data.replay_per_batch = REPLAY_PER_BATCH
+    c.data.replay_caption = "txt"
     c.total_steps = EPOCHS * TREE_OF_LIFE_200M_IMAGES // GLOBAL_BATCH
     c.optimizer.lr = 1e-4
     c.schedule.warmup_steps = 1875
@@ -29,5 +33,6 @@ def get_config(arg=None):
     return sized(c, arg, {
         "local": {"data.batch_size": 16, "total_steps": 20, "schedule.warmup_steps": 5,
                   "checkpoint.every_steps": 10, "dtype": "float32", "mesh.fsdp": 1, "log_every_steps": 5,
+                  "data.replay_per_batch": 0,
                   "hardware.devices": 0},
     })

@@ -87,6 +87,12 @@ def params_dir(directory: paths.PathLike, step: int | None = None) -> epath.Path
     return root / CHECKPOINTS_DIR / str(step) / PARAMS_DIR
 
 
+def param_keys(directory: paths.PathLike, step: int | None = None) -> list[str]:
+    """The parameter keys saved in a model directory or workdir checkpoint (metadata only, no arrays)."""
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        return sorted(checkpointer.metadata(params_dir(directory, step)).item_metadata.tree)
+
+
 def load_params(directory: paths.PathLike, step: int | None = None) -> dict[tuple, np.ndarray]:
     """Parameters of a model directory, or of a training workdir's checkpoint at `step` (default: latest).
 

@@ -35,11 +35,16 @@ def _run(argv) -> int:
     if step is None and is_workdir:
         steps = model_dir.finished_steps(args.checkpoint)
         step = steps[-1] if steps else None  # the one create_model picks: the latest finished step
+    from bioclip_jax.data.replay import REPLAY_PROJECTOR_KEY  # noqa: PLC0415
+
     model = create_model(args.model, args.checkpoint, step=step)
     export_open_clip(model, args.out)
     of = f"step {step} of {args.checkpoint}" if step is not None else args.checkpoint
     print(f"wrote open_clip folder {args.out} from {of} (load with open_clip.create_model_and_transforms"
           f"('local-dir:{args.out}'))")
+    if model_dir.is_model_dir(args.checkpoint) and REPLAY_PROJECTOR_KEY in model_dir.param_keys(args.checkpoint, step):
+        print(f"note: the replay projector ({REPLAY_PROJECTOR_KEY}, used only for replay images in training) is "
+              f"not part of an open_clip model; it stays in {args.checkpoint}")
     return 0
 
 

@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 
+from bioclip_jax.data.generic_captions import write_generic_captions
 from bioclip_jax.data.synthetic import make_synthetic
 
 _PARALLEL_FROM = 2000  # images; below this, starting worker processes costs more than it saves
@@ -36,6 +37,9 @@ def build_parser(prog: str = "bioclip-jax make-synthetic") -> argparse.ArgumentP
     parser.add_argument("--workers", type=int, default=0,
                         help="processes rendering images; 0 = one per CPU core (at most 8) for large "
                         "datasets, 1 for small ones (default 0); the output does not depend on it")
+    parser.add_argument("--generic-captions", type=int, default=0, metavar="N",
+                        help="also write N general image-caption pairs (.jpg + .txt) to OUT/generic/, a "
+                             "stand-in for BioCLIP 2's LAION replay data (data.replay_shards)")
     parser.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
@@ -64,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.no_progress,
             workers=workers,
         )
+        generic = (write_generic_captions(os.path.join(args.out, "generic"), args.generic_captions,
+                                          seed=args.seed, image_size=args.image_size,
+                                          samples_per_shard=args.samples_per_shard, overwrite=args.overwrite)
+                   if args.generic_captions else [])
     except (ValueError, FileExistsError) as error:
         print(f"error: {error}", file=sys.stderr)  # the convention of cli/common.run_cli
         return 1
@@ -75,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  val/: {c['val_images']} images in {c['val_shards']} shards")
     print(f"  held_out/images/: {c['held_out_images']} images; held_out/taxa.csv")
     print("  catalog.csv, taxa.csv, info.json, README.md")
+    if generic:
+        print(f"  generic/: {args.generic_captions} image-caption pairs in {len(generic)} shards (replay data)")
     return 0
 
 

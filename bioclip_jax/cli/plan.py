@@ -178,9 +178,13 @@ class StepCompiler:
         from bioclip_jax.parallel import sharding as sharding_lib  # noqa: PLC0415
 
         global_batch = per_device_batch * self.batch_shards
-        size = self.arch.vision.image_size
+        size, length = self.arch.vision.image_size, self.arch.text.context_length
         batch = {"image": jax.ShapeDtypeStruct((global_batch, size, size, 3), jnp.uint8),
-                 "tokens": jax.ShapeDtypeStruct((global_batch, self.arch.text.context_length), jnp.int32)}
+                 "tokens": jax.ShapeDtypeStruct((global_batch, length), jnp.int32)}
+        replay = self.replay_rows(global_batch)
+        if replay:
+            batch["replay_image"] = jax.ShapeDtypeStruct((replay, size, size, 3), jnp.uint8)
+            batch["replay_tokens"] = jax.ShapeDtypeStruct((replay, length), jnp.int32)
         compiled = self.step.lower(self.layout.abstract, batch).compile()
         self.compiles += 1
         memory = compiled.memory_analysis()
@@ -196,7 +200,15 @@ class StepCompiler:
             argument_bytes=int(memory.argument_size_in_bytes), temp_bytes=int(memory.temp_size_in_bytes),
             output_bytes=int(memory.output_size_in_bytes), alias_bytes=int(memory.alias_size_in_bytes),
             flops=float((cost or {}).get("flops", float("nan"))) / self.mesh.size,
-            model_flops=self.flops_per_pair * global_batch / self.mesh.size)
+            model_flops=self.flops_per_pair * (global_batch + replay) / self.mesh.size)
+
+    def replay_rows(self, global_batch: int) -> int:
+        """Replay pairs beside a main batch: the config's share of them, whole rows on every batch shard."""
+        count, main = int(self.config.data.replay_per_batch), int(self.config.data.batch_size)
+        if count <= 0:
+            return 0
+        per_shard = max(1, count * global_batch // (main * self.batch_shards))
+        return per_shard * self.batch_shards
 
 
 def without_accumulation(config):
@@ -396,7 +408,7 @@ def format_plan(result: dict, peak_tflops: float | None = None, mfu: float = 0.4
     per = result["per_device"]
     mesh = " x ".join(f"{k}={v}" for k, v in result["mesh"].items())
     lines = [f"{result['model']} on {result['devices']} {result['platform']} devices, mesh {mesh}; "
-             f"dtype {result['dtype']}, remat {'on' if result['remat'] else 'off'}",
+             f"dtype {result['dtype']}, remat {result['remat']}",
              f"batch: {result['per_device_batch']} per device, {result['global_batch']} global"
              + (f", as {result['accumulate']['steps']} micro-batches ({result['accumulate']['mode']})"
                 if "accumulate" in result else ""),

@@ -150,8 +150,9 @@ class _ExampleMaker:
 
     def __init__(self, stream: grain.MapDataset, *, host: int, hosts: int, global_batch: int, seed: int,
                  sampler: Any, tokenizer: Callable[[list[str]], np.ndarray], image_size: int | tuple[int, int],
-                 crop_scale: tuple[float, float]):
+                 crop_scale: tuple[float, float], caption: str | None = None):
         self.stream = stream
+        self.caption = caption  # a fixed caption member for every sample, instead of the sampled text type
         self.host, self.hosts, self.global_batch = host, hosts, global_batch
         self.seed, self.sampler, self.tokenizer = seed, sampler, tokenizer
         self.image_size, self.crop_scale = image_size, crop_scale
@@ -159,7 +160,7 @@ class _ExampleMaker:
     def __call__(self, k: int) -> dict[str, np.ndarray]:
         position = k * self.hosts + self.host
         step, in_batch = divmod(position, self.global_batch)
-        member = caption_member(self.sampler.types_for_batch(step, np.array([in_batch]))[0])
+        member = self.caption or caption_member(self.sampler.types_for_batch(step, np.array([in_batch]))[0])
         raw = self.stream[position]
         reason, bad_shard = -1, -1
         try:
@@ -218,7 +219,8 @@ def make_train_dataset(shards: Any, *, global_batch_size: int, seed: int, text_t
                        num_epochs: int | None = None, worker_count: int = -1,
                        crop_scale: tuple[float, float] = decode.DEFAULT_SCALE, max_bad_fraction: float = 0.01,
                        cache_dir: str | None = None, read_threads: int = 8,
-                       chunk_examples: int = batching.MAX_CHUNK_EXAMPLES) -> grain.IterDataset:
+                       chunk_examples: int = batching.MAX_CHUNK_EXAMPLES, caption: str | None = None
+                       ) -> grain.IterDataset:
     """This host's batches: {"image": uint8 [b, S, S, 3], "tokens": int32 [b, 77],
     "skipped": int32 [len(SKIP_REASONS)], "last_bad_shard": int32 (-1 if none), "position": int64 [b]}.
 
@@ -228,7 +230,9 @@ def make_train_dataset(shards: Any, *, global_batch_size: int, seed: int, text_t
     set, every host yields the same number of full global batches. `worker_count` -1
     sizes the worker processes from the usable CPUs (see batching.resolve_worker_count);
     each worker (or the main process, with 0) reads and decodes with `read_threads`
-    threads, `chunk_examples` examples at a time (memory bound: see batching).
+    threads, `chunk_examples` examples at a time (memory bound: see batching). `caption`
+    names one caption member for every sample (e.g. "txt" of general image-caption data)
+    instead of the text types.
     """
     if global_batch_size <= 0 or global_batch_size % process_count:
         raise ValueError(f"global_batch_size {global_batch_size} must be positive and divisible by "
@@ -248,7 +252,7 @@ def make_train_dataset(shards: Any, *, global_batch_size: int, seed: int, text_t
     stream = grain.MapDataset.source(source).shuffle(seed=seed).repeat(num_epochs)
     make_example = _ExampleMaker(stream, host=process_index, hosts=process_count, global_batch=global_batch_size,
                                  seed=seed, sampler=text_type, tokenizer=tokenizer, image_size=image_size,
-                                 crop_scale=tuple(crop_scale))
+                                 crop_scale=tuple(crop_scale), caption=caption)
     return batching.ParallelBatches(
         make_example, join_batch, local_batch=global_batch_size // process_count,
         num_batches=None if num_epochs is None else len(stream) // global_batch_size,

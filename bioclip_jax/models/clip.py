@@ -32,17 +32,19 @@ class CLIP(nnx.Module):
     """
 
     def __init__(self, config: CLIPConfig, *, dtype=jnp.float32, remat: bool | str = False,
-                 scan_layers: bool = False, attention: str = AUTO, rngs: nnx.Rngs):
+                 scan_layers: bool = False, attention: str = AUTO, replay_projector: bool = False,
+                 rngs: nnx.Rngs):
         self.config = config
         how = dict(dtype=dtype, remat=remat, scan_layers=scan_layers, attention=attention, rngs=rngs)
-        self.visual = VisionTransformer(config.vision, config.embed_dim, quick_gelu=config.quick_gelu, **how)
+        self.visual = VisionTransformer(config.vision, config.embed_dim, quick_gelu=config.quick_gelu,
+                                        replay_projector=replay_projector, **how)
         self.text = TextTransformer(config.text, config.embed_dim, quick_gelu=config.quick_gelu, **how)
         self.logit_scale = _scalar_param(INIT_LOGIT_SCALE)
         if config.init_logit_bias is not None:
             self.logit_bias = _scalar_param(config.init_logit_bias)
 
-    def image_features(self, images: jax.Array, normalize: bool = False) -> jax.Array:
-        features = self.visual(images).astype(jnp.float32)
+    def image_features(self, images: jax.Array, normalize: bool = False, projector: str = "proj") -> jax.Array:
+        features = self.visual(images, projector).astype(jnp.float32)
         return l2_normalize(features) if normalize else features
 
     def text_features(self, tokens: jax.Array, normalize: bool = False) -> jax.Array:
@@ -119,11 +121,13 @@ def _scalar_param(value: float) -> nnx.Param:
 
 
 def abstract_model(config: CLIPConfig, *, dtype=jnp.float32, remat: bool | str = False,
-                   scan_layers: bool = False, attention: str = AUTO) -> CLIP:
+                   scan_layers: bool = False, attention: str = AUTO, replay_projector: bool = False) -> CLIP:
     """Shapes only: nothing is allocated, so models larger than one device can be planned.
 
     `remat` (none, full or a `jax.checkpoint_policies` name; True/False mean full/none) and
     `attention` (auto, xla, cudnn, head_major) change how the model computes, never its numbers.
+    `replay_projector` adds BioCLIP 2's second visual projection (training with replay only).
     """
     return nnx.eval_shape(lambda: CLIP(config, dtype=dtype, remat=remat, scan_layers=scan_layers,
-                                       attention=attention, rngs=nnx.Rngs(0)))
+                                       attention=attention, replay_projector=replay_projector,
+                                       rngs=nnx.Rngs(0)))

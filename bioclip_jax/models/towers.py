@@ -20,12 +20,13 @@ class VisionTransformer(nnx.Module):
     """ViT: patch embedding, class token, learned positions, ln_pre, blocks, ln_post, projection.
 
     Takes normalised float images [B, H, W, 3] (channels last) and returns the
-    projected class-token embedding [B, embed_dim].
+    projected class-token embedding [B, embed_dim]. With `replay_projector` it also has
+    BioCLIP 2's second projection (`replay_proj`), used for general-domain replay images.
     """
 
     def __init__(self, cfg: VisionConfig, embed_dim: int, *, quick_gelu: bool = False,
                  dtype=jnp.float32, remat: bool | str = False, scan_layers: bool = False,
-                 attention: str = AUTO, rngs: nnx.Rngs):
+                 attention: str = AUTO, replay_projector: bool = False, rngs: nnx.Rngs):
         if cfg.image_size % cfg.patch_size:
             raise ValueError(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
         self.cfg = cfg
@@ -44,6 +45,8 @@ class VisionTransformer(nnx.Module):
                                        remat=remat, scan=scan_layers, attention_kernel=attention, rngs=rngs)
         self.ln_post = LayerNorm(w, rngs=rngs)
         self.proj = logical_param(rngs, normal(scale), (w, embed_dim), ("embed", "proj_out"))
+        if replay_projector:
+            self.replay_proj = logical_param(rngs, normal(scale), (w, embed_dim), ("embed", "proj_out"))
 
     def patchify(self, images: jax.Array) -> jax.Array:
         b, h, w, c = images.shape
@@ -54,15 +57,19 @@ class VisionTransformer(nnx.Module):
         x = images.reshape(b, g, p, g, p, c).transpose(0, 1, 3, 2, 4, 5)
         return x.reshape(b, g * g, p * p * c)
 
-    def __call__(self, images: jax.Array) -> jax.Array:
+    def __call__(self, images: jax.Array, projector: str = "proj") -> jax.Array:
+        """`projector` "proj" (the model's own) or "replay_proj" (replay images in training)."""
+        return self.pooled(images) @ getattr(self, projector)[...].astype(self.dtype)
+
+    def pooled(self, images: jax.Array) -> jax.Array:
+        """The class token after ln_post, before any projection: [B, width]."""
         dtype = self.dtype
         x = self.patchify(images.astype(dtype)) @ self.patch_embed[...].astype(dtype)
         cls = jnp.broadcast_to(self.class_embedding[...].astype(dtype), (x.shape[0], 1, x.shape[-1]))
         x = jnp.concatenate([cls, x], axis=1) + self.positional_embedding[...].astype(dtype)
         x = self.ln_pre(constrain(x, TOKENS))
         x = self.transformer(x)
-        pooled = self.ln_post(x[:, 0])
-        return pooled @ self.proj[...].astype(dtype)
+        return self.ln_post(x[:, 0])
 
 
 class TextTransformer(nnx.Module):

@@ -39,6 +39,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.crop_scale = (0.9, 1.0)  # RandomResizedCrop scale, as in BioCLIP
     c.data.max_bad_fraction = 0.01  # stop when more than this fraction of samples is unusable
     c.data.index_cache_dir = ""     # where shard indexes go when the data directory is read-only
+    # BioCLIP 2's experience replay: every global batch also holds replay_per_batch general
+    # image-caption pairs (LAION in the paper), scored through a second visual projector.
+    c.data.replay_shards = ""       # webdataset pattern of .jpg + caption pairs ("" = no replay)
+    c.data.replay_per_batch = 0     # replay pairs per global batch, beside data.batch_size tree-of-life pairs
+    c.data.replay_caption = "txt"   # the replay samples' caption member
     c.data.synthetic = ml_collections.ConfigDict()  # generated into WORKDIR/synthetic if no shards
     c.data.synthetic.species = 200
     c.data.synthetic.images_per_species = 40

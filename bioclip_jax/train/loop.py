@@ -31,6 +31,8 @@ from bioclip_jax import paths
 from bioclip_jax.compilation_cache import enable_compilation_cache
 from bioclip_jax.checkpoint import model_dir
 from bioclip_jax.data.pipeline import SKIP_REASONS, SkipBudget, make_train_dataset
+from bioclip_jax.data.replay import (PROJECTOR_KEY, REPLAY_KEYS, REPLAY_PROJECTOR_KEY, ReplayMixer,
+                                     make_replay_dataset, replay_enabled)
 from bioclip_jax.models.config import to_open_clip
 from bioclip_jax.parallel import sharding as sharding_lib
 from bioclip_jax.parallel.mesh import make_mesh
@@ -70,6 +72,10 @@ def initial_params(config: ml_collections.ConfigDict) -> tuple[dict, PreprocessC
     flat = {model_dir.path_to_key(p): np.asarray(v) for p, v in params.items()}
     if config.loss.kind == "sigmoid" and not config.init:
         flat["logit_scale"] = np.asarray(math.log(10.0), np.float32)  # SigLIP's initial temperature
+    if replay_enabled(config):  # the replay projector starts as the model's own projection
+        flat.setdefault(REPLAY_PROJECTOR_KEY, flat[PROJECTOR_KEY].copy())
+    else:  # started from a replay run's checkpoint: its replay projector has no use here
+        flat.pop(REPLAY_PROJECTOR_KEY, None)
     return flat, preprocess
 
 
@@ -90,7 +96,7 @@ def train(config: ml_collections.ConfigDict, workdir, stop_after: int | None = N
     schedule = make_schedule(config, state_lib.optimizer_updates(config))
     arch = state_lib.train_architecture(config)
 
-    data_iterator = iter(train_dataset(config, arch))
+    data_iterator = train_iterator(config, arch)
     budget = SkipBudget(config.data.max_bad_fraction, config.data.train_shards)
 
     checkpointer = TrainCheckpointer(workdir, config.checkpoint.every_steps, config.checkpoint.keep,
@@ -137,7 +143,8 @@ def train(config: ml_collections.ConfigDict, workdir, stop_after: int | None = N
         while step < end:
             checkpointer.check_for_errors()  # a failed background save stops the run at once
             batch = next(batches)
-            budget.update(config.data.batch_size // jax.process_count(), batch.host["skipped"],
+            budget.update((config.data.batch_size + config.data.replay_per_batch) // jax.process_count(),
+                          batch.host["skipped"],
                           batch.host["last_bad_shard"])
             skipped_total += np.asarray(batch.host["skipped"], np.int64)
             if step == start:
@@ -214,8 +221,19 @@ def _train_tokenizer(config: ml_collections.ConfigDict, arch) -> functools.parti
     return functools.partial(get_tokenizer(config.model.name), context_length=length)
 
 
+def train_iterator(config: ml_collections.ConfigDict, arch):
+    """This process's training batches, as the loop reads them: the main stream, with BioCLIP 2's
+    replay pairs mixed in when the config asks for them."""
+    batches = iter(train_dataset(config, arch))
+    if not replay_enabled(config):
+        return batches
+    replay = make_replay_dataset(config, tokenizer=_train_tokenizer(config, arch), image_size=arch.vision.image_size,
+                                 process_index=jax.process_index(), process_count=jax.process_count())
+    return ReplayMixer(batches, iter(replay))
+
+
 def train_dataset(config: ml_collections.ConfigDict, arch):
-    """This process's training batches, as the loop reads them (Grain dataset; `iter` it)."""
+    """This process's main training batches (Grain dataset; `iter` it)."""
     return make_train_dataset(
         config.data.train_shards, global_batch_size=config.data.batch_size, seed=config.seed,
         text_type=config.data.text_type, tokenizer=_train_tokenizer(config, arch),
@@ -227,7 +245,8 @@ def train_dataset(config: ml_collections.ConfigDict, arch):
 
 def to_devices(host_batch: dict, mesh) -> dict:
     """The step's inputs as global arrays; the counters stay on the host."""
-    return sharding_lib.host_batch_to_global({"image": host_batch["image"], "tokens": host_batch["tokens"]}, mesh)
+    return sharding_lib.host_batch_to_global(
+        {k: host_batch[k] for k in ("image", "tokens", *REPLAY_KEYS) if k in host_batch}, mesh)
 
 
 def _share_counters(local_skipped: np.ndarray, local_stop: bool) -> tuple[int, bool]:

@@ -19,6 +19,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from bioclip_jax.checkpoint.model_dir import path_to_key
+from bioclip_jax.data.replay import replay_enabled
 from bioclip_jax.models import attention, remat
 from bioclip_jax.models.clip import CLIP, abstract_model
 from bioclip_jax.models.config import CLIPConfig, get_model_config
@@ -66,7 +67,8 @@ def model_skeleton(config: ml_collections.ConfigDict) -> ModelSkeleton:
         raise ValueError(f"config.dtype={config.dtype!r}; choose one of {sorted(COMPUTE_DTYPES)}")
     model = abstract_model(train_architecture(config), dtype=COMPUTE_DTYPES[config.dtype],
                            remat=remat.check(config.remat, "config.remat"), scan_layers=bool(config.scan_layers),
-                           attention=attention.check(config.attention, "config.attention"))
+                           attention=attention.check(config.attention, "config.attention"),
+                           replay_projector=replay_enabled(config))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     return ModelSkeleton(graphdef, params, rest)
 

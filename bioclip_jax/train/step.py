@@ -11,11 +11,12 @@ import ml_collections
 import optax
 from jax.sharding import Mesh, NamedSharding
 
+from bioclip_jax.data.replay import replay_enabled
 from bioclip_jax.models.config import OPENAI_MEAN, OPENAI_STD
 from bioclip_jax.parallel import sharding as sharding_lib
 from bioclip_jax.train.accumulation import LOGIT_SCALE_KEY, accumulated_grads, head_params
 from bioclip_jax.train.loss import MAX_LOG_LOGIT_SCALE, contrastive_loss
-from bioclip_jax.train.optimizer import accumulation, batches_per_update
+from bioclip_jax.train.optimizer import accumulation, batches_per_update, frozen_tower, is_frozen
 from bioclip_jax.train.state import ModelSkeleton, StateLayout
 from bioclip_jax.transforms import normalize
 
@@ -28,9 +29,15 @@ def make_grad_fn(config: ml_collections.ConfigDict, skeleton: ModelSkeleton, mes
     micro-batches with all its negatives (train/accumulation.py); the result is the same.
     """
     axes = sharding_lib.batch_axes(mesh)
+    freeze = frozen_tower(config)
+
+    def model_of(params):
+        """The model, with a frozen tower's parameters held constant: XLA then drops its backward pass."""
+        return skeleton.merge({key: jax.lax.stop_gradient(value) if is_frozen(key, freeze) else value
+                               for key, value in params.items()})
 
     def features(params, batch):
-        model = skeleton.merge(params)
+        model = model_of(params)
         images = normalize(batch["image"], mean, std)
         with sharding_lib.pinned_activations(mesh):
             return model.image_features(images), model.text_features(batch["tokens"])
@@ -40,10 +47,31 @@ def make_grad_fn(config: ml_collections.ConfigDict, skeleton: ModelSkeleton, mes
                                 kind=config.loss.kind, logit_bias=head.get("logit_bias"))
 
     k, mode = accumulation(config)
+    if replay_enabled(config):
+        if k > 1 and mode == "global_negatives":
+            raise ValueError("experience replay (data.replay_per_batch > 0) with optimizer.accumulate_steps > 1 is "
+                             "not supported yet; use a mesh or batch that fits without accumulation")
+        return jax.value_and_grad(_with_replay(features, loss, model_of, mesh, mean, std), has_aux=True)
     if k > 1 and mode == "global_negatives":
         return accumulated_grads(features, loss, mesh, axes, k, param_shardings)
     return jax.value_and_grad(lambda params, batch: loss(*features(params, batch), head_params(params)),
                               has_aux=True)
+
+
+def _with_replay(features, loss, model_of, mesh: Mesh, mean, std):
+    """BioCLIP 2's objective: the tree-of-life pairs' contrastive loss plus that of the replay pairs,
+    whose images go through the second visual projector; each part has only its own negatives."""
+    def total(params, batch):
+        model = model_of(params)
+        with sharding_lib.pinned_activations(mesh):
+            replay_images = model.image_features(normalize(batch["replay_image"], mean, std), projector="replay_proj")
+            replay_texts = model.text_features(batch["replay_tokens"])
+        head = head_params(params)
+        main, metrics = loss(*features(params, batch), head)
+        replay, _ = loss(replay_images, replay_texts, head)
+        return main + replay, dict(metrics, loss_tree_of_life=main, loss_replay=replay)
+
+    return total
 
 
 def make_train_step(config: ml_collections.ConfigDict, skeleton: ModelSkeleton, layout: StateLayout,
