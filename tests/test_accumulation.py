@@ -59,7 +59,7 @@ def _leaves(tree) -> dict:
     return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("kind", ["softmax", pytest.param("sigmoid", marks=pytest.mark.slow)])  # softmax: fast version
 @pytest.mark.parametrize("mesh_name", list(MESHES))
 def test_accumulated_update_equals_the_full_batch_update(mesh_name, kind):
     full_state, full = _after_one_update(mesh_name, kind)

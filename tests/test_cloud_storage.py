@@ -159,8 +159,10 @@ def test_drop_after_keeps_local_rows_up_to_the_step(tmp_path):
     assert drop_after(tmp_path, 2) == 0
 
 
+@pytest.mark.slow
 def test_resumed_run_logs_each_step_once(tmp_path, shards):  # noqa: F811
-    """Steps logged after the last checkpoint are logged again on resume; only once may remain."""
+    """Steps logged after the last checkpoint are logged again on resume; only once may remain.
+    Slow; the fast versions are the drop_after tests above, local and in a bucket."""
     workdir = tmp_path / "run"
     run(workdir, shards, total_steps=4, checkpoint__every_steps=2)
     epath.Path(workdir / "checkpoints" / "4").rmtree()  # as if the job died before saving step 4

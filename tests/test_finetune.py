@@ -17,6 +17,7 @@ from bioclip_jax.cli import main as cli
 from bioclip_jax.cli.common import read_config_file
 from bioclip_jax.evaluate import cli as eval_cli
 from bioclip_jax.pretrained import export_open_clip
+from bioclip_jax.train.config_base import override
 from bioclip_jax.train.job import run_job
 from collection_helpers import write_collection
 
@@ -34,13 +35,7 @@ def _finetune_config(start: str, data: str, **overrides):
                 "eval.text_type": "taxon_com", "eval.batch_size": 16,
                 "data.train_shards": f"{data}/train", "eval.held_out_dir": f"{data}/held_out/images",
                 "eval.taxa_file": f"{data}/held_out/taxa.csv", **overrides}
-    for dotted, value in settings.items():
-        node = config
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    return config
+    return override(config, settings)
 
 
 def _zero_shot(results_json: str) -> tuple[float, float]:

@@ -191,9 +191,11 @@ def test_replicated_batch_axes_across_processes_are_refused(monkeypatch):
     sharding_lib.check_batch_layout(make_mesh(2, 4, 1))  # batch split over every axis: accepted
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_process_stops_every_process_at_the_same_saved_step(shards, tmp_path):
     """JAX's preemption service owns SIGTERM in a multi-process job (no Python handler replaces
-    it): a notice to one host reaches all of them, they save the same step and exit 75."""
+    it): a notice to one host reaches all of them, they save the same step and exit 75.
+    Slow (2.5 minutes); the fast version is test_train's single-process SIGTERM test."""
     import re
     import signal
     import time

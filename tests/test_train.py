@@ -38,7 +38,9 @@ def test_stop_and_resume_is_bitwise_identical(shards, tmp_path):
         np.testing.assert_array_equal(a[key], b[key], err_msg=str(key))
 
 
+@pytest.mark.slow
 def test_checkpoint_from_8_devices_restores_onto_4(shards, tmp_path):
+    """Slow; the fast version: test_multiprocess resumes a 2-process run on another layout."""
     reference = losses(run(tmp_path / "ref", shards))
     run(tmp_path / "moved", shards, stop_after=3)
     moved = losses(run(tmp_path / "moved", shards, mesh__num_devices=4))
@@ -157,10 +159,9 @@ def test_scanned_blocks_train_like_the_unrolled_loop(shards, tmp_path):
     mesh = dict(mesh__data=8, mesh__fsdp=1)
     unrolled = as_array(run(tmp_path / "unrolled", shards, scan_layers=False, **mesh))
     scanned = as_array(run(tmp_path / "scanned", shards, scan_layers=True, **mesh))
-    scanned_remat = as_array(run(tmp_path / "remat", shards, scan_layers=True, remat="full", **mesh))
     assert len(unrolled) == 6 and np.all(np.isfinite(unrolled))
     np.testing.assert_allclose(scanned, unrolled, rtol=2e-5)
-    np.testing.assert_allclose(scanned_remat, unrolled, rtol=2e-5)
+    # Remat inside the scan: test_remat_attention.py::test_every_remat_choice_trains_to_the_same_losses.
 
 
 _CACHED_START = """

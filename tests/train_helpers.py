@@ -9,6 +9,7 @@ import pytest
 
 from bioclip_jax.cli.common import read_config_file
 from bioclip_jax.data.synthetic import make_synthetic
+from bioclip_jax.train.config_base import override
 from bioclip_jax.train.loop import train
 from bioclip_jax.train.metrics import read_metrics
 
@@ -27,13 +28,7 @@ def shards(tmp_path_factory):
 def smoke_config(shards: str, **overrides):
     _, config = read_config_file(f"{CONFIG_FILE}:smoke", "synthetic_tiny")
     config.data.train_shards = shards
-    for dotted, value in overrides.items():
-        node = config
-        *parents, leaf = dotted.split("__")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    return config
+    return override(config, {dotted.replace("__", "."): value for dotted, value in overrides.items()})
 
 
 def run(workdir, shards: str, stop_after=None, **overrides) -> list[dict]:

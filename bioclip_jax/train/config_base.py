@@ -107,7 +107,12 @@ def sized(config: ml_collections.ConfigDict, arg: str | None, sizes: dict) -> ml
         return config
     if arg not in sizes:
         raise ValueError(f"unknown config argument {arg!r}; choose one of {sorted(sizes)}")
-    for dotted, value in sizes[arg].items():
+    return override(config, sizes[arg])
+
+
+def override(config: ml_collections.ConfigDict, values: dict) -> ml_collections.ConfigDict:
+    """Sets fields named by dotted paths ({"data.batch_size": 64, ...}) in place; returns the config."""
+    for dotted, value in values.items():
         node = config
         *parents, leaf = dotted.split(".")
         for part in parents:

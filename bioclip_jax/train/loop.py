@@ -177,6 +177,8 @@ def train(config: ml_collections.ConfigDict, workdir, stop_after: int | None = N
         last = logged.last
 
     checkpointer.close()
+    if hasattr(data_iterator, "close"):  # ends the Grain worker processes and frees their shared memory
+        data_iterator.close()
     if stopped_by is not None and step < config.total_steps:
         _log0(f"stopped by {stopped_by}: saved step {step} in {checkpointer.directory}; "
               f"rerun the same command to resume")
