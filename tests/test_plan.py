@@ -144,6 +144,9 @@ def test_cli_in_a_fresh_process_simulates_the_devices_it_is_asked_for():
     (["--mesh", "fsdp=3"], "does not divide"),
 ])
 def test_bad_input_is_one_clear_line(argv, message, capsys):
+    import jax
+
+    jax.devices()  # jax already runs with the session's 8 devices, whichever test came first
     code = plan_cli.main([f"--config={TINY}", *argv])
     assert code == 1
     error = capsys.readouterr().err
