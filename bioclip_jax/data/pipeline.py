@@ -259,6 +259,12 @@ def make_train_dataset(shards: Any, *, global_batch_size: int, seed: int, text_t
         workers=workers, read_threads=read_threads, chunk_examples=chunk_examples)
 
 
+def read_options(data_config: Any) -> dict[str, Any]:
+    """How a training config's `data` section says to read any training stream (main or replay)."""
+    return {"worker_count": data_config.workers, "crop_scale": tuple(data_config.crop_scale),
+            "max_bad_fraction": data_config.max_bad_fraction, "cache_dir": data_config.index_cache_dir or None}
+
+
 # ----------------------------------------------------------------------------- budget
 
 

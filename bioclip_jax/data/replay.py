@@ -73,7 +73,7 @@ class ReplayMixer(grain.DatasetIterator):
 def make_replay_dataset(config, *, tokenizer: Any, image_size: int, process_index: int = 0,
                         process_count: int = 1) -> grain.IterDataset:
     """This host's replay batches ({"image", "tokens", "skipped", ...}, replay_per_batch / hosts rows)."""
-    from bioclip_jax.data.pipeline import make_train_dataset  # noqa: PLC0415 - the pipeline imports more
+    from bioclip_jax.data.pipeline import make_train_dataset, read_options  # noqa: PLC0415 - it imports more
 
     count = int(config.data.replay_per_batch)
     if not config.data.replay_shards:
@@ -84,6 +84,4 @@ def make_replay_dataset(config, *, tokenizer: Any, image_size: int, process_inde
         config.data.replay_shards, global_batch_size=count,
         seed=(config.seed + REPLAY_SEED_OFFSET) % 2**32, text_type="taxon_com", tokenizer=tokenizer,
         image_size=image_size, process_index=process_index, process_count=process_count,
-        worker_count=config.data.workers, crop_scale=tuple(config.data.crop_scale),
-        max_bad_fraction=config.data.max_bad_fraction, cache_dir=config.data.index_cache_dir or None,
-        caption=config.data.replay_caption)
+        caption=config.data.replay_caption, **read_options(config.data))

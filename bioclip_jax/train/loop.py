@@ -30,7 +30,7 @@ from etils import epath
 from bioclip_jax import paths
 from bioclip_jax.compilation_cache import enable_compilation_cache
 from bioclip_jax.checkpoint import model_dir
-from bioclip_jax.data.pipeline import SKIP_REASONS, SkipBudget, make_train_dataset
+from bioclip_jax.data.pipeline import SKIP_REASONS, SkipBudget, make_train_dataset, read_options
 from bioclip_jax.data.replay import (PROJECTOR_KEY, REPLAY_KEYS, REPLAY_PROJECTOR_KEY, ReplayMixer,
                                      make_replay_dataset, replay_enabled)
 from bioclip_jax.models.config import to_open_clip
@@ -240,9 +240,7 @@ def train_dataset(config: ml_collections.ConfigDict, arch):
         config.data.train_shards, global_batch_size=config.data.batch_size, seed=config.seed,
         text_type=config.data.text_type, tokenizer=_train_tokenizer(config, arch),
         image_size=arch.vision.image_size, process_index=jax.process_index(),
-        process_count=jax.process_count(), worker_count=config.data.workers,
-        crop_scale=tuple(config.data.crop_scale), max_bad_fraction=config.data.max_bad_fraction,
-        cache_dir=config.data.index_cache_dir or None)
+        process_count=jax.process_count(), **read_options(config.data))
 
 
 def to_devices(host_batch: dict, mesh) -> dict:
