@@ -432,8 +432,14 @@ def _launch(tmp_path, env_extra, signal_after=None):
     fake.chmod(0o755)
     env = dict(os.environ, PYTHON=str(fake), LOG_DIR=str(tmp_path / "logs"), COORDINATOR_PORT="1",
                KILL_GRACE_SECONDS="3", STOP_TIMEOUT_SECONDS="5", **env_extra)
-    launcher = subprocess.Popen(["bash", LAUNCHER, "2", "1", "--", "--workdir=w"], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # A shell started with SIGINT ignored (pytest run in the background, as by nohup) may not
+    # trap it; the launcher must start as a terminal would start it, with SIGINT at its default.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        launcher = subprocess.Popen(["bash", LAUNCHER, "2", "1", "--", "--workdir=w"], env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     try:
         if signal_after is not None:
             _wait_for(lambda: len(list((tmp_path / "logs").glob("*.pid"))) == 2, what="2 processes")
@@ -487,8 +493,14 @@ def test_local_launcher_exits_with_the_signal_of_a_killed_process(tmp_path):
     logs = tmp_path / "logs"
     env = dict(os.environ, PYTHON=str(fake), LOG_DIR=str(logs), COORDINATOR_PORT="1", KILL_GRACE_SECONDS="3",
                FAKE_RUN_0="60", FAKE_RUN_1="60")
-    launcher = subprocess.Popen(["bash", LAUNCHER, "2", "1", "--", "--workdir=w"], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # A shell started with SIGINT ignored (pytest run in the background, as by nohup) may not
+    # trap it; the launcher must start as a terminal would start it, with SIGINT at its default.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        launcher = subprocess.Popen(["bash", LAUNCHER, "2", "1", "--", "--workdir=w"], env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     try:
         _wait_for(lambda: len(list(logs.glob("*.pid"))) == 2, what="2 processes")
         pids = [int((logs / f"process-{i}.pid").read_text()) for i in range(2)]
