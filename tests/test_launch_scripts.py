@@ -426,7 +426,8 @@ exit "$code"
 """
 
 
-def _launch(tmp_path, env_extra, signal_after=None):
+def _start_fake_launch(tmp_path, env_extra) -> subprocess.Popen:
+    """The launcher, 2 processes x 1 device, running FAKE_LAUNCHED_PYTHON; logs in tmp_path/logs."""
     fake = tmp_path / "python"
     fake.write_text(FAKE_LAUNCHED_PYTHON)
     fake.chmod(0o755)
@@ -436,10 +437,14 @@ def _launch(tmp_path, env_extra, signal_after=None):
     # trap it; the launcher must start as a terminal would start it, with SIGINT at its default.
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        launcher = subprocess.Popen(["bash", LAUNCHER, "2", "1", "--", "--workdir=w"], env=env,
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return subprocess.Popen(["bash", LAUNCHER, "2", "1", "--", "--workdir=w"], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def _launch(tmp_path, env_extra, signal_after=None):
+    launcher = _start_fake_launch(tmp_path, env_extra)
     try:
         if signal_after is not None:
             _wait_for(lambda: len(list((tmp_path / "logs").glob("*.pid"))) == 2, what="2 processes")
@@ -487,20 +492,8 @@ def test_local_launcher_stops_the_others_when_one_fails(tmp_path):
 
 def test_local_launcher_exits_with_the_signal_of_a_killed_process(tmp_path):
     """The offline twin of test_multiprocess's SIGKILL check: 128 + 9, and nothing left running."""
-    fake = tmp_path / "python"
-    fake.write_text(FAKE_LAUNCHED_PYTHON)
-    fake.chmod(0o755)
     logs = tmp_path / "logs"
-    env = dict(os.environ, PYTHON=str(fake), LOG_DIR=str(logs), COORDINATOR_PORT="1", KILL_GRACE_SECONDS="3",
-               FAKE_RUN_0="60", FAKE_RUN_1="60")
-    # A shell started with SIGINT ignored (pytest run in the background, as by nohup) may not
-    # trap it; the launcher must start as a terminal would start it, with SIGINT at its default.
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        launcher = subprocess.Popen(["bash", LAUNCHER, "2", "1", "--", "--workdir=w"], env=env,
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    launcher = _start_fake_launch(tmp_path, {"FAKE_RUN_0": "60", "FAKE_RUN_1": "60"})
     try:
         _wait_for(lambda: len(list(logs.glob("*.pid"))) == 2, what="2 processes")
         pids = [int((logs / f"process-{i}.pid").read_text()) for i in range(2)]
