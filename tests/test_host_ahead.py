@@ -62,6 +62,44 @@ def test_the_next_step_is_dispatched_before_a_logged_step_is_read(shards, tmp_pa
     assert ("dispatch", 6) not in events  # the non-finite loss stopped the run at once
 
 
+class _CloseSpy:
+    """The loop's real data iterator, recording whether it was closed."""
+
+    def __init__(self, inner):
+        self.inner, self.closed = inner, False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self.inner)
+
+    def __getattr__(self, name):  # get_state, set_state
+        return getattr(self.inner, name)
+
+    def close(self):
+        self.closed = True
+        if hasattr(self.inner, "close"):
+            self.inner.close()
+
+
+def test_the_data_iterator_is_closed_when_the_run_ends_and_when_it_fails(shards, tmp_path, monkeypatch):
+    """Closing ends the Grain worker processes; a run that raises must not leave them running."""
+    spies = []
+    real_train_iterator = loop.train_iterator
+
+    def spied_train_iterator(*args):
+        spies.append(_CloseSpy(real_train_iterator(*args)))
+        return spies[-1]
+
+    monkeypatch.setattr(loop, "train_iterator", spied_train_iterator)
+    run(tmp_path / "finished", shards, total_steps=3, checkpoint__every_steps=100)
+    monkeypatch.setattr(loop, "make_train_step", _probing_step_factory([], nan_loss_at=2))
+    with pytest.raises(FloatingPointError):
+        run(tmp_path / "failed", shards, total_steps=4, log_every_steps=2, checkpoint__every_steps=100)
+    assert [spy.closed for spy in spies] == [True, True]
+
+
 # ----------------------------------------------------------------------------- the prefetch thread
 
 

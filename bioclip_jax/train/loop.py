@@ -16,6 +16,7 @@ batches), and a logging step's metrics are read only after the next step is disp
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -132,7 +133,7 @@ def train(config: ml_collections.ConfigDict, workdir, stop_after: int | None = N
     skipped_total = np.zeros(len(SKIP_REASONS), np.int64)
     step = start
     stopped_by = None
-    with StopSignals() as stop_signals, \
+    with StopSignals() as stop_signals, _closed_at_exit(data_iterator), \
             DevicePrefetcher(data_iterator, functools.partial(to_devices, mesh=mesh),
                              config.data.prefetch_to_device) as batches:
         logged = OneStepLate(
@@ -177,8 +178,6 @@ def train(config: ml_collections.ConfigDict, workdir, stop_after: int | None = N
         last = logged.last
 
     checkpointer.close()
-    if hasattr(data_iterator, "close"):  # ends the Grain worker processes and frees their shared memory
-        data_iterator.close()
     if stopped_by is not None and step < config.total_steps:
         _log0(f"stopped by {stopped_by}: saved step {step} in {checkpointer.directory}; "
               f"rerun the same command to resume")
@@ -221,6 +220,18 @@ def _train_tokenizer(config: ml_collections.ConfigDict, arch) -> functools.parti
     if not 2 <= length <= arch.text.context_length:
         raise ValueError(f"config.data.text_tokens={length} must be in [2, {arch.text.context_length}]")
     return functools.partial(get_tokenizer(config.model.name), context_length=length)
+
+
+@contextlib.contextmanager
+def _closed_at_exit(data_iterator):
+    """Closes the data iterator however the loop ends (a finished run, a stop, an error): its
+    Grain worker processes end and their shared memory is freed. Entered before the prefetcher,
+    so it closes after the prefetch thread has stopped drawing from it."""
+    try:
+        yield data_iterator
+    finally:
+        if hasattr(data_iterator, "close"):
+            data_iterator.close()
 
 
 def train_iterator(config: ml_collections.ConfigDict, arch):
