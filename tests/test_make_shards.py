@@ -16,7 +16,7 @@ from bioclip_jax.data.eval_sources import open_eval_data
 from bioclip_jax.data.shard_index import INDEX_SUFFIX
 from bioclip_jax.data.tar_source import TarShardSource
 from bioclip_jax.taxonomy import CAPTION_FILES, NAME_FILES, Taxon, sample_captions
-from collection_helpers import png_bytes, write_collection, write_taxa
+from collection_helpers import TAXA_HEADER, png_bytes, write_collection, write_taxa
 
 SPECIES, IMAGES = 4, 5
 
@@ -149,3 +149,92 @@ def test_clear_errors(tmp_path, capsys):
     assert cli.main(["make-shards", "--csv", str(tmp_path / "ok.csv"), "--out", str(tmp_path / "c"),
                      "--no-progress"]) == 1
     assert "already holds shards (train); pass --overwrite" in capsys.readouterr().err
+
+
+def _make_shards(*args) -> int:
+    return cli.main(["make-shards", *map(str, args), "--no-progress", "--threads", "2"])
+
+
+def test_an_out_that_holds_or_sits_in_an_input_is_refused(tmp_path, capsys):
+    photos = tmp_path / "photos"
+    write_collection(photos, species=2, images=2)
+    taxa = (photos / "taxa.csv").read_bytes()
+    assert _make_shards("--folder", photos, "--out", photos, "--overwrite") == 1
+    assert f"--out {photos} contains the input {photos}" in capsys.readouterr().err
+    assert _make_shards("--folder", photos, "--out", photos / "shards") == 1
+    assert f"--out {photos / 'shards'} is inside the input folder {photos}" in capsys.readouterr().err
+    os.makedirs(tmp_path / "meta")
+    os.rename(photos / "taxa.csv", tmp_path / "meta" / "taxa.csv")
+    assert _make_shards("--folder", photos, "--taxa", tmp_path / "meta" / "taxa.csv", "--out", tmp_path / "meta",
+                        "--overwrite") == 1
+    assert f"contains the input {tmp_path / 'meta' / 'taxa.csv'}" in capsys.readouterr().err
+    assert os.listdir(tmp_path / "meta") == ["taxa.csv"] and (tmp_path / "meta" / "taxa.csv").read_bytes() == taxa
+    assert not (photos / "train").exists() and not (photos / "shards").exists()
+
+
+def test_copies_of_an_image_are_dropped_before_the_split(tmp_path, capsys):
+    photos = tmp_path / "photos"
+    tree = write_collection(photos, species=3, images=4)
+    first, second = sorted(photos / s.taxon.scientific_name for s in tree)[:2]  # the first copy in order is kept
+    shutil.copy(first / "000.jpg", first / "copy.jpg")      # the same photo twice in its class
+    shutil.copy(first / "001.jpg", second / "stray.jpg")    # and once filed under another class
+    out = tmp_path / "out"
+    assert _make_shards("--folder", photos, "--out", out, "--held-out-images", "0.5") == 0
+
+    written = [s["jpg"] for s in _train_samples(out)]
+    written += [p.read_bytes() for p in sorted((out / "held_out" / "images").rglob("*.jpg"))]
+    assert len(written) == 3 * 4 and len(set(written)) == len(written)  # no image on both sides of the split
+    dropped = {row["where"]: row for row in _skipped(out) if row["reason"] == "duplicate image"}
+    assert sorted(dropped) == sorted([str(first / "copy.jpg"), str(second / "stray.jpg")])
+    assert str(first / "000.jpg") in dropped[str(first / "copy.jpg")]["detail"]
+    assert "duplicate image: 2" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("row, fields", [(["Corvus corax", "Animalia", "Chordata", "Aves"], 4),
+                                         (["Corvus corax", "Animalia", "Chordata", "Aves", "Passeriformes",
+                                           "Corvidae", "Corvus", "corax", "raven", " common"], 10)])
+def test_a_taxa_row_with_too_few_or_too_many_fields_is_refused_by_line(tmp_path, capsys, row, fields):
+    photos = tmp_path / "photos"
+    tree = write_collection(photos, species=2, images=2)
+    with open(photos / "taxa.csv", "a", encoding="utf-8") as handle:
+        handle.write(",".join(row) + "\n")  # line 4: after the header and two good rows
+    assert _make_shards("--folder", photos, "--out", tmp_path / "out") == 1
+    assert f"{photos / 'taxa.csv'}:4: {fields} fields where the header has 9" in capsys.readouterr().err
+
+    table = tmp_path / "labels.csv"
+    image = photos / tree[0].taxon.scientific_name / "000.jpg"
+    table.write_text(f"path,{','.join(TAXA_HEADER[1:])}\n{image},{','.join(row[1:])}\n")
+    assert _make_shards("--csv", table, "--out", tmp_path / "out") == 1
+    assert f"{table}:2: {fields} fields where the header has 9" in capsys.readouterr().err
+
+
+def test_images_in_sub_folders_belong_to_their_class_folder(tmp_path):
+    photos = tmp_path / "photos"
+    tree = write_collection(photos, species=2, images=2)
+    nested = photos / tree[0].taxon.scientific_name / "site a" / "2024"
+    write_collection(tmp_path / "more", species=1, images=2, seed=5)
+    os.makedirs(nested)
+    for n, path in enumerate(sorted((tmp_path / "more").rglob("*.jpg"))):
+        shutil.copy(path, nested / f"{n}.jpg")
+    out = tmp_path / "out"
+    assert _make_shards("--folder", photos, "--out", out, "--held-out-images", "0") == 0
+    names = [s["scientific_name.txt"].decode() for s in _train_samples(out)]
+    assert names.count(tree[0].taxon.scientific_name) == 4 and len(names) == 6
+
+
+def test_when_no_training_image_can_be_read_nothing_is_left_behind(tmp_path, capsys):
+    photos = tmp_path / "photos"
+    tree = write_collection(photos, species=2, images=2)
+    table = tmp_path / "labels.csv"
+    rows = [f"photos/{s.taxon.scientific_name}/{n:03d}.jpg,{','.join(s.taxon.ranks_tuple())}"
+            for s in tree for n in range(2)]
+    table.write_text(f"path,{','.join(TAXA_HEADER[1:-1])}\n" + "\n".join(rows) + "\n")
+    moved = tmp_path / "moved"
+    os.rename(photos, moved)  # every path in the table is now missing
+    out = tmp_path / "out"
+    assert _make_shards("--csv", table, "--out", out, "--held-out-images", "0") == 1
+    err = capsys.readouterr().err
+    assert "none of the 4 training images could be read (missing file: 4, e.g. " in err
+    assert "skipped.csv" not in err and not (out / "train").exists()
+    os.rename(moved, photos)
+    assert _make_shards("--csv", table, "--out", out, "--held-out-images", "0") == 0  # no --overwrite needed

@@ -11,6 +11,9 @@ Writes, under --out:
     taxa.csv, catalog.csv       every class; every image with its split, sample key and source path
     skipped.csv, info.json      what was left out and why; counts and parameters
 
+Copies of one image (same bytes) are kept once, before the split; the others are listed in
+skipped.csv. --out may not contain an input or sit inside the image folder.
+
 Then it reads the shards back as training will (`check-data`), which also writes their
 indexes, and prints the fine-tuning command. Exit status 1 when the shards fail that check.
 """
@@ -29,6 +32,7 @@ import sys
 import numpy as np
 from tqdm import tqdm
 
+from bioclip_jax import paths
 from bioclip_jax.cli.check_data import check_data, format_report
 from bioclip_jax.cli.common import run_cli
 from bioclip_jax.data import collection as collection_lib
@@ -68,15 +72,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_apart(out: str, found: collection_lib.Collection) -> None:
+    """Refuses an --out that contains an input (a table, an image) or sits inside the input folder:
+    the outputs (taxa.csv, train/, ...) would replace the user's own files, --overwrite would delete them."""
+    target = os.path.realpath(out)
+    image_folders = {os.path.dirname(image.path): image.path for image in found.images}  # one check per folder
+    for path, shown in [*((p, p) for p in found.inputs), *image_folders.items()]:
+        if not path or paths.is_remote(path):
+            continue
+        real = os.path.realpath(path)
+        if _within(real, target):
+            raise ValueError(f"--out {out} contains the input {shown}: make-shards writes its outputs there "
+                             f"({', '.join(_OUTPUTS)}), so choose an --out outside your data")
+        if path in found.inputs and os.path.isdir(real) and _within(target, real):
+            raise ValueError(f"--out {out} is inside the input folder {path}: the shards would mix with your "
+                             f"images, so choose an --out outside it")
+
+
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
 def _prepare(out: str, overwrite: bool) -> None:
     existing = [name for name in _OUTPUTS if os.path.lexists(os.path.join(out, name))]
     if existing and not overwrite:
         raise FileExistsError(f"{out} already holds shards ({', '.join(existing)}); pass --overwrite to replace "
                               f"them or choose another --out")
-    for name in existing:
-        path = os.path.join(out, name)
-        shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+    _remove_outputs(out)
     os.makedirs(out, exist_ok=True)
+
+
+def _remove_outputs(out: str) -> None:
+    for name in _OUTPUTS:
+        path = os.path.join(out, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.remove(path)
 
 
 def _encoded(images, resize: int, threads: int):
@@ -108,14 +140,54 @@ def _taxon_row(cls: collection_lib.CollectionClass) -> dict:
 def make_shards(found: collection_lib.Collection, out: str, *, held_out_images: float = 0.1,
                 held_out_classes: float = 0.0, seed: int = 0, samples_per_shard: int = 1000, resize: int = 0,
                 threads: int = 4, overwrite: bool = False, progress: bool = True) -> dict:
-    """Writes the layout of the module docstring; returns the counts (also saved in info.json)."""
+    """Writes the layout of the module docstring; returns the counts (also saved in info.json).
+
+    Copies of one image are dropped before the split (one of them kept), so that none is both
+    trained on and held out. A run that fails part-way removes what it wrote, so it can be rerun as is.
+    """
+    _check_apart(out, found)
+    found = collection_lib.drop_duplicates(found, threads)
     if not found.images:
-        raise ValueError(f"no usable labelled image found ({len(found.skipped)} skipped, e.g. "
-                         f"{found.skipped[0].where if found.skipped else 'none'}: "
-                         f"{found.skipped[0].reason if found.skipped else ''})")
+        raise ValueError(f"no usable labelled image found ({len(found.skipped)} skipped: "
+                         f"{_reasons(found.skipped)})")
     train, held = collection_lib.held_out_split(found, held_out_images, held_out_classes, seed)
     train = [train[i] for i in np.random.default_rng([seed, 1]).permutation(len(train))]  # classes mixed per shard
     _prepare(out, overwrite)
+    try:
+        catalog, skipped, shards = _write_images(found, train, held, out, samples_per_shard, resize, threads,
+                                                 progress)
+        if not any(row["split"] == "train" for row in catalog):
+            raise ValueError(f"none of the {len(train)} training images could be read ({_reasons(skipped)}); "
+                             f"nothing was written to {out}")
+    except BaseException:
+        _remove_outputs(out)
+        raise
+    written = collections.Counter(row["split"] for row in catalog)
+    used = sorted({row["class_name"] for row in catalog})
+    by_name = {c.name: c for c in found.classes}
+    held_classes = sorted({row["class_name"] for row in catalog if row["split"] == "held_out"})
+    _write_table(os.path.join(out, "taxa.csv"), TAXA_COLUMNS, [_taxon_row(by_name[n]) for n in used])
+    if held_classes:
+        _write_table(os.path.join(out, "held_out", "taxa.csv"), TAXA_COLUMNS,
+                     [_taxon_row(by_name[n]) for n in held_classes])
+    _write_table(os.path.join(out, "catalog.csv"), ("split", "key", "path", *TAXA_COLUMNS), catalog)
+    _write_table(os.path.join(out, "skipped.csv"), ("where", "reason", "detail"),
+                 [vars(s) for s in skipped])
+    counts = {"classes": len(used), "train_images": written["train"], "train_shards": len(shards),
+              "held_out_images": written["held_out"], "held_out_classes": len(held_classes),
+              "skipped": len(skipped),
+              "skipped_by_reason": dict(collections.Counter(s.reason for s in skipped))}
+    info = {"parameters": dict(held_out_images=held_out_images, held_out_classes=held_out_classes, seed=seed,
+                               samples_per_shard=samples_per_shard, resize=resize), "counts": counts}
+    with open(os.path.join(out, "info.json"), "w", encoding="utf-8") as handle:
+        json.dump(info, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+    return {**counts, "skipped_examples": _examples(skipped)}
+
+
+def _write_images(found: collection_lib.Collection, train: list, held: list, out: str, samples_per_shard: int,
+                  resize: int, threads: int, progress: bool) -> tuple[list[dict], list, list]:
+    """Training images into shards, held-out ones into class folders: (catalog rows, skips, shard paths)."""
     skipped = list(found.skipped)
     catalog, written = [], collections.Counter()
     captions = {}
@@ -142,28 +214,14 @@ def make_shards(found: collection_lib.Collection, out: str, *, held_out_images: 
                 written[split] += 1
                 catalog.append({"split": split, "key": key, "path": image.path, **_taxon_row(cls)})
         shards = writer.close()
-    if not written["train"]:
-        raise ValueError(f"none of the {len(train)} training images could be read; see {out}/skipped.csv")
-    used = sorted({row["class_name"] for row in catalog})
-    by_name = {c.name: c for c in found.classes}
-    held_classes = sorted({row["class_name"] for row in catalog if row["split"] == "held_out"})
-    _write_table(os.path.join(out, "taxa.csv"), TAXA_COLUMNS, [_taxon_row(by_name[n]) for n in used])
-    if held_classes:
-        _write_table(os.path.join(out, "held_out", "taxa.csv"), TAXA_COLUMNS,
-                     [_taxon_row(by_name[n]) for n in held_classes])
-    _write_table(os.path.join(out, "catalog.csv"), ("split", "key", "path", *TAXA_COLUMNS), catalog)
-    _write_table(os.path.join(out, "skipped.csv"), ("where", "reason", "detail"),
-                 [vars(s) for s in skipped])
-    counts = {"classes": len(used), "train_images": written["train"], "train_shards": len(shards),
-              "held_out_images": written["held_out"], "held_out_classes": len(held_classes),
-              "skipped": len(skipped),
-              "skipped_by_reason": dict(collections.Counter(s.reason for s in skipped))}
-    info = {"parameters": dict(held_out_images=held_out_images, held_out_classes=held_out_classes, seed=seed,
-                               samples_per_shard=samples_per_shard, resize=resize), "counts": counts}
-    with open(os.path.join(out, "info.json"), "w", encoding="utf-8") as handle:
-        json.dump(info, handle, indent=2, sort_keys=True)
-        handle.write("\n")
-    return {**counts, "skipped_examples": _examples(skipped)}
+    return catalog, skipped, shards
+
+
+def _reasons(skipped: list[collection_lib.Skip]) -> str:
+    """"missing file: 9, e.g. a.jpg; b.jpg | ...": what was left out, for a message."""
+    counts = collections.Counter(s.reason for s in skipped)
+    return " | ".join(f"{reason}: {counts[reason]}, e.g. {'; '.join(shown)}"
+                      for reason, shown in _examples(skipped).items()) or "none"
 
 
 def _examples(skipped: list[collection_lib.Skip]) -> dict[str, list[str]]:

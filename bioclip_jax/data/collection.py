@@ -2,7 +2,7 @@
 
 Two layouts, the ones open_clip / pybioclip users already keep their photos in:
 
-    folder:  ROOT/<class>/*.jpg, plus a taxa.csv (kingdom, phylum, class, order, family, genus,
+    folder:  ROOT/<class>/**/*.jpg (sub-folders belong to their top-level class folder), plus a taxa.csv (kingdom, phylum, class, order, family, genus,
              species, common; optional class_name) naming each class folder, matched as the
              eval folders are (by class_name, scientific or taxonomic name; see eval_sources)
     table:   a CSV with an image path column (filepath, path, image, ...) and the columns
@@ -11,13 +11,17 @@ Two layouts, the ones open_clip / pybioclip users already keep their photos in:
 What cannot be used is not an error but a `Skip` with its place and reason (a class folder
 without a taxa row, a row without taxonomy, a file that is not an image), so one bad row in
 a collection of thousands does not stop the job, and the report says exactly what was left out.
-`held_out_split` then sets aside images (or whole classes) for the run's own held-out eval.
+A CSV row with more or fewer fields than its header is refused by line (its ranks would shift).
+`drop_duplicates` keeps one copy of each image content, and `held_out_split` then sets aside images
+(or whole classes) for the run's own held-out eval.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import csv
 import dataclasses
+import hashlib
 import io
 import os
 
@@ -25,7 +29,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from bioclip_jax.data import decode, shard_index
-from bioclip_jax.data.eval_sources import FolderData, read_taxa_lookup
+from bioclip_jax.data.eval_sources import FolderData, checked_rows, read_taxa_lookup
 # The eval folders' rules (where a taxa.csv is found, how class names match it), so both agree.
 from bioclip_jax.data.eval_sources import default_taxa_file
 from bioclip_jax.data.eval_sources import name_key as taxa_key
@@ -62,6 +66,7 @@ class Collection:
     classes: list[CollectionClass]
     images: list[LabelledImage]
     skipped: list[Skip]
+    inputs: list[str] = dataclasses.field(default_factory=list)  # the folder and tables it was read from
 
 
 def read_folder_collection(root: str, taxa_file: str | None = None) -> Collection:
@@ -87,7 +92,7 @@ def read_folder_collection(root: str, taxa_file: str | None = None) -> Collectio
             skipped.append(Skip(item.key, "class not in taxa.csv",
                                 f"folder {folder.classes[item.label].name!r} is no class_name, scientific or "
                                 f"taxonomic name in {taxa_file}"))
-    return Collection(classes, images, skipped)
+    return Collection(classes, images, skipped, [root, taxa_file])
 
 
 def _path_column(fieldnames: list[str], csv_path: str) -> str:
@@ -112,7 +117,7 @@ def read_table_collection(csv_path: str, image_root: str | None = None) -> Colle
         path_column = _path_column(list(reader.fieldnames or []), csv_path)
         if not {c.strip().lower() for c in reader.fieldnames} & {"kingdom", "genus", "species"}:
             raise ValueError(f"{csv_path} has no taxonomy columns (expected kingdom .. species, common)")
-        for line, row in enumerate(reader, start=2):
+        for line, row in checked_rows(reader, csv_path):
             where = f"{csv_path}:{line}"
             path = (row.get(path_column) or "").strip()
             if not path:
@@ -134,7 +139,7 @@ def read_table_collection(csv_path: str, image_root: str | None = None) -> Colle
                 classes[index_of[key]] = CollectionClass(classes[index_of[key]].name, taxon)  # first common name
             full = path if os.path.isabs(path) or "://" in path else os.path.join(image_root, path)
             images.append(LabelledImage(full, index_of[key]))
-    return Collection(_unique_names(classes), images, skipped)
+    return Collection(_unique_names(classes), images, skipped, [csv_path])
 
 
 def _unique_names(classes: list[CollectionClass]) -> list[CollectionClass]:
@@ -148,6 +153,35 @@ def _unique_names(classes: list[CollectionClass]) -> list[CollectionClass]:
         name = c.taxon.taxonomic_name if counts[c.name] > 1 else c.name
         named.append(CollectionClass(name.replace("/", "_").replace(os.sep, "_"), c.taxon))
     return named
+
+
+def drop_duplicates(collection: Collection, threads: int = 4) -> Collection:
+    """The collection with each image content once (files compared by SHA-256 of their bytes).
+
+    Two copies of one photo would otherwise fall on both sides of the held-out split and score
+    the model on an image it trained on. The first copy in order is kept; each other one becomes
+    a Skip naming it. Files that cannot be read are kept, for the encoding step to report.
+    """
+    def digest(image: LabelledImage) -> bytes | None:
+        try:
+            return hashlib.sha256(shard_index.as_path(image.path).read_bytes()).digest()
+        except OSError:
+            return None
+
+    with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
+        digests = list(pool.map(digest, collection.images))
+    first: dict[bytes, LabelledImage] = {}
+    kept, skipped = [], list(collection.skipped)
+    for image, key in zip(collection.images, digests):
+        original = first.get(key) if key is not None else None
+        if original is not None:
+            skipped.append(Skip(image.path, "duplicate image", f"same bytes as {original.path} "
+                                f"(class {collection.classes[original.class_index].name})"))
+            continue
+        if key is not None:
+            first[key] = image
+        kept.append(image)
+    return dataclasses.replace(collection, images=kept, skipped=skipped)
 
 
 def held_out_split(collection: Collection, images: float = 0.0, classes: float = 0.0,

@@ -79,11 +79,11 @@ class FolderData(EvalData):
             directory = os.path.join(root, entry)
             if entry.startswith(".") or not shard_index.as_path(directory).is_dir():
                 continue
-            images = sorted(f for f in _names(directory) if f.lower().endswith(IMAGE_EXTENSIONS))
+            images = _image_files(directory)
             if not images:
                 print(f"{self.name}: class directory {directory} has no images; ignored", file=sys.stderr)
                 continue
-            self._files += [(os.path.join(directory, f), len(self.classes)) for f in images]
+            self._files += [(path, len(self.classes)) for path in images]
             self.classes.append(EvalClass(entry))
         if not self.classes:
             raise ValueError(f"{root} has no class directories with images (expected {root}/<class>/*.jpg)")
@@ -100,6 +100,22 @@ def _names(directory: str) -> list[str]:
     if is_remote(directory):
         return [path.name for path in shard_index.as_path(directory).iterdir()]
     return os.listdir(directory)
+
+
+def _image_files(directory: str) -> list[str]:
+    """Image paths anywhere under a class directory, sorted: sub-folders (by site, by date) belong
+    to the class of the top-level folder. Hidden entries are left out; only names without an image
+    extension are asked whether they are folders (one request each on gs://)."""
+    found = []
+    for name in _names(directory):
+        path = os.path.join(directory, name)
+        if name.startswith("."):
+            continue
+        if name.lower().endswith(IMAGE_EXTENSIONS):
+            found.append(path)
+        elif shard_index.as_path(path).is_dir():
+            found += _image_files(path)
+    return sorted(found)
 
 
 def _image_file_item(path: str, label: int) -> ImageItem:
@@ -247,7 +263,7 @@ def read_taxa_lookup(path: str) -> dict[str, Taxon]:
         columns = {c.strip().lower() for c in reader.fieldnames or []}
         if not columns & {"genus", "species", "kingdom"}:
             raise ValueError(f"{path} has no taxonomy columns (expected kingdom .. species, common)")
-        for line, row in enumerate(reader, start=2):
+        for line, row in checked_rows(reader, path):
             try:
                 taxon = Taxon.from_mapping(row)
             except (TypeError, ValueError) as error:
@@ -261,6 +277,22 @@ def read_taxa_lookup(path: str) -> dict[str, Taxon]:
                 if name and name_key(name) not in lookup:
                     lookup[name_key(name)] = taxon
     return lookup
+
+
+def checked_rows(reader: csv.DictReader, path: str) -> Iterator[tuple[int, dict]]:
+    """(line number, row) of a CSV whose every row has as many fields as its header.
+
+    A row with more fields (an unquoted comma in a common name) or fewer (ranks left off its
+    end) would shift its taxonomy into the wrong columns: that is refused, not guessed at.
+    """
+    width = len(reader.fieldnames or [])
+    for row in reader:
+        fields = width + len(row.get(None, ())) - sum(value is None for value in row.values())
+        if fields != width:
+            hint = ("quote fields that contain a comma" if fields > width
+                    else "leave missing ranks as empty fields, not off the end of the row")
+            raise ValueError(f"{path}:{reader.line_num}: {fields} fields where the header has {width} ({hint})")
+        yield reader.line_num, row
 
 
 def attach_taxa(data: EvalData, taxa_csv: str) -> int:
