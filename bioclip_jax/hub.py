@@ -8,6 +8,11 @@ when the repo has it, else `open_clip_pytorch_model.bin`. Files are fetched one 
 `huggingface-cli login`). A file that is neither cached nor downloadable becomes one
 FileNotFoundError sentence naming the repo and the cache folder.
 
+Whether the Hub answers is asked once per process, by one HEAD request without retries
+(`PROBE_TIMEOUT_S`): left to itself, huggingface_hub retries an unreachable Hub for about
+25 s per file before it falls back to the cache. An unreachable Hub is then treated as
+HF_HUB_OFFLINE=1 is: cached files are used, and a missing one is the one sentence at once.
+
 The tree-of-life text embeddings that pybioclip pairs with its two models live in dataset
 repos (`TREE_OF_LIFE`), under `embeddings/txt_emb_species.npy` and `.json`.
 """
@@ -26,6 +31,10 @@ BIOCLIP_2 = "hf-hub:imageomics/bioclip-2"
 DEFAULT_MODEL = BIOCLIP_2  # pybioclip's default
 TREE_OF_LIFE = {BIOCLIP: "imageomics/TreeOfLife-10M", BIOCLIP_2: "imageomics/TreeOfLife-200M"}
 TREE_OF_LIFE_FILES = ("embeddings/txt_emb_species.npy", "embeddings/txt_emb_species.json")
+PROBE_TIMEOUT_S = 5.0  # a Hub that has not answered one HEAD request by then is taken as unreachable
+
+_unreachable: dict[str, str] = {}  # endpoint -> why it could not be reached (probed once per process)
+_reachable: set[str] = set()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,10 +73,14 @@ def download(repo_id: str, filename: str, *, repo_type: str | None = None, revis
 
     kind = "dataset " if repo_type == "dataset" else ""
     where = f"{kind}repo {repo_id}" + (f"@{revision}" if revision else "")
+    unreachable = None if _offline() else _unreachable_because(repo_id, filename, repo_type, revision)
     try:
-        return hf_hub_download(repo_id, filename, repo_type=repo_type, revision=revision)
+        return hf_hub_download(repo_id, filename, repo_type=repo_type, revision=revision,
+                               local_files_only=unreachable is not None)
     except errors.LocalEntryNotFoundError:
-        offline = " (HF_HUB_OFFLINE is set)" if _offline() else " and the Hub cannot be reached"
+        offline = (" (HF_HUB_OFFLINE is set)" if _offline() else
+                   f" and the Hub cannot be reached ({unreachable})" if unreachable else
+                   " and the Hub cannot be reached")
         raise FileNotFoundError(f"{filename} of the Hugging Face {where} is not in the cache at {cache_dir()}"
                                 f"{offline}; download it once with network access, or point HF_HOME at a "
                                 f"cache that has it") from None
@@ -87,6 +100,24 @@ def _offline() -> bool:
     from huggingface_hub import constants  # noqa: PLC0415
 
     return bool(constants.HF_HUB_OFFLINE)
+
+
+def _unreachable_because(repo_id: str, filename: str, repo_type: str | None, revision: str | None) -> str | None:
+    """None when the Hub answers (any HTTP status), else why not; asked once per endpoint and process."""
+    from huggingface_hub import constants, errors, get_hf_file_metadata, hf_hub_url  # noqa: PLC0415
+
+    endpoint = constants.ENDPOINT
+    if endpoint not in _reachable and endpoint not in _unreachable:
+        url = hf_hub_url(repo_id, filename, repo_type=repo_type, revision=revision)
+        try:
+            get_hf_file_metadata(url, timeout=PROBE_TIMEOUT_S)
+            _reachable.add(endpoint)
+        except errors.HfHubHTTPError:  # the Hub answered (not found, gated, ...): hf_hub_download says what
+            _reachable.add(endpoint)
+        except Exception as error:  # noqa: BLE001 - the HTTP client's own network errors differ by version
+            reason = str(error).strip().splitlines()
+            _unreachable[endpoint] = f"{endpoint}: {type(error).__name__}" + (f": {reason[0]}" if reason else "")
+    return _unreachable.get(endpoint)
 
 
 def model_folder(source: str) -> str:

@@ -1,9 +1,15 @@
 """`hf-hub:ORG/NAME[@REVISION]` sources, read through huggingface_hub's cache with HF_HUB_OFFLINE=1."""
 
 import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import bioclip_jax
 from bioclip_jax import hub
@@ -90,3 +96,46 @@ def test_every_command_accepts_the_same_sources(cache, exported):
     parser = argparse.ArgumentParser()
     common.add_model_args(parser)
     assert "hf-hub:ORG/NAME" in parser.format_help() and "'random'" in parser.format_help()
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+UNREACHABLE_SCRIPT = """
+import json, sys, time
+import huggingface_hub
+import bioclip_jax
+from bioclip_jax import hub
+from bioclip_jax.cli.main import main
+start = time.monotonic()
+try:
+    hub.model_folder("hf-hub:someorg/not-cached")
+except FileNotFoundError as error:
+    message = str(error)
+seconds = time.monotonic() - start
+cached = bioclip_jax.create_model(pretrained="hf-hub:someorg/tiny-clip").config.vision.patch_size
+print(json.dumps({"seconds": seconds, "message": message, "cached_patch": cached}), flush=True)
+sys.exit(main(["predict", "--no-progress", "--pretrained", "hf-hub:someorg/not-cached", sys.argv[1]]))
+"""
+
+
+def test_unreachable_hub_is_one_sentence_at_once(cache, tmp_path):
+    """Not offline, but the Hub's address refuses: one probe, then the cache (huggingface_hub alone retried
+    each file for ~25 s and logged every retry twice). HF_HUB_OFFLINE=1: test_predict.py."""
+    hf_home, _ = cache
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env["HF_ENDPOINT"] = f"http://127.0.0.1:{_closed_port()}"
+    Image.new("RGB", (16, 16)).save(tmp_path / "bird.jpg")
+    result = subprocess.run([sys.executable, "-c", UNREACHABLE_SCRIPT, str(tmp_path / "bird.jpg")], env=env,
+                            capture_output=True, text=True, timeout=300)
+    report = json.loads(result.stdout.splitlines()[0])
+    assert report["seconds"] < 8, report
+    assert f"cannot be reached ({env['HF_ENDPOINT']}" in report["message"] and "\n" not in report["message"]
+    assert str(hf_home / "hub") in report["message"]
+    assert report["cached_patch"] == 8  # a cached model still loads
+    assert result.returncode == 2, result.stderr  # the CLI: its one sentence, no retry warnings
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("predict: open_clip_config.json of the Hugging Face repo someorg/not-cached"), line
