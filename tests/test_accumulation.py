@@ -4,7 +4,8 @@ One train step on a random batch of 32 (fp32, 8 simulated devices) against the s
 step with optimizer.accumulate_steps=4 (micro-batches of 8): the loss, the gradients
 (Adam's first and second moments after one update are 0.1 g and 0.02 g^2) and the
 parameters agree. Optax MultiSteps over 4 calls of 8 rows (each with its own negatives)
-is shown to give another update, so the comparison can fail.
+is shown to give another update, so the comparison can fail. The same holds with BioCLIP 2's
+replay pairs in the batch: their loss, through the replay projector, is accumulated too.
 """
 
 import functools
@@ -24,32 +25,38 @@ from bioclip_jax.train.step import make_train_step
 from tests.train_helpers import smoke_config
 
 BATCH, K, TOKENS = 32, 4, 48
+REPLAY = 32  # replay rows beside the batch: K micro-batches of one row per simulated device
 MESHES = {"data=8": dict(data=8), "data=2,fsdp=4": dict(data=2, fsdp=4)}
 EOT = 49407
 
 
-def _batch(rows: int = BATCH, seed: int = 0) -> dict:
+def _batch(rows: int = BATCH, seed: int = 0, replay: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     tokens = rng.integers(1, EOT - 1, (rows, TOKENS), dtype=np.int32)
     tokens[:, 0] = EOT - 1
     ends = rng.integers(2, TOKENS, rows)
     tokens[np.arange(rows), ends] = EOT
     tokens[np.arange(TOKENS)[None, :] > ends[:, None]] = 0
-    return {"image": rng.integers(0, 256, (rows, 64, 64, 3), dtype=np.uint8), "tokens": tokens}
+    batch = {"image": rng.integers(0, 256, (rows, 64, 64, 3), dtype=np.uint8), "tokens": tokens}
+    if replay:
+        other = _batch(replay, seed + 1)
+        batch["replay_image"], batch["replay_tokens"] = other["image"], other["tokens"]
+    return batch
 
 
 @functools.cache
-def _after_one_update(mesh_name: str, kind: str, k: int = 1, mode: str = "global_negatives"):
+def _after_one_update(mesh_name: str, kind: str, k: int = 1, mode: str = "global_negatives", replay: int = 0):
     """(state, metrics) on the host after one optimiser update on `_batch()` from the same initial state."""
     calls = k if mode == "independent_microbatches" else 1
     config = smoke_config("", total_steps=24, loss__kind=kind, data__batch_size=BATCH // calls,
-                          optimizer__accumulate_steps=k, optimizer__accumulate_mode=mode)
+                          optimizer__accumulate_steps=k, optimizer__accumulate_mode=mode,
+                          data__replay_per_batch=replay)
     mesh = make_mesh(**MESHES[mesh_name])
     skeleton = state_lib.model_skeleton(config)
     layout = state_lib.state_layout(config, skeleton, mesh)
     state = state_lib.initial_state(layout, initial_params(config)[0])
     step = make_train_step(config, skeleton, layout, mesh, make_schedule(config, state_lib.optimizer_updates(config)))
-    micro = jax.tree.map(lambda x: split_microbatches(x, calls, 8), _batch())
+    micro = jax.tree.map(lambda x: split_microbatches(x, calls, 8), _batch(replay=replay))
     for j in range(calls):
         state, metrics = step(state, host_batch_to_global(jax.tree.map(lambda x: x[j], micro), mesh))
     return jax.device_get(state), jax.device_get(metrics)
@@ -59,14 +66,19 @@ def _leaves(tree) -> dict:
     return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-@pytest.mark.parametrize("kind", ["softmax", pytest.param("sigmoid", marks=pytest.mark.slow)])  # softmax: fast version
-@pytest.mark.parametrize("mesh_name", list(MESHES))
-def test_accumulated_update_equals_the_full_batch_update(mesh_name, kind):
-    full_state, full = _after_one_update(mesh_name, kind)
-    state, metrics = _after_one_update(mesh_name, kind, K)
+@pytest.mark.parametrize("kind, mesh_name, replay", [
+    ("softmax", "data=8", 0), ("softmax", "data=2,fsdp=4", 0), ("softmax", "data=2,fsdp=4", REPLAY),
+    pytest.param("sigmoid", "data=8", 0, marks=pytest.mark.slow),  # softmax: fast version
+    pytest.param("sigmoid", "data=2,fsdp=4", 0, marks=pytest.mark.slow),
+])
+def test_accumulated_update_equals_the_full_batch_update(mesh_name, kind, replay):
+    full_state, full = _after_one_update(mesh_name, kind, replay=replay)
+    state, metrics = _after_one_update(mesh_name, kind, K, replay=replay)
 
     assert int(state["step"]) == int(full_state["step"]) == 1  # one call, one update
-    for name in ("loss", "grad_norm", "lr", "image_to_text_accuracy"):
+    logged = ("loss_tree_of_life", "loss_replay") if replay else ()
+    assert all(name in full for name in logged)
+    for name in ("loss", "grad_norm", "lr", "image_to_text_accuracy", *logged):
         np.testing.assert_allclose(metrics[name], full[name], rtol=1e-5, atol=1e-6, err_msg=name)
     params = _leaves(state["params"])
     for name, want in _leaves(full_state["params"]).items():

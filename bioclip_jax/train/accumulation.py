@@ -26,6 +26,11 @@ on every device, the j-th contiguous block of B/(n k) of its own rows, so each
 micro-batch is spread over all devices like the full batch and neither splitting the
 batch nor joining the features back into batch order moves data between devices. The
 loss is computed on features in the original row order, so it equals the full step's.
+
+Several streams: the features are a dict of [rows, D] arrays, and every array of the batch
+is split the same way. BioCLIP 2's replay pairs (their own rows, their own projector, their
+own loss term) are cached and recomputed beside the main pairs, micro-batch j holding the
+j-th block of each stream, so the replay term too is that of the whole batch.
 """
 
 from __future__ import annotations
@@ -40,8 +45,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 LOGIT_SCALE_KEY = "logit_scale"
 HEAD_KEYS = (LOGIT_SCALE_KEY, "logit_bias")  # parameters the loss uses directly, not through the towers
 
-FeaturesFn = Callable[[dict, dict], tuple[jax.Array, jax.Array]]  # (params, batch) -> image, text features
-LossFn = Callable[[jax.Array, jax.Array, dict], tuple[jax.Array, dict]]  # (image, text, head) -> loss, metrics
+FeaturesFn = Callable[[dict, dict], dict]  # (params, batch) -> features by name, each [rows, D]
+LossFn = Callable[[dict, dict], tuple[jax.Array, dict]]  # (features, head) -> loss, metrics
 
 
 def head_params(params: dict) -> dict:
@@ -81,19 +86,20 @@ def accumulated_grads(features_fn: FeaturesFn, loss_fn: LossFn, mesh: Mesh, batc
         return jax.lax.with_sharding_constraint(join_microbatches(x, shards), on_rows)
 
     def grads(params: dict, batch: dict):
-        global_batch = jax.tree.leaves(batch)[0].shape[0]
-        if global_batch % (k * shards):
-            raise ValueError(f"global batch {global_batch} does not split into optimizer.accumulate_steps={k} "
-                             f"micro-batches over {shards} batch shards; make it a multiple of {k * shards}.")
+        for name, x in batch.items():
+            if x.shape[0] % (k * shards):
+                raise ValueError(f"the {x.shape[0]} rows of batch[{name!r}] do not split into "
+                                 f"optimizer.accumulate_steps={k} micro-batches over {shards} batch shards; "
+                                 f"make them a multiple of {k * shards}.")
         micro = jax.tree.map(split, batch)
         cached = jax.lax.map(lambda mb: features_fn(params, mb), micro)  # 1. forward only
-        cached = jax.lax.stop_gradient(tuple(jax.lax.with_sharding_constraint(c, on_micro_rows) for c in cached))
+        cached = jax.lax.stop_gradient(jax.tree.map(lambda c: jax.lax.with_sharding_constraint(c, on_micro_rows),
+                                                    cached))
 
         def micro_loss(p, mb, j):
             fresh = features_fn(p, mb)
-            image, text = (join(jax.lax.dynamic_update_index_in_dim(c, f, j, 0))
-                           for c, f in zip(cached, fresh))
-            return loss_fn(image, text, jax.lax.stop_gradient(head_params(p)))[0]
+            features = jax.tree.map(lambda c, f: join(jax.lax.dynamic_update_index_in_dim(c, f, j, 0)), cached, fresh)
+            return loss_fn(features, jax.lax.stop_gradient(head_params(p)))[0]
 
         def accumulate(total, xs):  # 2. one micro-batch with gradients against all cached features
             j, mb = xs
@@ -103,8 +109,8 @@ def accumulated_grads(features_fn: FeaturesFn, loss_fn: LossFn, mesh: Mesh, batc
         if param_shardings is not None:
             zeros = jax.lax.with_sharding_constraint(zeros, param_shardings)
         tower_grads, _ = jax.lax.scan(accumulate, zeros, (jnp.arange(k), micro))
-        image, text = (join(c) for c in cached)  # 3. the head's gradient, once
-        (loss, metrics), head_grads = jax.value_and_grad(lambda head: loss_fn(image, text, head), has_aux=True)(
+        features = jax.tree.map(join, cached)  # 3. the head's gradient, once
+        (loss, metrics), head_grads = jax.value_and_grad(lambda head: loss_fn(features, head), has_aux=True)(
             head_params(params))
         return (loss, metrics), {**tower_grads, **head_grads}
 

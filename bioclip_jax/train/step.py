@@ -25,53 +25,49 @@ def make_grad_fn(config: ml_collections.ConfigDict, skeleton: ModelSkeleton, mes
                  mean=OPENAI_MEAN, std=OPENAI_STD, param_shardings=None):
     """`grads(params, batch) -> ((loss, metrics), grads)` of the contrastive loss over the global batch.
 
-    With `optimizer.accumulate_steps = k > 1` under "global_negatives" the batch runs as k
-    micro-batches with all its negatives (train/accumulation.py); the result is the same.
+    With experience replay (BioCLIP 2) the objective is the tree-of-life pairs' contrastive loss
+    plus that of the replay pairs, whose images go through the second visual projector
+    (`replay_proj`); each part has only its own negatives and they share the temperature.
+    With `optimizer.accumulate_steps = k > 1` under "global_negatives" the batch (replay rows
+    included) runs as k micro-batches with all its negatives (train/accumulation.py); the
+    result is the same.
     """
     axes = sharding_lib.batch_axes(mesh)
     freeze = frozen_tower(config)
+    replay = replay_enabled(config)
 
     def model_of(params):
         """The model, with a frozen tower's parameters held constant: XLA then drops its backward pass."""
         return skeleton.merge({key: jax.lax.stop_gradient(value) if is_frozen(key, freeze) else value
                                for key, value in params.items()})
 
-    def features(params, batch):
+    def features(params, batch) -> dict:
         model = model_of(params)
-        images = normalize(batch["image"], mean, std)
         with sharding_lib.pinned_activations(mesh):
-            return model.image_features(images), model.text_features(batch["tokens"])
+            out = {"image": model.image_features(normalize(batch["image"], mean, std)),
+                   "text": model.text_features(batch["tokens"])}
+            if replay:
+                out["replay_image"] = model.image_features(normalize(batch["replay_image"], mean, std),
+                                                           projector="replay_proj")
+                out["replay_text"] = model.text_features(batch["replay_tokens"])
+        return out
 
-    def loss(image_features, text_features, head):
+    def pair_loss(image_features, text_features, head):
         return contrastive_loss(image_features, text_features, head[LOGIT_SCALE_KEY], mesh, batch_axes=axes,
                                 kind=config.loss.kind, logit_bias=head.get("logit_bias"))
 
+    def loss(feats: dict, head: dict):
+        main, metrics = pair_loss(feats["image"], feats["text"], head)
+        if not replay:
+            return main, metrics
+        replayed, _ = pair_loss(feats["replay_image"], feats["replay_text"], head)
+        return main + replayed, dict(metrics, loss_tree_of_life=main, loss_replay=replayed)
+
     k, mode = accumulation(config)
-    if replay_enabled(config):
-        if k > 1 and mode == "global_negatives":
-            raise ValueError("experience replay (data.replay_per_batch > 0) with optimizer.accumulate_steps > 1 is "
-                             "not supported yet; use a mesh or batch that fits without accumulation")
-        return jax.value_and_grad(_with_replay(features, loss, model_of, mesh, mean, std), has_aux=True)
     if k > 1 and mode == "global_negatives":
         return accumulated_grads(features, loss, mesh, axes, k, param_shardings)
-    return jax.value_and_grad(lambda params, batch: loss(*features(params, batch), head_params(params)),
+    return jax.value_and_grad(lambda params, batch: loss(features(params, batch), head_params(params)),
                               has_aux=True)
-
-
-def _with_replay(features, loss, model_of, mesh: Mesh, mean, std):
-    """BioCLIP 2's objective: the tree-of-life pairs' contrastive loss plus that of the replay pairs,
-    whose images go through the second visual projector; each part has only its own negatives."""
-    def total(params, batch):
-        model = model_of(params)
-        with sharding_lib.pinned_activations(mesh):
-            replay_images = model.image_features(normalize(batch["replay_image"], mean, std), projector="replay_proj")
-            replay_texts = model.text_features(batch["replay_tokens"])
-        head = head_params(params)
-        main, metrics = loss(*features(params, batch), head)
-        replay, _ = loss(replay_images, replay_texts, head)
-        return main + replay, dict(metrics, loss_tree_of_life=main, loss_replay=replay)
-
-    return total
 
 
 def make_train_step(config: ml_collections.ConfigDict, skeleton: ModelSkeleton, layout: StateLayout,
@@ -118,6 +114,13 @@ def model_flops_per_pair(config) -> float:
         + v.width * config.embed_dim
     text = tower(t.context_length, t.width, t.layers, t.mlp_width) + t.width * config.embed_dim
     return 3 * 2 * float(vision + text)
+
+
+def pairs_per_step(config) -> int:
+    """Image-text pairs one step trains on: the batch plus BioCLIP 2's replay pairs, which go
+    through both towers too (their projector is the size of the main one): each costs
+    `model_flops_per_pair`, and each counts in images per second and MFU."""
+    return int(config.data.batch_size) + (int(config.data.replay_per_batch) if replay_enabled(config) else 0)
 
 
 # bf16 dense peak TFLOP/s per device, by `jax.devices()[0].device_kind`, for MFU; unknown kinds
