@@ -1,6 +1,10 @@
 """The `bioclip-jax` entry point reaches every command, and each answers --help."""
 
+import subprocess
+import sys
+
 import pytest
+from PIL import Image
 
 from bioclip_jax.cli import main as cli
 
@@ -47,3 +51,38 @@ def test_export_says_which_step_it_exported(tmp_path, capsys):
     assert cli.main(["export", "--checkpoint", str(workdir), "--step", "10", "--out", str(tmp_path / "ten")]) == 0
     assert f"from step 10 of {workdir}" in capsys.readouterr().out
     assert json.loads((tmp_path / "ten" / "open_clip_config.json").read_text())["model_cfg"]
+
+
+def _with_reader_gone(*args: str) -> subprocess.CompletedProcess:
+    """Runs `bioclip-jax ARGS` with stdout a pipe whose reader has already left (as `| head` does)."""
+    process = subprocess.Popen([sys.executable, "-m", "bioclip_jax.cli.main", *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    process.stdout.close()
+    _, err = process.communicate(timeout=300)
+    return subprocess.CompletedProcess(process.args, process.returncode, "", err)
+
+
+def test_a_reader_that_leaves_early_ends_the_output_quietly(tmp_path):
+    """`bioclip-jax predict ... | head`: no BrokenPipeError traceback, the status of a SIGPIPE'd tool."""
+    for i in range(2):
+        Image.new("RGB", (20, 20), (100 * i, 0, 0)).save(tmp_path / f"{i}.jpg")
+    for args in (["--help"], ["predict", "--pretrained", "random", "--model", "ViT-Tiny-8", "--cls", "crow,raven",
+                              "--no-progress", str(tmp_path)]):
+        result = _with_reader_gone(*args)
+        assert "BrokenPipe" not in result.stderr and "Traceback" not in result.stderr, result.stderr
+        assert result.returncode == 141, (args, result.returncode, result.stderr)
+
+
+def test_hub_warnings_are_printed_once(monkeypatch, capfd):
+    """huggingface_hub has its own stderr handler; absl gives the root logger another one."""
+    import logging
+
+    from huggingface_hub.utils import logging as hub_logging
+
+    hub_root = logging.getLogger("huggingface_hub")
+    monkeypatch.setattr(hub_root, "propagate", True)
+    monkeypatch.setattr(logging.getLogger(), "handlers", [logging.StreamHandler()])
+    assert cli.main([]) == 0 and cli.main(["predict", "--help"]) == 0
+    capfd.readouterr()
+    hub_logging.get_logger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
+    assert capfd.readouterr().err.count("Retrying in 1s") == 1

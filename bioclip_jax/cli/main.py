@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import logging
+import os
 import sys
 
 # command -> (module with `main(argv) -> int`, one-line help)
@@ -31,7 +33,22 @@ def _usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    try:
+        status = _run(sys.argv[1:] if argv is None else argv)
+        sys.stdout.flush()  # a reader that left shows here, not as a failed flush at exit
+        return status
+    except BrokenPipeError:
+        return _reader_left()
+
+
+def _reader_left() -> int:
+    """`bioclip-jax predict ... | head`: stop quietly, as Unix tools do, with the status a process killed by
+    SIGPIPE has (128 + 13). Python would otherwise fail again flushing stdout at exit."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 128 + 13
+
+
+def _run(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0
@@ -39,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"bioclip-jax: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
+    # huggingface_hub logs through its own handler; its records reaching the root logger too (which absl
+    # configures) printed every warning twice.
+    logging.getLogger("huggingface_hub").propagate = False
     module = importlib.import_module(COMMANDS[command][0])
     try:
         return int(module.main(rest) or 0)
