@@ -10,7 +10,9 @@ picks the latest finished step unless told which. DIR may be local or a bucket (
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 from typing import Any, Mapping
 
 import numpy as np
@@ -41,7 +43,7 @@ def write_model_json(directory: paths.PathLike, model_cfg: dict, preprocess_cfg:
 
 
 def read_model_json(directory: paths.PathLike) -> dict[str, Any]:
-    return json.loads((epath.Path(directory) / MODEL_JSON).read_text(encoding="utf-8"))
+    return paths.read_json(epath.Path(directory) / MODEL_JSON)
 
 
 def is_model_dir(directory: paths.PathLike) -> bool:
@@ -87,9 +89,30 @@ def params_dir(directory: paths.PathLike, step: int | None = None) -> epath.Path
     return root / CHECKPOINTS_DIR / str(step) / PARAMS_DIR
 
 
+class _ItemMetadataIsOneLevelUp(logging.Filter):
+    """A CheckpointManager keeps _CHECKPOINT_METADATA in checkpoints/<step>/, beside its items; Orbax,
+    reading the params item on its own, warns (through absl) on every load that params/ lacks one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.msg == "Metadata file does not exist: %s" and record.args
+                    and epath.Path(str(record.args[0])).parent.name == PARAMS_DIR)
+
+
+@contextlib.contextmanager
+def _reading_params():
+    """A PyTreeCheckpointer for params/, without Orbax's warning about the step-level metadata file."""
+    absl_logger, quiet = logging.getLogger("absl"), _ItemMetadataIsOneLevelUp()
+    absl_logger.addFilter(quiet)
+    try:
+        with ocp.PyTreeCheckpointer() as checkpointer:
+            yield checkpointer
+    finally:
+        absl_logger.removeFilter(quiet)
+
+
 def param_keys(directory: paths.PathLike, step: int | None = None) -> list[str]:
     """The parameter keys saved in a model directory or workdir checkpoint (metadata only, no arrays)."""
-    with ocp.PyTreeCheckpointer() as checkpointer:
+    with _reading_params() as checkpointer:
         return sorted(checkpointer.metadata(params_dir(directory, step)).item_metadata.tree)
 
 
@@ -101,7 +124,7 @@ def load_params(directory: paths.PathLike, step: int | None = None) -> dict[tupl
     checkpoint from 8 devices (or 2 processes) in a 1-device process ("Topology mismatch").
     """
     source = params_dir(directory, step)
-    with ocp.PyTreeCheckpointer() as checkpointer:
+    with _reading_params() as checkpointer:
         saved = checkpointer.metadata(source).item_metadata.tree
         as_numpy = {key: ocp.RestoreArgs(restore_type=np.ndarray, dtype=leaf.dtype) for key, leaf in saved.items()}
         tree = checkpointer.restore(source, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
