@@ -132,3 +132,27 @@ def test_watch_workdir_evaluates_each_checkpoint_once(colour_folder, tmp_path, c
     assert cli.main(args) == 0  # nothing new: no second evaluation
     assert len((workdir / "metrics.jsonl").read_text().splitlines()) == 1
     assert "evaluating step 10" in capsys.readouterr().err
+
+
+def test_workdir_results_go_into_the_run_with_its_text_types(colour_folder, tmp_path, monkeypatch, capsys):
+    """`eval --workdir RUN` writes RUN/eval/<step>/results.* (not into the current folder), scores the text
+    types the run lists, and says when it replaces earlier results."""
+    workdir = tmp_path / "run"
+    model = bioclip_jax.create_model("ViT-Tiny-8", seed=1)
+    model_dir.write_model_json(str(workdir), *model_metadata(model))
+    model_dir.save_params(str(workdir / "checkpoints" / "10"), flat_params(model))
+    (workdir / "config.json").write_text(json.dumps({"eval": {
+        "held_out_dir": str(colour_folder), "taxa_file": str(colour_folder.parent / "taxa.csv"),
+        "text_type": "taxon_com,sci,com"}}))
+    monkeypatch.chdir(tmp_path)
+    args = ["--workdir", str(workdir), "--no_progress", "--tasks=zero_shot", "--templates=single", "--no_plot"]
+    assert cli.main(args) == 0
+    out = workdir / "eval" / "10" / "results.json"
+    assert results.read_about(str(out))["text_types"] == ["taxon_com", "sci", "com"]
+    assert (workdir / "eval" / "10" / "results.md").is_file() and not (tmp_path / "results.json").exists()
+    assert "replaced" not in capsys.readouterr().err
+    assert cli.main([*args, "--text_type=com"]) == 0  # the flag wins; the earlier files are replaced, and said so
+    assert results.read_about(str(out))["text_types"] == ["com"]
+    assert f"replaced the earlier results.json, results.md in {out.parent}" in capsys.readouterr().err
+    assert cli.main([*args, f"--out={tmp_path / 'mine' / 'r.json'}"]) == 0
+    assert results.read_about(str(tmp_path / "mine" / "r.json"))["text_types"] == ["taxon_com", "sci", "com"]

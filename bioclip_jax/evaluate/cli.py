@@ -6,6 +6,12 @@
     python -m bioclip_jax.evaluate --workdir=runs/tiny --watch --data=folder:synthetic/held_out/images
     python -m bioclip_jax.evaluate --workdir=runs/tiny   # no --data: the held-out set the run recorded
 
+With --workdir the results go to WORKDIR/eval/<step>/results.{json,md,png} (the folder --watch
+writes too; never over the training job's own WORKDIR/results.*), and zero-shot uses the text
+types the run lists (config.json eval.text_type) unless --text_type is given. Without --workdir
+they go to ./results.json unless --out says where. Earlier results at that place are replaced,
+and the command says so.
+
 A config file defines `get_config(arg=None)` returning a ConfigDict whose fields are
 those of `runner.default_config()`; flags given on the command line win over the file,
 and `--config.FIELD=VALUE` changes any field. --pretrained, --workdir and --out may be
@@ -39,14 +45,15 @@ _FLAGS = {
     "label_key": dict(help="label member of shards (default scientific_name.txt)"),
     "tasks": dict(help=f"comma list of {', '.join(runner.TASKS)} (default zero_shot,few_shot)"),
     "text_type": dict(help="class names for zero-shot: com, sci, sci_com, taxon, taxon_com, ...; a comma "
-                           "list scores each (default taxon_com)"),
+                           "list scores each (default: with --workdir the run's eval.text_type, else taxon_com)"),
     "templates": dict(help="prompt templates: openai (80, default) or single"),
     "shots": dict(help="comma list of k for few-shot (default 1,5)"),
     "trials": dict(type=int, help="few-shot trials, seeds 0..T-1 (default 5)"),
     "batch_size": dict(type=int, help="images per device batch (default 64)"),
     "text_batch_size": dict(type=int, help="prompts per text batch (default 256)"),
     "workers": dict(type=int, help="image decoding threads (default 8)"),
-    "out": dict(help="results JSON path; the .md table and .png chart go beside it (default results.json)"),
+    "out": dict(help="results JSON path; the .md table and .png chart go beside it (default: "
+                     "WORKDIR/eval/<step>/results.json with --workdir, else results.json); earlier ones are replaced"),
     "plot_embeddings": dict(help="also save a 2-D PCA of image embeddings coloured by this rank"),
     "tfds_data_dir": dict(help="TFDS data directory"),
 }
@@ -135,8 +142,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if config.workdir:
             steps = runner.finished_steps(config.workdir)
+            step = steps[-1] if steps else None
             model = load_model(config.workdir, config.model or None)
-            records = runner.evaluate(model, config, source=config.workdir, step=steps[-1] if steps else None)
+            records = runner.evaluate(model, config, config.out or runner.workdir_results_path(config.workdir, step),
+                                      source=config.workdir, step=step)
         else:
             model = load_model(config.pretrained or None, config.model or None)
             records = runner.evaluate(model, config)

@@ -5,9 +5,14 @@ streams its images through the model once, and scores zero-shot (once per text t
 `text_type`, a comma list), few-shot, linear probe and per-rank metrics on the stored
 embeddings. `write_results` writes results.json (with what the numbers are of: model
 source and step, text types, templates, dataset name and path), results.md and
-results.png; the training job's final held-out evaluation uses the same functions. `watch(workdir, config)` does the
-same for every new checkpoint of a training run and logs to the run's metrics.jsonl
-and TensorBoard, so evaluation can run on other hardware beside training.
+results.png, and says which earlier ones it replaced; the training job's final held-out
+evaluation uses the same functions. `watch(workdir, config)` does the same for every new
+checkpoint of a training run and logs to the run's metrics.jsonl and TensorBoard, so
+evaluation can run on other hardware beside training.
+
+A training run is evaluated as it recorded itself in WORKDIR/config.json: on its held-out
+set (eval.held_out_dir) unless a dataset is given, with its text types (eval.text_type)
+unless `text_type` is set, and its results go to WORKDIR/eval/<step>/ unless `out` is set.
 """
 
 from __future__ import annotations
@@ -39,6 +44,9 @@ from bioclip_jax.taxonomy import RANKS, check_text_type
 TASKS = ("zero_shot", "few_shot", "linear_probe")
 HELD_OUT_NAME = "held_out"  # the name a training run's held-out species go by in its results
 CONFIG_JSON = "config.json"  # a training run's config (train/run_identity.py writes it)
+DEFAULT_TEXT_TYPE = "taxon_com"  # how the paper scores BioCLIP
+RESULTS_JSON = "results.json"
+WORKDIR_RESULTS = "eval"  # WORKDIR/eval/<step>/results.json
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -56,7 +64,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.taxa = ""
     config.label_key = ""
     config.tasks = "zero_shot,few_shot"
-    config.text_type = "taxon_com"  # a comma list scores zero-shot once per text type
+    config.text_type = ""  # a comma list scores zero-shot once per text type; "": the run's, else taxon_com
     config.templates = "openai"
     config.shots = (1, 5)
     config.trials = 5
@@ -64,7 +72,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.batch_size = 64
     config.text_batch_size = 256
     config.workers = 8
-    config.out = "results.json"
+    config.out = ""  # results.json path; "": WORKDIR/eval/<step>/results.json, else ./results.json
     config.plot = True
     config.plot_embeddings = ""  # a rank, e.g. "family": PCA of image embeddings coloured by it
     config.tfds_data_dir = ""
@@ -105,7 +113,15 @@ def parse_text_types(text_type: str) -> list[str]:
     return types
 
 
+def fill_defaults(config) -> None:
+    """The text types a config leaves open: the training run's (config.json eval.text_type), else taxon_com."""
+    if not config.text_type:
+        recorded = _recorded_eval(config.workdir).get("text_type") if config.workdir else None
+        config.text_type = recorded or DEFAULT_TEXT_TYPE
+
+
 def check_config(config) -> None:
+    fill_defaults(config)
     parse_tasks(config.tasks)
     parse_text_types(config.text_type)
     get_templates(config.templates)
@@ -258,8 +274,12 @@ def results_about(config, datasets: list[dict], source: str | None, step: int | 
 
 def write_results(records: list[results.Record], out: str, about: dict | None = None, plot: bool = True,
                   echo: bool = True) -> list[str]:
-    """OUT (results.json), OUT's .md table and .png chart, local or gs://; returns the paths written."""
+    """OUT (results.json), OUT's .md table and .png chart, local or gs://; returns the paths written.
+
+    Earlier results at OUT are replaced, and stderr says so; an earlier chart that this run does not
+    redraw is removed with them, so the three files always describe the same evaluation."""
     json_path, md_path, png_path = _output_paths(out)
+    earlier = [p for p in (json_path, md_path, png_path) if epath.Path(p).exists()]
     with paths.local_stand_in(json_path) as local:
         results.write_json(records, local, about)
     table = results.markdown_table(records, about)
@@ -267,8 +287,19 @@ def write_results(records: list[results.Record], out: str, about: dict | None = 
     if echo:
         print(table)
     with paths.local_stand_in(png_path) as local:
-        charted = plot and plots.comparison_chart(records, local)
+        charted = plot and plots.comparison_chart(records, local, classes=results.class_counts(about))
+    if not charted and png_path in earlier:
+        epath.Path(png_path).unlink()
+    if earlier:
+        names = ", ".join(os.path.basename(p) for p in earlier)
+        print(f"replaced the earlier {names} in {os.path.dirname(json_path) or '.'}", file=sys.stderr)
     return [json_path, md_path] + ([png_path] if charted else [])
+
+
+def workdir_results_path(workdir, step: int | None) -> str:
+    """Where a training run's evaluation at `step` goes: WORKDIR/eval/<step>/results.json."""
+    folder = epath.Path(workdir) / WORKDIR_RESULTS
+    return os.fspath((folder / str(step) if step is not None else folder) / RESULTS_JSON)
 
 
 def evaluate(model: CLIP, config, out: str | None = None, *, source: str | None = None,
@@ -277,7 +308,7 @@ def evaluate(model: CLIP, config, out: str | None = None, *, source: str | None 
     check_config(config)
     records: list[results.Record] = []
     described: list[dict] = []
-    json_path = out or config.out
+    json_path = out or config.out or RESULTS_JSON
     for spec in dataset_specs(config):
         try:
             data = open_dataset(spec, config)
@@ -302,12 +333,17 @@ def evaluate(model: CLIP, config, out: str | None = None, *, source: str | None 
     return records
 
 
+def _recorded_eval(workdir) -> dict:
+    """The eval fields of a training run's config.json ({} when it has none)."""
+    config_path = epath.Path(workdir) / CONFIG_JSON
+    return json.loads(config_path.read_text()).get("eval", {}) if config_path.is_file() else {}
+
+
 def recorded_held_out(workdir) -> dict:
     """The held-out set a training run scored itself on (its config.json's eval fields) as a dataset spec."""
-    config_path = epath.Path(workdir) / CONFIG_JSON
-    if not config_path.is_file():
+    if not (epath.Path(workdir) / CONFIG_JSON).is_file():
         raise FileNotFoundError(f"{workdir} has no {CONFIG_JSON}: pass --data=folder:PATH")
-    recorded = json.loads(config_path.read_text()).get("eval", {})
+    recorded = _recorded_eval(workdir)
     folder = recorded.get("held_out_dir")
     if not folder:
         raise ValueError(f"the run in {workdir} recorded no held-out set (eval.held_out_dir): pass --data=...")
@@ -361,8 +397,7 @@ def watch(workdir, config, *, sleep: Callable[[float], None] = time.sleep) -> di
     check_config(config)
     if not model_dir.is_model_dir(workdir):
         raise FileNotFoundError(f"{workdir} is not a training workdir (no {model_dir.MODEL_JSON})")
-    out_root = epath.Path(workdir) / "eval"
-    done = {s for s in finished_steps(workdir) if (out_root / str(s) / "results.json").is_file()}
+    done = {s for s in finished_steps(workdir) if epath.Path(workdir_results_path(workdir, s)).is_file()}
     model = None
     writer = _tensorboard(workdir)
     evaluated: dict[int, list[results.Record]] = {}
@@ -381,7 +416,7 @@ def watch(workdir, config, *, sleep: Callable[[float], None] = time.sleep) -> di
                     done.add(step)
                     continue
                 print(f"evaluating step {step}", file=sys.stderr)
-                records = evaluate(model, config, out=str(out_root / str(step) / "results.json"),
+                records = evaluate(model, config, out=workdir_results_path(workdir, step),
                                    source=str(workdir), step=step)
                 log_step(workdir, step, records, writer)
                 evaluated[step] = records
