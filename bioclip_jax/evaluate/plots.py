@@ -1,4 +1,8 @@
-"""PNG figures: our accuracies beside the published ones, and a 2-D map of image embeddings."""
+"""PNG figures: our accuracies beside the published ones, and a 2-D map of image embeddings.
+
+The bar chart has a title, one legend below the panels (so it never covers a bar or its label),
+error bars (std over trials) where several trials were run, and each dataset's chance level.
+"""
 
 from __future__ import annotations
 
@@ -48,59 +52,84 @@ _COLOURS = {"CLIP": "C1", "OpenCLIP": "C2", "BioCLIP": "C3"}  # the same in ever
 _OURS_COLOURS = ("C0", "C4", "C9", "C5", "C6", "C8")  # ours, one shade per zero-shot text type
 
 
-def _series(records: Sequence[Record], metric: str, datasets: list[str]) -> dict[str, list[float]]:
-    """Bar heights per dataset: ours (per text type for zero-shot), then each published model with a
-    number for at least one of these datasets (NaN where it has none: no bar is drawn there)."""
-    series: dict[str, list[float]] = {}
+CHANCE_LABEL = "chance (1 / classes)"
+
+
+def _series(records: Sequence[Record], metric: str, datasets: list[str]) -> dict[str, tuple[list, list]]:
+    """(bar heights, std) per dataset: ours (per text type for zero-shot), then each published model with a
+    number for at least one of these datasets (NaN where it has none: no bar is drawn there). The std is
+    NaN for a single trial and for published numbers: no error bar."""
+    series: dict[str, tuple[list, list]] = {}
     ours = [r for r in records if r.metric == metric]
     for text_type in dict.fromkeys(r.text_type for r in ours):
-        cells = {r.dataset: r.mean for r in ours if r.text_type == text_type}
-        series[f"ours ({text_type})" if text_type else "ours"] = [cells.get(d, np.nan) for d in datasets]
+        cells = {r.dataset: r for r in ours if r.text_type == text_type}
+        found = [cells.get(d) for d in datasets]
+        series[f"ours ({text_type})" if text_type else "ours"] = (
+            [r.mean if r else np.nan for r in found], [r.std if r and r.trials > 1 else np.nan for r in found])
     for model, table in PUBLISHED.get(metric, {}).items():
         values = [table.get(published_key(d) or "", np.nan) for d in datasets]
         if not np.all(np.isnan(values)):
-            series[model] = values
+            series[model] = (values, [np.nan] * len(datasets))
     return series
 
 
-def _bars(ax, records: Sequence[Record], metric: str) -> bool:
-    """Grouped bars per dataset, each labelled with its value; True when a published bar is drawn."""
+def _bars(ax, records: Sequence[Record], metric: str, classes: dict[str, int]) -> bool:
+    """Grouped bars per dataset, each labelled with its value (above its error bar), and each dataset's
+    chance level as a dashed line across its group; True when a published bar is drawn."""
     datasets = list(dict.fromkeys(r.dataset for r in records if r.metric == metric))
     series = _series(records, metric, datasets)
     width = min(0.8 / len(series), 0.3)
     x = np.arange(len(datasets))
     ours_colours = iter(_OURS_COLOURS)
-    for i, (name, values) in enumerate(series.items()):
-        values = np.asarray(values, np.float64)
+    for i, (name, (values, stds)) in enumerate(series.items()):
+        values, stds = np.asarray(values, np.float64), np.asarray(stds, np.float64)
         shown = ~np.isnan(values)
         colour = _COLOURS.get(name) or next(ours_colours, None)
-        bars = ax.bar((x + (i - (len(series) - 1) / 2) * width)[shown], values[shown], width, label=name,
-                      color=colour)
-        ax.bar_label(bars, fmt="%.1f", fontsize="x-small", padding=1)
+        errors = np.nan_to_num(stds[shown])
+        centres = (x + (i - (len(series) - 1) / 2) * width)[shown]
+        ax.bar(centres, values[shown], width, label=name, color=colour,
+               yerr=errors if errors.any() else None, capsize=3, error_kw={"elinewidth": 1})
+        for centre, value, error in zip(centres, values[shown], errors):
+            ax.annotate(f"{value:.1f}", (centre, value + error), xytext=(0, 1), textcoords="offset points",
+                        ha="center", va="bottom", fontsize="x-small")
+    chance = [(i, 100.0 / classes[d]) for i, d in enumerate(datasets) if classes.get(d)]
+    if chance:
+        ax.hlines([level for _, level in chance], [i - 0.45 for i, _ in chance], [i + 0.45 for i, _ in chance],
+                  colors="0.3", linestyles="--", linewidth=1, label=CHANCE_LABEL, zorder=3)
     ax.set_xticks(x, datasets, rotation=30, ha="right")
     ax.set_xlim(-0.6, len(datasets) - 0.4)  # one dataset: bars keep their width instead of filling the panel
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_ylim(0, 108)
     ax.set_title(metric)
-    ax.legend(fontsize="small")
     return any(name in PUBLISHED.get(metric, {}) for name in series)
 
 
-def comparison_chart(records: Sequence[Record], path: str, metrics: Sequence[str] = HEADLINE_METRICS) -> bool:
+def comparison_chart(records: Sequence[Record], path: str, metrics: Sequence[str] = HEADLINE_METRICS,
+                     classes: dict[str, int] | None = None) -> bool:
     """One panel per headline metric we have; published numbers (BioCLIP paper) beside ours only on the
-    datasets the paper reports, and the title mentions them only when some are drawn."""
+    datasets the paper reports, and the title mentions them only when some are drawn. `classes`
+    (dataset -> number of classes) draws the chance levels."""
     present = [m for m in metrics if any(r.metric == m for r in records)]
     if not present:
         return False
     datasets = len({r.dataset for r in records})
     bars = max(len({r.text_type for r in records if r.metric == m}) for m in present) + 3
-    fig, axes = plt.subplots(1, len(present), squeeze=False,
-                             figsize=(len(present) * max(4.5, 0.35 * bars * datasets + 2), 4.2))
-    published = [_bars(ax, records, metric) for ax, metric in zip(axes[0], present)]
+    fig, axes = plt.subplots(1, len(present), squeeze=False, layout="constrained",
+                             figsize=(len(present) * max(4.5, 0.35 * bars * datasets + 2), 4.8))
+    published = [_bars(ax, records, metric, classes or {}) for ax, metric in zip(axes[0], present)]
     names = ", ".join(dict.fromkeys(r.dataset for r in records))
+    trials = max(r.trials for r in records if r.metric in present)
     fig.suptitle(f"top-1 accuracy on {names}" + (" beside the published numbers (BioCLIP, CVPR 2024)"
-                                                  if any(published) else ""))
-    fig.tight_layout()
+                                                  if any(published) else "")
+                 + (f"; error bars: std over {trials} trials" if trials > 1 else ""))
+    legend = {}
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    if CHANCE_LABEL in legend:
+        legend[CHANCE_LABEL] = legend.pop(CHANCE_LABEL)  # last, after the bars
+    fig.legend(legend.values(), legend.keys(), loc="outside lower center", ncols=min(len(legend), 4),
+               fontsize="small")
     _save(fig, path)
     return True
 

@@ -10,6 +10,10 @@ zero_shot_mistake_distance.
 results.json is {"model": {"source", "step", "architecture"}, "templates", "text_types",
 "datasets": [{"name", "source", "path", "taxa", "classes", "images"}], "records": [...]};
 `read_json` also reads the older plain list of records.
+
+results.md has a title, what the numbers are of, the tables, and a key to reading them:
+chance level, what "±" is, each text type and the mistake distance. It leaves the top-5
+column out when no dataset has more than TOP5_MIN_CLASSES - 1 classes (results.json keeps it).
 """
 
 from __future__ import annotations
@@ -20,6 +24,12 @@ import os
 from typing import Iterable, Sequence
 
 import numpy as np
+
+from bioclip_jax.taxonomy.text_types import TEXT_TYPE_MEANINGS
+
+# Top-5 accuracy is shown from this many classes on: with 5 or fewer it is always 100%, and up to 20
+# a random guess already scores 25% or more.
+TOP5_MIN_CLASSES = 21
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,19 +143,59 @@ def describe(about: dict) -> list[str]:
     return lines + [""] if lines else []
 
 
+def class_counts(about: dict | None) -> dict[str, int]:
+    """Dataset name -> number of classes, from a results header."""
+    return {d["name"]: int(d["classes"]) for d in (about or {}).get("datasets", []) if d.get("classes")}
+
+
+def title(records: Sequence[Record], about: dict | None) -> str:
+    model = (about or {}).get("model") or {}
+    of = f" of {model.get('source') or 'random weights'}" if model else ""
+    step = f", step {model['step']}" if model.get("step") is not None else ""
+    return f"# Evaluation{of}{step} on {', '.join(dict.fromkeys(r.dataset for r in records))}"
+
+
+def _key(records: Sequence[Record], classes: dict[str, int], ranked: bool, top5_left_out: bool) -> list[str]:
+    """How to read the tables: chance, "±", the text types, the mistake distance."""
+    lines = []
+    if classes:
+        chance = "; ".join(f"{100 / n:.2f}% on {name} ({n} classes)" for name, n in classes.items())
+        lines.append(f"- accuracies are in % of the images; top-1 chance (a class picked at random) is {chance}")
+    trials = max(r.trials for r in records)
+    if trials > 1:
+        lines.append(f"- a ± b: mean and standard deviation over {trials} few-shot trials (the k training images "
+                     f"per class drawn with seeds 0-{trials - 1}); zero-shot draws nothing, so has no ±")
+    for text_type in text_types_of(records):
+        meaning = TEXT_TYPE_MEANINGS.get(text_type, "")
+        lines.append(f"- text type {text_type}: zero-shot classes named by {meaning}, through the prompt templates"
+                     if meaning else f"- text type {text_type}")
+    if ranked:
+        lines.append("- mistake distance: over the wrong predictions, the mean number of ranks from species up to "
+                     "the lowest rank the predicted and true species share (1 = same genus, 2 = same family, ..., "
+                     "7 = different kingdom); lower is better, 0 when nothing is wrong")
+    if top5_left_out:
+        lines.append(f"- top-5 is left out: no dataset has more than {TOP5_MIN_CLASSES - 1} classes "
+                     f"(results.json has it)")
+    return ["How to read this:", *lines] if lines else []
+
+
 def markdown_table(records: Sequence[Record], about: dict | None = None) -> str:
     """Headline metrics (one row per dataset and zero-shot text type) and, when classes had a taxonomy,
     accuracy per rank (one row per dataset and method) with the mean mistake distance in ranks."""
     if not records:
         return "(no results)\n"
     datasets = list(dict.fromkeys(r.dataset for r in records))
+    classes = class_counts(about)
     get = _lookup(records)
     types = text_types_of(records) or [""]
     type_column = ["text type"] if types != [""] else []
     headline = sorted({r.metric for r in records if split_metric(r.metric)[1] == ""}, key=_method_order)
+    top5_left_out = ("zero_shot_top5" in headline and all(d in classes for d in datasets)
+                     and max(classes[d] for d in datasets) < TOP5_MIN_CLASSES)
+    headline = [m for m in headline if not (top5_left_out and m == "zero_shot_top5")]
     rows = [[d, *([t] if type_column else []), *(_cell(get(d, m, t)) for m in headline)]
             for d in datasets for t in types]
-    lines = describe(about or {}) + _table(["dataset", *type_column, *headline], rows)
+    lines = [title(records, about), ""] + describe(about or {}) + _table(["dataset", *type_column, *headline], rows)
     if type_column and any(not split_metric(m)[0].startswith("zero") for m in headline):
         lines += ["", "(few-shot uses image features only: the same on every text type's row)"]
     ranked = sorted({split_metric(r.metric)[0] for r in records if split_metric(r.metric)[1]}, key=_method_order)
@@ -163,4 +213,5 @@ def markdown_table(records: Sequence[Record], about: dict | None = None) -> str:
                         rows.append([dataset, method, *label, *(_cell(r) for r in found)])
         lines += ["", "Accuracy per rank (a species prediction scored at each rank):", ""]
         lines += _table(["dataset", "method", *type_column, *columns], rows)
+    lines += ["", *_key(records, {d: classes[d] for d in datasets if d in classes}, bool(ranked), top5_left_out)]
     return "\n".join(lines) + "\n"

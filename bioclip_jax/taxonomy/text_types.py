@@ -13,6 +13,17 @@ from bioclip_jax.taxonomy.taxon import Taxon
 
 TEXT_TYPES = ("sci", "com", "taxon", "taxonTag", "sci_com", "taxon_com", "taxonTag_com")
 
+# What each type names a class by, in words (results files explain their text types with these).
+TEXT_TYPE_MEANINGS = {
+    "sci": "scientific name (Genus species)",
+    "com": "common name (the scientific name where there is none)",
+    "taxon": "taxonomic name, kingdom to species",
+    "taxonTag": "taxonomic name with each rank tagged (kingdom X phylum Y ...)",
+    "sci_com": "scientific name with common name",
+    "taxon_com": "taxonomic name with common name (how the paper scores BioCLIP)",
+    "taxonTag_com": "tagged taxonomic name with common name",
+}
+
 # The choices of the reference `--text_type random` (the tagged forms were never drawn).
 RANDOM_POOL = ("sci", "com", "taxon", "sci_com", "taxon_com")
 
