@@ -91,23 +91,22 @@ def test_hub_warnings_are_printed_once(monkeypatch, capfd):
 def test_loading_a_training_workdir_says_nothing_about_orbax_metadata(tmp_path, caplog, capsys):
     """A training run's CheckpointManager keeps _CHECKPOINT_METADATA per step, not in params/: Orbax's
     warning that params/ lacks one came with every load of a workdir."""
-    import numpy as np
-    import orbax.checkpoint as ocp
-
-    import bioclip_jax
     from bioclip_jax.checkpoint import model_dir
-    from bioclip_jax.models.params import flat_params
-    from bioclip_jax.pretrained import model_metadata
+    from workdir_helpers import trained_workdir
 
     workdir = tmp_path / "run"
-    model = bioclip_jax.create_model("ViT-Tiny-8", seed=1)
-    model_dir.write_model_json(str(workdir), *model_metadata(model))
-    tree = {model_dir.path_to_key(p): np.asarray(v) for p, v in flat_params(model).items()}
-    with ocp.CheckpointManager(workdir / model_dir.CHECKPOINTS_DIR,  # the training loop's layout
-                               item_handlers={model_dir.PARAMS_DIR: ocp.StandardCheckpointHandler()}) as manager:
-        manager.save(10, args=ocp.args.Composite(**{model_dir.PARAMS_DIR: ocp.args.StandardSave(tree)}))
+    tree = trained_workdir(workdir, step=10)
     caplog.set_level("WARNING")
     assert cli.main(["export", "--checkpoint", str(workdir), "--out", str(tmp_path / "out")]) == 0
     assert "from step 10" in capsys.readouterr().out
     assert model_dir.param_keys(str(workdir)) == sorted(tree)
     assert not [r.getMessage() for r in caplog.records if "Metadata file" in r.getMessage()]
+
+
+def test_readme_lists_every_command():
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    (listing,) = re.findall(r"Command line \(`bioclip-jax --help` lists them all\): (.*?)\.\n", readme, re.S)
+    assert re.findall(r"`([a-z-]+)`", listing) == list(cli.COMMANDS)

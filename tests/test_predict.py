@@ -289,3 +289,28 @@ def test_label_and_path_mistakes(setup, capsys, tmp_path, monkeypatch):
     assert code == 1  # the good image is still predicted, the run reports the missing one
     assert {r["file_name"] for r in json.loads(out)} == {setup["images"][0]}
     assert "nope.jpg" in err
+
+
+def test_readme_classify_with_the_model_you_just_trained(tmp_path, monkeypatch, capsys):
+    """The README's predict example, on a workdir laid out as training leaves it and its synthetic tree."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from bioclip_jax.data.synthetic import make_synthetic
+    from workdir_helpers import trained_workdir
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    (command,) = [" ".join(block.replace("\\\n", " ").split()) for block in re.findall(r"```bash\n(.*?)```", readme, re.S)
+                  if "predict" in block and "--pretrained runs/tiny" in block]
+    argv = shlex.split(command)
+    assert argv[:2] == ["bioclip-jax", "predict"]
+    trained_workdir(tmp_path / "runs" / "tiny")
+    make_synthetic(str(tmp_path / "runs" / "tiny" / "synthetic"), species=12, images_per_species=2,
+                   held_out_species=2, seed=0, image_size=64)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("BIOCLIP_JAX_CACHE", str(tmp_path / "cache"))
+    code, out, _ = _run(capsys, [*argv[2:], "--no-progress"])
+    assert code == 0
+    rows = out.strip().splitlines()[1:]  # a table: a header, then k rows per image
+    assert len(rows) == 3 * 4 and all("runs/tiny/synthetic/held_out/images/" in row for row in rows)
