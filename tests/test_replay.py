@@ -3,6 +3,7 @@ projector with its own loss, exact resume, and nothing changed when replay is of
 
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -10,11 +11,14 @@ from bioclip_jax.cli import export as export_cli
 from bioclip_jax.cli import make_synthetic as make_synthetic_cli
 from bioclip_jax.checkpoint import model_dir
 from bioclip_jax.data.pipeline import make_train_dataset
-from bioclip_jax.data.replay import REPLAY_PROJECTOR_KEY, ReplayMixer, make_replay_dataset
+from bioclip_jax.data.replay import PROJECTOR_KEY, REPLAY_PROJECTOR_KEY, ReplayMixer, make_replay_dataset
 from bioclip_jax.data.tar_source import TarShardSource
 from bioclip_jax.data.shard_index import expand_shard_pattern
+from bioclip_jax.parallel.mesh import make_mesh
 from bioclip_jax.tokenizer import get_tokenizer
 from bioclip_jax.train import state as state_lib
+from bioclip_jax.train.loop import initial_params, to_devices
+from bioclip_jax.train.step import make_grad_fn
 
 from train_helpers import run, smoke_config
 
@@ -31,9 +35,19 @@ def data(tmp_path_factory):
     return {"train": str(out / "train"), "generic": str(out / "generic")}
 
 
+def _replay_overrides(data) -> dict:
+    return dict(data__replay_shards=data["generic"], data__replay_per_batch=REPLAY, data__workers=0)
+
+
 def _replay_config(data, **overrides):
-    return smoke_config(data["train"], data__replay_shards=data["generic"], data__replay_per_batch=REPLAY,
-                        data__workers=0, **overrides)
+    return smoke_config(data["train"], **_replay_overrides(data), **overrides)
+
+
+@pytest.fixture(scope="module")
+def straight(data, tmp_path_factory):
+    """A six-step run with replay, not interrupted: (its workdir, its metrics records)."""
+    workdir = tmp_path_factory.mktemp("straight")
+    return workdir, run(workdir, data["train"], **_replay_overrides(data))
 
 
 def test_generic_caption_set_is_jpg_and_txt_pairs(data):
@@ -75,8 +89,7 @@ def test_every_batch_holds_exactly_the_replay_count_over_hosts(data):
 
 def test_replay_adds_its_own_loss_and_leaves_the_tree_of_life_part_alone(data, tmp_path):
     plain = run(tmp_path / "plain", data["train"], stop_after=2, data__workers=0)
-    mixed = run(tmp_path / "mixed", data["train"], stop_after=2, data__workers=0,
-                data__replay_shards=data["generic"], data__replay_per_batch=REPLAY)
+    mixed = run(tmp_path / "mixed", data["train"], stop_after=2, **_replay_overrides(data))
     first_plain = next(r for r in plain if r["step"] == 1)
     first_mixed = next(r for r in mixed if r["step"] == 1)
     assert "loss_replay" not in first_plain  # replay off: today's step and metrics
@@ -86,6 +99,42 @@ def test_replay_adds_its_own_loss_and_leaves_the_tree_of_life_part_alone(data, t
     assert first_mixed["loss"] == pytest.approx(first_mixed["loss_tree_of_life"] + first_mixed["loss_replay"],
                                                 rel=1e-6)
     assert first_mixed["loss_replay"] > 0
+    # Images per second and MFU count the replay pairs too: each runs through both towers.
+    batch = smoke_config(data["train"]).data.batch_size
+    assert first_plain["images_per_sec"] * first_plain["seconds_per_step"] == pytest.approx(batch)
+    assert first_mixed["images_per_sec"] * first_mixed["seconds_per_step"] == pytest.approx(batch + REPLAY)
+    flops = {name: r["model_tflops_per_device"] * r["seconds_per_step"] for name, r in
+             (("plain", first_plain), ("mixed", first_mixed))}
+    assert flops["mixed"] / flops["plain"] == pytest.approx((batch + REPLAY) / batch)
+
+
+def _gradients(config, params: dict, host_batch: dict) -> dict:
+    """The train step's gradients (before the optimiser) on one batch, on 8 simulated devices."""
+    mesh = make_mesh(data=8)
+    grad_fn = jax.jit(make_grad_fn(config, state_lib.model_skeleton(config), mesh))
+    _, grads = grad_fn({k: params[k] for k in state_lib.state_to_flat(state_lib.model_skeleton(config).template)},
+                       to_devices(host_batch, mesh))
+    return jax.device_get(grads)
+
+
+def test_replay_projector_takes_the_gradient_of_the_replay_loss_only(data):
+    config = _replay_config(data)
+    batch = _host_batches(config, 0, 1, steps=1)[0]
+    params = initial_params(config)[0]  # the replay projector starts as a copy of the main one
+    np.testing.assert_array_equal(params[REPLAY_PROJECTOR_KEY], params[PROJECTOR_KEY])
+    # So the replay term is the replay-off objective on the replay rows, with replay_proj in proj's place.
+    off = smoke_config(data["train"])
+    main = _gradients(off, params, {"image": batch["image"], "tokens": batch["tokens"]})
+    replay = _gradients(off, params, {"image": batch["replay_image"], "tokens": batch["replay_tokens"]})
+    mixed = _gradients(config, params, batch)
+
+    assert np.abs(replay[PROJECTOR_KEY]).max() > 0
+    expected = {key: main[key] + replay[key] for key in main}  # towers and temperature: both terms
+    expected[PROJECTOR_KEY] = main[PROJECTOR_KEY]  # no replay term in the main projector
+    expected[REPLAY_PROJECTOR_KEY] = replay[PROJECTOR_KEY]  # and nothing but it in the replay one
+    assert set(mixed) == set(expected)
+    for key, want in expected.items():
+        np.testing.assert_allclose(mixed[key], want, rtol=1e-4, atol=1e-6 * np.abs(want).max(), err_msg=key)
 
 
 def test_replay_off_model_has_no_replay_projector():
@@ -96,9 +145,21 @@ def test_replay_off_model_has_no_replay_projector():
     assert REPLAY_PROJECTOR_KEY not in off and set(on) - set(off) == {REPLAY_PROJECTOR_KEY}
 
 
-def test_resume_with_replay_is_exact_and_the_projector_is_checkpointed(data, tmp_path, capsys):
-    replay = dict(data__workers=0, data__replay_shards=data["generic"], data__replay_per_batch=REPLAY)
-    straight = run(tmp_path / "straight", data["train"], **replay)
+def test_replay_projector_drifts_away_from_the_main_one(data, straight):
+    start = initial_params(_replay_config(data))[0][PROJECTOR_KEY]  # where both projectors start
+    trained = model_dir.load_params(str(straight[0]))
+    proj, replay_proj = (trained[model_dir.key_to_path(key)] for key in (PROJECTOR_KEY, REPLAY_PROJECTOR_KEY))
+    moved = {"proj": np.linalg.norm(proj - start), "replay_proj": np.linalg.norm(replay_proj - start)}
+    # Adam moves every entry that has a gradient by about the learning rate: the replay projector
+    # moves as far as the main one (weight decay alone would move it some 50x less)...
+    assert moved["replay_proj"] > 0.5 * moved["proj"] > 0
+    # ... and elsewhere, since it learns from other pairs.
+    assert np.linalg.norm(replay_proj - proj) > 0.5 * moved["replay_proj"]
+
+
+def test_resume_with_replay_is_exact_and_the_projector_is_checkpointed(data, straight, tmp_path, capsys):
+    replay = _replay_overrides(data)
+    straight = straight[1]
     run(tmp_path / "resumed", data["train"], stop_after=3, **replay)
     assert REPLAY_PROJECTOR_KEY in model_dir.param_keys(str(tmp_path / "resumed"))
     assert export_cli.main(["--checkpoint", str(tmp_path / "resumed"), "--out", str(tmp_path / "export")]) == 0
