@@ -34,46 +34,31 @@ TARGET = 1.1
 # program is traced, so that "ours as is" and "ours with the change" run side by side.
 
 
-def _token_major_attention(self, x, mask):
-    """The layout before head-major attention: q/k/v [batch, tokens, heads, head_dim], so both
-    attention contractions batch over non-leading axes (kept to show what the change bought)."""
-    import jax  # noqa: PLC0415
+def _separate_qkv_attention(self, x, mask, kernel=None, valid_tokens=None):
+    """q, k and v from three GEMMs, one per kernel, as before they were joined into one."""
     import jax.numpy as jnp  # noqa: PLC0415
 
+    from bioclip_jax.models import attention  # noqa: PLC0415
+
     dtype = x.dtype
-    q, k, v = (jnp.einsum("btd,dhk->bthk", x, kernel[...].astype(dtype)) + bias[...].astype(dtype)
-               for kernel, bias in ((self.query, self.query_bias), (self.key, self.key_bias),
+    kernel = kernel or attention.resolve(self.implementation, dtype, head_dim=self.head_dim)
+    spec = "btd,dhk->bhtk" if kernel == attention.HEAD_MAJOR else "btd,dhk->bthk"
+    q, k, v = (jnp.einsum(spec, x, weight[...].astype(dtype))
+               + (bias[...].astype(dtype)[:, None] if kernel == attention.HEAD_MAJOR else bias[...].astype(dtype))
+               for weight, bias in ((self.query, self.query_bias), (self.key, self.key_bias),
                                     (self.value, self.value_bias)))
-    logits = jnp.einsum("bqhk,bshk->bhqs", q * jnp.asarray(q.shape[-1] ** -0.5, dtype), k).astype(jnp.float32)
-    if mask is not None:
-        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    context = jnp.einsum("bhqs,bshk->bqhk", jax.nn.softmax(logits, axis=-1).astype(dtype), v)
-    return jnp.einsum("bqhk,hkd->bqd", context, self.out[...].astype(dtype)) + self.out_bias[...].astype(dtype)
+    if kernel == attention.HEAD_MAJOR:
+        return self.attend(q, k, v, mask, valid_tokens)
+    return self.output(attention.fused(q, k, v, mask, kernel, valid_tokens), "bqhk")
 
 
-def _fused_qkv_attention(self, x, mask):
-    """q, k and v from one [width, 3 * width] GEMM (like torch's in_proj), the kernels
-    concatenated per call; one larger GEMM instead of three."""
-    import jax.numpy as jnp  # noqa: PLC0415
-
-    dtype = x.dtype
-    b, t, width = x.shape
-    heads, head_dim = self.query.shape[1:]
-    kernel = jnp.concatenate([p[...].reshape(width, width) for p in (self.query, self.key, self.value)], axis=1)
-    bias = jnp.concatenate([p[...].reshape(width) for p in (self.query_bias, self.key_bias, self.value_bias)])
-    qkv = x.reshape(b * t, width) @ kernel.astype(dtype) + bias.astype(dtype)
-    q, k, v = qkv.reshape(b, t, 3, heads, head_dim).transpose(2, 0, 3, 1, 4)
-    return self.attend(q, k, v, mask)
-
-
-def _unrolled_transformer(self, x, mask=None):
+def _unrolled_transformer(self, x, mask, kernel, valid_tokens):
     """The blocks as a Python loop even where the model runs them in lax.scan (training)."""
-    return self.unrolled(x, mask)
+    return self.unrolled(x, mask, kernel, valid_tokens)
 
 
-VARIANTS = {"token-major-attention": ("Attention", "__call__", _token_major_attention),
-            "fused-qkv": ("Attention", "__call__", _fused_qkv_attention),
-            "unrolled-layers": ("Transformer", "__call__", _unrolled_transformer)}
+VARIANTS = {"separate-qkv": ("Attention", "__call__", _separate_qkv_attention),
+            "unrolled-layers": ("Transformer", "scanned", _unrolled_transformer)}
 
 
 def variant_names(spec: str) -> list[str]:

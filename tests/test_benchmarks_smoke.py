@@ -40,8 +40,8 @@ def assert_timed(row: dict, repeats: int = 1) -> None:
 
 def test_encode_times_both_towers_of_the_same_model(tmp_path):
     result = run_script("encode", "--model", "ViT-Tiny-8", "--images", "2", "--texts", "4",
-                        "--variant", "fused-qkv+unrolled-layers", *TINY, tmp_path=tmp_path)
-    variant = "fused-qkv+unrolled-layers"
+                        "--variant", "separate-qkv+unrolled-layers", *TINY, tmp_path=tmp_path)
+    variant = "separate-qkv+unrolled-layers"
     pairs = [(row["label"], tuple(row["sides"])) for row in result["rows"]]
     assert pairs == [(f"{tower} fp32 (B={n})", sides)
                      for tower, n in (("image", 2), ("text", 4))

@@ -140,23 +140,43 @@ def _features_and_grads(kernel: str, dtype):
     return features, jax.tree.leaves(grads)
 
 
-def test_xla_kernel_matches_the_head_major_path_in_both_towers(monkeypatch):
-    calls = []
-    real = jax.nn.dot_product_attention
-    monkeypatch.setattr(jax.nn, "dot_product_attention", lambda *a, **k: calls.append(k) or real(*a, **k))
+def test_xla_kernel_matches_the_head_major_path_in_both_towers():
     ours, our_grads = _features_and_grads("head_major", jnp.float32)
-    assert not calls
-    fused, fused_grads = _features_and_grads("xla", jnp.float32)
-    # Both towers go through jax.nn.dot_product_attention; the text tower as causal, not by a mask array.
-    assert {c.get("is_causal", False) for c in calls} == {True, False}
-    assert all(c["implementation"] == "xla" and "mask" not in c for c in calls)
-    for a, b in zip(fused, ours):
+    token_major, token_major_grads = _features_and_grads("xla", jnp.float32)
+    for a, b in zip(token_major, ours):
         assert_close(a, b, 1e-5)
     # Relative to the largest gradient: the key bias's is zero in exact arithmetic (softmax ignores
     # a shift shared by all keys), so each side's is round-off alone.
     scale = max(np.abs(np.asarray(g)).max() for g in our_grads)
-    for a, b in zip(fused_grads, our_grads):
+    for a, b in zip(token_major_grads, our_grads):
         assert_close(a, b, 1e-5, scale)
+
+
+def test_cudnn_kernel_runs_the_towers_at_an_even_length(monkeypatch):
+    calls = []
+
+    def fake_cudnn(q, k, v, mask, valid_tokens=None, **_):
+        calls.append((q.shape[1], attention._is_causal(mask), valid_tokens))
+        return q
+
+    monkeypatch.setattr(attention, "cudnn", fake_cudnn)
+    model = build_model(TINY, seed=1, dtype=jnp.bfloat16, attention="cudnn")
+    images, tokens = _inputs()
+    jax.eval_shape(model.image_features, images)
+    jax.eval_shape(model.text_features, tokens)
+    # 65 image tokens run at 66 with the last key masked; 77 text positions at 78, causal.
+    assert set(calls) == {(66, False, 65), (78, True, None)}
+
+
+def test_cudnn_key_lengths_reach_jax_as_an_int32_vector(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(jax.nn, "dot_product_attention", lambda q, k, v, **kw: seen.update(kw) or q)
+    q = jnp.zeros((3, 6, 2, 8), jnp.bfloat16)
+    attention.cudnn(q, q, q, None, valid_tokens=5)
+    np.testing.assert_array_equal(seen["key_value_seq_lengths"], [5, 5, 5])
+    assert seen["implementation"] == "cudnn" and "is_causal" not in seen
+    attention.cudnn(q, q, q, attention.causal_mask(6))
+    assert seen["is_causal"] and "mask" not in seen
 
 
 def test_xla_kernel_tracks_the_head_major_path_in_bfloat16():
@@ -194,13 +214,38 @@ def test_bfloat16_logits_are_accumulated_in_float32():
     ("auto", jnp.bfloat16, "tpu", "xla"),
     ("xla", jnp.float32, "cpu", "xla"),
     ("cudnn", jnp.bfloat16, "gpu", "cudnn"),
+    ("cudnn", jnp.bfloat16, "cpu", "cudnn"),  # built anywhere, so that a CPU machine can lower it for CUDA
 ])
 def test_auto_picks_cudnn_on_gpu_xla_on_tpu_and_head_major_on_cpu(choice, dtype, backend, kernel):
     assert attention.resolve(choice, dtype, backend) == kernel
 
 
-@pytest.mark.parametrize("dtype, backend, says", [(jnp.bfloat16, "cpu", "needs a GPU"),
-                                                  (jnp.float32, "gpu", "needs bfloat16 or float16")])
-def test_cudnn_where_it_cannot_run_says_why(dtype, backend, says):
+def test_auto_takes_xla_where_cudnn_does_not_run_at_the_towers_shape(monkeypatch):
+    tried = []
+    monkeypatch.setattr(attention, "cudnn_runs", lambda *shape: tried.append(shape) or False)
+    assert attention.resolve("auto", jnp.bfloat16, "gpu", head_dim=64, tokens=197, heads=12) == "xla"
+    assert tried == [(198, 12, 64, "bfloat16", False)]  # tried at the even length the tower would run
+    assert attention.resolve("auto", jnp.bfloat16, "gpu", head_dim=160, tokens=197, heads=12) == "xla"
+    assert len(tried) == 1  # a head cuDNN never takes is not even tried
+
+
+def test_a_failing_cudnn_probe_is_a_warning_and_a_no():
+    attention.cudnn_runs.cache_clear()
+    assert attention.cudnn_runs(6, 2, 8, "bfloat16", True) is False  # no cuDNN on a CPU machine
+    attention.cudnn_runs.cache_clear()
+
+
+@pytest.mark.parametrize("dtype, head_dim, says", [(jnp.float32, 64, "needs bfloat16 or float16"),
+                                                   (jnp.bfloat16, 60, "multiple of 8")])
+def test_cudnn_where_it_cannot_run_says_why(dtype, head_dim, says):
     with pytest.raises(ValueError, match=says):
-        attention.resolve("cudnn", dtype, backend)
+        attention.resolve("cudnn", dtype, "gpu", head_dim=head_dim)
+
+
+def test_compiling_cudnn_attention_for_the_cpu_is_refused_in_one_sentence():
+    with pytest.raises(ValueError) as error:
+        state_lib.model_skeleton(tiny_config(attention="cudnn", dtype="bfloat16"))
+    message = str(error.value)
+    assert message.startswith("config.attention='cudnn' runs on NVIDIA GPUs only") and message.count(".") == 1
+    with pytest.raises(ValueError, match="runs on NVIDIA GPUs only"):
+        build_model(TINY, dtype=jnp.bfloat16, attention="cudnn").encode_image(np.zeros((1, 64, 64, 3)))

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bioclip_jax.models import attention
 from bioclip_jax.models.attention import AUTO
 from bioclip_jax.models.config import CLIPConfig
 from bioclip_jax.models.layers import Init
@@ -58,6 +59,7 @@ class CLIP(nnx.Module):
 
     def encode_image(self, images, normalize: bool = False) -> np.ndarray:
         """[B, H, W, 3] float images normalised with the CLIP mean/std -> [B, embed_dim]."""
+        attention.require_runnable(self.visual.transformer.attention_kernel)
         graphdef, state = nnx.split(self)
         return np.asarray(_encode(graphdef, state, jnp.asarray(images, jnp.float32), "image", normalize))
 
@@ -68,6 +70,7 @@ class CLIP(nnx.Module):
         multiple of 16, so few shapes compile): the result is the same, and short
         captions such as taxon names cost a fraction of the full 77 positions.
         """
+        attention.require_runnable(self.text.transformer.attention_kernel)
         tokens = np.asarray(tokens)
         graphdef, state = nnx.split(self)
         trimmed = tokens[:, :used_text_length(tokens, self.config.text.context_length)]

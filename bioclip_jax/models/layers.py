@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from bioclip_jax.models import attention, remat as remat_lib
 from bioclip_jax.parallel.sharding import constrain
@@ -58,14 +59,76 @@ def logical_param(rngs: nnx.Rngs, init: Init, shape: Sequence[int], axes: tuple)
     return nnx.Param(value, out_sharding=axes, eager_sharding=False, init=init)
 
 
-def quick_gelu(x: jax.Array) -> jax.Array:
-    """The activation OpenAI CLIP (and BioCLIP v1) were trained with."""
-    return x * jax.nn.sigmoid(1.702 * x)
+def _gelu_with_input_saved(forward: Callable, derivative: Callable) -> Callable:
+    """An activation whose backward pass keeps only its input (in the compute dtype) and
+    evaluates `derivative` in float32; autodiff of the forward formula would keep several
+    intermediates of the width-4x hidden layer."""
+
+    @jax.custom_vjp
+    def activation(x):
+        return forward(x)
+
+    def backward(x, cotangent):
+        x32 = x.astype(jnp.float32)
+        return ((derivative(x32) * cotangent.astype(jnp.float32)).astype(x.dtype),)
+
+    activation.defvjp(lambda x: (forward(x), x), backward)
+    return activation
 
 
-def exact_gelu(x: jax.Array) -> jax.Array:
-    """PyTorch's nn.GELU default: the erf form, not the tanh approximation."""
-    return jax.nn.gelu(x, approximate=False)
+QUICK_GELU_SCALE = 1.702
+
+
+def _quick_gelu_derivative(x):
+    s = jax.nn.sigmoid(QUICK_GELU_SCALE * x)
+    return s * (1 + QUICK_GELU_SCALE * x * (1 - s))
+
+
+def _exact_gelu_derivative(x):
+    return 0.5 * (1 + jax.lax.erf(x * np.float32(2 ** -0.5))) + x * jnp.exp(-0.5 * x * x) * np.float32(
+        (2 * np.pi) ** -0.5)
+
+
+#: The activation OpenAI CLIP (and BioCLIP v1) were trained with.
+quick_gelu = _gelu_with_input_saved(lambda x: x * jax.nn.sigmoid(QUICK_GELU_SCALE * x), _quick_gelu_derivative)
+#: PyTorch's nn.GELU default: the erf form, not the tanh approximation.
+exact_gelu = _gelu_with_input_saved(lambda x: jax.nn.gelu(x, approximate=False), _exact_gelu_derivative)
+
+
+def _normalized(x: jax.Array, mean: jax.Array, inverse_std: jax.Array) -> jax.Array:
+    return (x.astype(jnp.float32) - mean) * inverse_std
+
+
+@jax.custom_vjp
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
+    """LayerNorm over the last axis in float32, returned in x's dtype.
+
+    The backward pass keeps x in its own dtype plus the float32 mean and inverse standard
+    deviation per row, and recomputes the normalised rows from them: autodiff of the same
+    formula would keep three float32 copies of every [tokens, width] input.
+    """
+    return _layer_norm_forward(x, scale, bias)[0]
+
+
+def _layer_norm_forward(x, scale, bias):
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    inverse_std = jax.lax.rsqrt(jnp.square(x32 - mean).mean(-1, keepdims=True) + LN_EPSILON)
+    y = (x32 - mean) * inverse_std
+    return (y * scale + bias).astype(x.dtype), (x, mean, inverse_std, scale)
+
+
+def _layer_norm_backward(saved, cotangent):
+    x, mean, inverse_std, scale = saved
+    y = _normalized(x, mean, inverse_std)
+    g = cotangent.astype(jnp.float32)
+    rows = tuple(range(g.ndim - 1))
+    g_y = g * scale
+    dx = inverse_std * (g_y - g_y.mean(-1, keepdims=True) - y * (g_y * y).mean(-1, keepdims=True))
+    return dx.astype(x.dtype), jnp.sum(g * y, axis=rows), jnp.sum(g, axis=rows)
+
+
+layer_norm.defvjp(_layer_norm_forward, _layer_norm_backward)
 
 
 class LayerNorm(nnx.Module):
@@ -74,18 +137,22 @@ class LayerNorm(nnx.Module):
         self.bias = logical_param(rngs, ZEROS, (width,), ("embed",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        mean = x32.mean(-1, keepdims=True)
-        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + LN_EPSILON)
-        return (y * self.scale[...] + self.bias[...]).astype(x.dtype)
+        return layer_norm(x, self.scale[...], self.bias[...])
+
+
+# Names of the block's weight-matmul outputs (`jax.ad_checkpoint.checkpoint_name`): what the
+# "minimal" remat policy keeps, so that only LayerNorm, attention and GELU are recomputed.
+QKV, CONTEXT, ATTENTION_OUT, MLP_HIDDEN, MLP_OUT = "qkv", "attention_context", "attention_out", "mlp_hidden", "mlp_out"
+MATMUL_OUTPUTS = (QKV, CONTEXT, ATTENTION_OUT, MLP_HIDDEN, MLP_OUT)
 
 
 class Attention(nnx.Module):
-    """Multi-head self-attention with separate q/k/v kernels [embed, heads, head_dim].
+    """Multi-head self-attention with q/k/v kernels [embed, heads, head_dim].
 
-    `implementation` names the kernel (`bioclip_jax.models.attention`); "auto" is resolved
-    when the call is traced, from the compute dtype and JAX's default backend.
+    The three kernels are stored apart (open_clip's in_proj maps onto them by reshapes) and
+    joined into one [embed, 3, heads, head_dim] kernel for the computation: one matmul
+    instead of three. `implementation` names the kernel (`bioclip_jax.models.attention`);
+    the towers resolve it once per call and pass it down as `kernel`.
     """
 
     def __init__(self, width: int, heads: int, *, proj_std: float, implementation: str = attention.AUTO,
@@ -106,32 +173,35 @@ class Attention(nnx.Module):
                                  ("heads", "head_dim", "embed"))
         self.out_bias = logical_param(rngs, ZEROS, (width,), ("embed",))
 
-    def __call__(self, x: jax.Array, mask: jax.Array | np.ndarray | None) -> jax.Array:
+    @property
+    def head_dim(self) -> int:
+        return self.query.shape[-1]
+
+    def __call__(self, x: jax.Array, mask: jax.Array | np.ndarray | None, kernel: str | None = None,
+                 valid_tokens: int | None = None) -> jax.Array:
+        """`valid_tokens`: keys from this position on are padding that no query may see."""
         dtype = x.dtype
-        kernel = attention.resolve(self.implementation, dtype)
-        head_major = kernel == attention.HEAD_MAJOR
+        kernel = kernel or attention.resolve(self.implementation, dtype, head_dim=self.head_dim)
+        weight = jnp.stack([self.query[...], self.key[...], self.value[...]], axis=1).astype(dtype)
+        bias = jnp.stack([self.query_bias[...], self.key_bias[...], self.value_bias[...]]).astype(dtype)
+        if kernel == attention.HEAD_MAJOR:  # [batch, 3, heads, tokens, head_dim] for our CPU einsums
+            qkv = checkpoint_name(jnp.einsum("btd,dchk->bchtk", x, weight) + bias[:, :, None], QKV)
+            return self.attend(qkv[:, 0], qkv[:, 1], qkv[:, 2], mask, valid_tokens)
+        # [batch, tokens, 3, heads, head_dim]: the matmul's own output order, which the
+        # accelerator kernels take as it is.
+        qkv = checkpoint_name(jnp.einsum("btd,dchk->btchk", x, weight) + bias, QKV)
+        context = attention.fused(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], mask, kernel, valid_tokens)
+        return self.output(context, "bqhk")
 
-        # Head-major [batch, heads, tokens, head_dim] for our einsums, token-major for
-        # jax.nn.dot_product_attention, which takes that layout; the parameters are the same.
-        def project(weight, bias):
-            if head_major:
-                return jnp.einsum("btd,dhk->bhtk", x, weight[...].astype(dtype)) + bias[...].astype(dtype)[:, None]
-            return jnp.einsum("btd,dhk->bthk", x, weight[...].astype(dtype)) + bias[...].astype(dtype)
-
-        q, k, v = (project(self.query, self.query_bias), project(self.key, self.key_bias),
-                   project(self.value, self.value_bias))
-        if head_major:
-            return self.attend(q, k, v, mask)
-        return self.output(attention.fused(q, k, v, mask, kernel), "bqhk")
-
-    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask) -> jax.Array:
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask, valid_tokens: int | None = None) -> jax.Array:
         """Head-major attention on [batch, heads, tokens, head_dim] q/k/v, then the output projection."""
-        return self.output(attention.head_major(q, k, v, mask), "bhqk")
+        return self.output(attention.head_major(q, k, v, mask, valid_tokens), "bhqk")
 
     def output(self, context: jax.Array, layout: str) -> jax.Array:
         dtype = context.dtype
-        return (jnp.einsum(f"{layout},hkd->bqd", context, self.out[...].astype(dtype))
-                + self.out_bias[...].astype(dtype))
+        context = checkpoint_name(context, CONTEXT)
+        return checkpoint_name(jnp.einsum(f"{layout},hkd->bqd", context, self.out[...].astype(dtype))
+                               + self.out_bias[...].astype(dtype), ATTENTION_OUT)
 
 
 class MLP(nnx.Module):
@@ -146,9 +216,9 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = x.dtype
-        h = x @ self.fc[...].astype(dtype) + self.fc_bias[...].astype(dtype)
+        h = checkpoint_name(x @ self.fc[...].astype(dtype) + self.fc_bias[...].astype(dtype), MLP_HIDDEN)
         h = self.activation(h)
-        return h @ self.proj[...].astype(dtype) + self.proj_bias[...].astype(dtype)
+        return checkpoint_name(h @ self.proj[...].astype(dtype) + self.proj_bias[...].astype(dtype), MLP_OUT)
 
 
 class ResidualBlock(nnx.Module):
@@ -162,9 +232,10 @@ class ResidualBlock(nnx.Module):
         self.ln_2 = LayerNorm(width, rngs=rngs)
         self.mlp = MLP(width, mlp_width, activation, proj_std=proj_std, rngs=rngs)
 
-    def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None, kernel: str | None = None,
+                 valid_tokens: int | None = None) -> jax.Array:
         x = constrain(x, TOKENS)
-        x = constrain(x + self.attn(self.ln_1(x), mask), TOKENS)
+        x = constrain(x + self.attn(self.ln_1(x), mask, kernel, valid_tokens), TOKENS)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -180,9 +251,8 @@ class Transformer(nnx.Module):
     `scan` runs the blocks in `lax.scan` over the stacked parameters. The loop is a hard
     fusion boundary: unrolled, XLA:CPU fuses the backward chain of residual-gradient adds
     and LayerNorm backward passes of all later blocks into each consumer, work that grows
-    with layers^2; scanned, a ViT-B/16 train step runs ~1.4x faster on CPU and compiles
-    one block instead of all. `remat` (`bioclip_jax.models.remat`: none, full or a policy name;
-    True/False mean full/none) says what each block recomputes in the backward pass.
+    with layers^2; scanned, a train step compiles one block instead of all. `remat`
+    (`bioclip_jax.models.remat`) says what each block recomputes in the backward pass.
     """
 
     def __init__(self, width: int, layers: int, heads: int, mlp_width: int, activation: Callable, *,
@@ -191,6 +261,9 @@ class Transformer(nnx.Module):
         self.remat = remat_lib.check(remat)
         self.scan = scan
         self.layers = layers
+        self.heads = heads
+        self.head_dim = width // heads
+        self.attention_kernel = attention.check(attention_kernel)
 
         @nnx.split_rngs(splits=layers)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS})
@@ -200,24 +273,38 @@ class Transformer(nnx.Module):
 
         self.blocks = stacked_blocks(rngs)
 
-    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-        return self.scanned(x, mask) if self.scan else self.unrolled(x, mask)
+    def __call__(self, x: jax.Array, *, causal: bool = False) -> jax.Array:
+        """Blocks over [batch, tokens, width]; `causal`: each position sees only those before it.
 
-    def unrolled(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
+        The attention kernel is resolved once here. Where it needs an even token count (cuDNN)
+        the tokens get one zero row at the end for the blocks and lose it afterwards; keys
+        there are masked (or, when causal, seen by no real position).
+        """
+        tokens = x.shape[1]
+        kernel = attention.resolve(self.attention_kernel, x.dtype, head_dim=self.head_dim, tokens=tokens,
+                                   heads=self.heads, causal=causal)
+        padded = attention.padded_length(tokens, kernel)
+        valid_tokens = tokens if padded != tokens and not causal else None
+        x = jnp.pad(x, ((0, 0), (0, padded - tokens), (0, 0))) if padded != tokens else x
+        mask = attention.causal_mask(padded) if causal else None
+        run = self.scanned if self.scan else self.unrolled
+        return run(x, mask, kernel, valid_tokens)[:, :tokens]
+
+    def unrolled(self, x: jax.Array, mask, kernel: str, valid_tokens: int | None) -> jax.Array:
         graphdef, stacked = nnx.split(self.blocks)
 
         def run_block(block_state, y):
-            return nnx.merge(graphdef, block_state)(y, mask)
+            return nnx.merge(graphdef, block_state)(y, mask, kernel, valid_tokens)
 
         run = remat_lib.checkpointed(run_block, self.remat, in_scan=False)
         for i in range(self.layers):
             x = run(jax.tree.map(lambda value: value[i], stacked), x)
         return x
 
-    def scanned(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
+    def scanned(self, x: jax.Array, mask, kernel: str, valid_tokens: int | None) -> jax.Array:
         graphdef, stacked = nnx.split(self.blocks)
 
         def body(carry, block_state):
-            return nnx.merge(graphdef, block_state)(carry, mask), None
+            return nnx.merge(graphdef, block_state)(carry, mask, kernel, valid_tokens), None
 
         return jax.lax.scan(remat_lib.checkpointed(body, self.remat, in_scan=True), x, stacked)[0]

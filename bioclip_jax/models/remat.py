@@ -2,9 +2,13 @@
 
   none   keep everything: fastest, most memory
   full   keep each block's input only and recompute the block in the backward pass
-  NAME   a `jax.checkpoint_policies` policy, e.g. `dots_with_no_batch_dims_saveable`: keep
-         the weight matmuls' outputs, recompute attention scores, softmax, GELU and
-         LayerNorm (most of full's saving for a fraction of its recomputation)
+  minimal
+         keep the outputs of the block's weight matmuls (q/k/v, attention context and output,
+         MLP hidden and output), recompute LayerNorm, attention and GELU: the matmuls are
+         never recomputed (MaxText's "minimal" policy)
+  save:NAME[,NAME...]
+         keep only these named activations (`bioclip_jax.models.layers.MATMUL_OUTPUTS`)
+  NAME   a `jax.checkpoint_policies` policy, e.g. `dots_with_no_batch_dims_saveable`
 
 Every choice computes the same numbers; only memory and time differ.
 """
@@ -16,7 +20,11 @@ from typing import Callable
 
 import jax
 
-NONE, FULL = "none", "full"
+NONE, FULL, MINIMAL = "none", "full", "minimal"
+SAVE_PREFIX = "save:"
+# The names `bioclip_jax.models.layers` gives its weight-matmul outputs (its MATMUL_OUTPUTS;
+# kept here as data so that this module needs nothing from the layers it configures).
+SAVEABLE_NAMES = ("qkv", "attention_context", "attention_out", "mlp_hidden", "mlp_out")
 
 
 def policy_names() -> list[str]:
@@ -34,7 +42,16 @@ def policy_names() -> list[str]:
 
 
 def choices() -> list[str]:
-    return [NONE, FULL, *policy_names()]
+    return [NONE, FULL, MINIMAL, f"{SAVE_PREFIX}{','.join(SAVEABLE_NAMES[:2])}", *policy_names()]
+
+
+def saved_names(choice: str) -> tuple[str, ...] | None:
+    """The activation names a named-save choice keeps (None for any other choice)."""
+    if choice == MINIMAL:
+        return SAVEABLE_NAMES
+    if isinstance(choice, str) and choice.startswith(SAVE_PREFIX):
+        return tuple(name.strip() for name in choice[len(SAVE_PREFIX):].split(",") if name.strip())
+    return None
 
 
 def check(value, field: str = "remat") -> str:
@@ -43,6 +60,13 @@ def check(value, field: str = "remat") -> str:
         return FULL
     if value is False or value is None:
         return NONE
+    names = saved_names(value)
+    if names is not None:
+        unknown = [name for name in names if name not in SAVEABLE_NAMES]
+        if unknown or not names:
+            raise ValueError(f"{field}={value!r} must name activations to keep among {', '.join(SAVEABLE_NAMES)}"
+                             f"{' (not ' + ', '.join(unknown) + ')' if unknown else ''}")
+        return value
     if value not in choices():
         raise ValueError(f"{field}={value!r} is not a remat choice; choose one of {', '.join(choices())}")
     return value
@@ -57,5 +81,9 @@ def checkpointed(fn: Callable, choice: str, *, in_scan: bool) -> Callable:
     """
     if choice == NONE:
         return fn
-    policy = None if choice == FULL else getattr(jax.checkpoint_policies, choice)
+    names = saved_names(choice)
+    if names is not None:
+        policy = jax.checkpoint_policies.save_only_these_names(*names)
+    else:
+        policy = None if choice == FULL else getattr(jax.checkpoint_policies, choice)
     return jax.checkpoint(fn, policy=policy, prevent_cse=not in_scan)

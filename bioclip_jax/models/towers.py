@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bioclip_jax.models.attention import AUTO, causal_mask
+from bioclip_jax.models.attention import AUTO
 from bioclip_jax.models.config import TextConfig, VisionConfig
 from bioclip_jax.models.layers import TOKENS, LayerNorm, Transformer, exact_gelu, logical_param, normal, quick_gelu
 from bioclip_jax.parallel.sharding import constrain
@@ -105,7 +105,7 @@ class TextTransformer(nnx.Module):
         table = constrain(self.token_embedding[...], ("vocab", None))
         x = jnp.take(table, tokens, axis=0).astype(dtype)
         x = constrain(x + self.positional_embedding[:length].astype(dtype), TOKENS)
-        x = self.transformer(x, causal_mask(length))
+        x = self.transformer(x, causal=True)
         x = self.ln_final(x)
         pooled = jnp.take_along_axis(x, jnp.argmax(tokens, axis=-1)[:, None, None], axis=1)[:, 0]
         return pooled @ self.text_projection[...].astype(dtype)

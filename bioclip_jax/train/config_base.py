@@ -18,9 +18,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.init = ""                     # any pretrained= source; "" = random initialisation
     c.dtype = "float32"             # compute dtype: float32 | bfloat16 (parameters stay float32)
     c.remat = "none"                # backward-pass recomputation of each transformer block: none | full |
-                                    # a jax.checkpoint_policies name, e.g. dots_with_no_batch_dims_saveable
-    c.attention = "auto"            # attention kernel: auto (cuDNN on GPU, XLA elsewhere) | xla | cudnn |
-                                    # head_major (our einsum path)
+                                    # minimal (recompute all but the weight matmuls) | save:NAME,... |
+                                    # a jax.checkpoint_policies name (bioclip_jax/models/remat.py)
+    c.attention = "auto"            # attention kernel: auto (cuDNN on a GPU in bf16/fp16 where it runs, XLA
+                                    # einsums otherwise, head-major einsums on CPU) | xla | cudnn | head_major
     c.compilation_cache_dir = "auto"  # persistent XLA compilation cache: auto (a user cache) | a path | "" off
     c.scan_layers = True            # run transformer blocks in a lax.scan (faster backward, quicker compile)
 

@@ -63,8 +63,10 @@ def train_architecture(config: ml_collections.ConfigDict) -> CLIPConfig:
 
 
 def model_skeleton(config: ml_collections.ConfigDict) -> ModelSkeleton:
+    """The model the train step compiles, for JAX's default backend."""
     if config.dtype not in COMPUTE_DTYPES:
         raise ValueError(f"config.dtype={config.dtype!r}; choose one of {sorted(COMPUTE_DTYPES)}")
+    attention.require_runnable(attention.check(config.attention, "config.attention"), field="config.attention")
     model = abstract_model(train_architecture(config), dtype=COMPUTE_DTYPES[config.dtype],
                            remat=remat.check(config.remat, "config.remat"), scan_layers=bool(config.scan_layers),
                            attention=attention.check(config.attention, "config.attention"),
