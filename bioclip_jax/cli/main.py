@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import logging
 import os
 import sys
+import threading
+from typing import NoReturn
 
 # command -> (module with `main(argv) -> int`, one-line help)
 COMMANDS = {
@@ -33,12 +36,15 @@ def _usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs a command; run as the program itself (no `argv`), a failed one ends by `_exit_quietly`."""
     try:
         status = _run(sys.argv[1:] if argv is None else argv)
         sys.stdout.flush()  # a reader that left shows here, not as a failed flush at exit
-        return status
     except BrokenPipeError:
         return _reader_left()
+    if status and argv is None:
+        _exit_quietly(status)
+    return status
 
 
 def _reader_left() -> int:
@@ -68,6 +74,32 @@ def _run(argv: list[str]) -> int:
             return code or 0
         print(code, file=sys.stderr)  # SystemExit("message"): Python would print it, so do we
         return 2
+
+
+def _exit_quietly(status: int) -> NoReturn:
+    """Ends a failed command with its one-line reason as the last thing on the console.
+
+    After an error, the background threads of Orbax, TensorStore and gcsfs finish against an
+    asyncio loop that is gone: each of their callbacks reports "Event loop is closed" through
+    sys.unraisablehook ("Exception ignored ..."), and absl logs their tracebacks, by the hundred.
+    Those reports are silenced; then the process leaves as Python would (threads it waits for,
+    such as a checkpoint save being committed, finish; exit handlers run) but without the
+    interpreter's teardown, where the rest of the noise comes from.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.disable(logging.CRITICAL)
+    sys.unraisablehook = lambda unraisable: None
+    threading.excepthook = lambda args: None
+    try:
+        threading._shutdown()  # noqa: SLF001 - the interpreter's first exit step: join non-daemon threads
+        atexit._run_exitfuncs()  # noqa: SLF001 - its second: the exit handlers
+    except KeyboardInterrupt:  # one more Ctrl-C while waiting: leave at once
+        pass
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,68 @@
+"""A failed command ends with its one-line reason, not with the background noise that follows it.
+
+The noise comes from threads still running after the error (Orbax, TensorStore and gcsfs
+callbacks on a closed asyncio loop: "Exception ignored ...", "Event loop is closed", absl
+tracebacks). How much of it appears is a race, so the first check stages it with a command of
+its own; the second is the real case, a damaged checkpoint.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import bioclip_jax
+from bioclip_jax.checkpoint import model_dir
+from bioclip_jax.models.params import flat_params
+from bioclip_jax.pretrained import model_metadata
+
+NOISY_COMMAND = textwrap.dedent('''
+    import pathlib, sys, threading, time
+    from absl import logging
+
+    class ClosedLoopCallback:
+        def __del__(self):
+            raise RuntimeError("Event loop is closed")
+
+    def finish_saving(path):  # a background save still committing when the command fails
+        time.sleep(0.3)
+        for _ in range(50):
+            ClosedLoopCallback()  # "Exception ignored in ..." through sys.unraisablehook
+        logging.error("Traceback (most recent call last): ... from a background thread")
+        pathlib.Path(path).write_text("saved")
+
+    def main(argv):
+        threading.Thread(target=finish_saving, args=(argv[0],)).start()
+        print("error: the one clear line", file=sys.stderr, flush=True)
+        return 1
+''')
+
+
+def _bioclip_jax(tmp_path, *args, code="from bioclip_jax.cli.main import main; sys.exit(main())"):
+    """Runs `bioclip-jax ARGS` as the program, in tmp_path (where a test's own command module can lie)."""
+    return subprocess.run([sys.executable, "-c", f"import sys; sys.argv[1:] = {list(map(str, args))!r}; {code}"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+
+
+def test_the_noise_after_a_failure_is_not_shown_and_pending_work_still_finishes(tmp_path):
+    (tmp_path / "noisy_command.py").write_text(NOISY_COMMAND)
+    register = "from bioclip_jax.cli import main as cli; cli.COMMANDS['noisy'] = ('noisy_command', ''); "
+    done = _bioclip_jax(tmp_path, "noisy", tmp_path / "saved.txt", code=register + "sys.exit(cli.main())")
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == ["error: the one clear line"], done.stderr
+    assert (tmp_path / "saved.txt").read_text() == "saved"  # waited for, as Python's own exit does
+
+
+def test_a_damaged_checkpoint_gives_its_one_line(tmp_path):
+    workdir = tmp_path / "run"
+    model = bioclip_jax.create_model("ViT-Tiny-8", seed=1)
+    model_dir.write_model_json(str(workdir), *model_metadata(model))
+    model_dir.save_params(str(workdir / "checkpoints" / "10"), flat_params(model))
+    for data in (workdir / "checkpoints").rglob("ocdbt.process_0/d/*"):  # cut in half, as an interrupted copy
+        if data.stat().st_size > 100_000:                                   # leaves the big files
+            os.truncate(data, data.stat().st_size // 2)
+    done = _bioclip_jax(tmp_path, "export", "--checkpoint", workdir, "--out", tmp_path / "out")
+    lines = done.stderr.splitlines()
+    assert done.returncode == 1
+    assert lines and lines[-1].startswith("error: ") and str(workdir) in lines[-1], done.stderr
+    assert len(lines) < 5, done.stderr  # 1 to 31 lines before, by the race above
