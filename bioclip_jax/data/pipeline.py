@@ -186,19 +186,21 @@ class _ExampleMaker:
 
 
 def join_batch(chunks: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Stacked examples, in order -> one batch, with its replaced samples counted by reason."""
+    """Stacked examples, in order -> one batch, with its replaced samples counted by reason.
+
+    The images come here only where there is no POSIX shared memory: elsewhere the workers
+    write them straight into the batch's array (`batching`).
+    """
     def joined(key: str) -> np.ndarray:
         return np.concatenate([chunk[key] for chunk in chunks])
 
     reasons, bad_shards = joined("skip_reason"), joined("bad_shard")
     replaced = reasons >= 0
-    return {
-        "image": joined("image"),
-        "tokens": joined("tokens"),
-        "skipped": np.bincount(reasons[replaced], minlength=len(SKIP_REASONS)).astype(np.int32),
-        "last_bad_shard": np.int32(bad_shards[replaced][-1] if replaced.any() else -1),
-        "position": joined("position").astype(np.int64),
-    }
+    batch = {key: joined(key) for key in chunks[0] if key not in ("skip_reason", "bad_shard")}
+    batch["skipped"] = np.bincount(reasons[replaced], minlength=len(SKIP_REASONS)).astype(np.int32)
+    batch["last_bad_shard"] = np.int32(bad_shards[replaced][-1] if replaced.any() else -1)
+    batch["position"] = batch["position"].astype(np.int64)
+    return batch
 
 
 def _check_source(source: Any, max_bad_fraction: float) -> None:
@@ -256,7 +258,7 @@ def make_train_dataset(shards: Any, *, global_batch_size: int, seed: int, text_t
     return batching.ParallelBatches(
         make_example, join_batch, local_batch=global_batch_size // process_count,
         num_batches=None if num_epochs is None else len(stream) // global_batch_size,
-        workers=workers, read_threads=read_threads, chunk_examples=chunk_examples)
+        workers=workers, read_threads=read_threads, chunk_examples=chunk_examples, direct_keys=("image",))
 
 
 def read_options(data_config: Any) -> dict[str, Any]:
