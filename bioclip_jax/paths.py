@@ -6,6 +6,9 @@ same code reads and writes a local folder or a bucket (gcsfs underneath). What d
   folder "gs:" in the working directory.
 - A bucket object cannot be appended to or renamed cheaply, but an upload appears
   whole or not at all; locally a file is written beside its target and renamed.
+- A line log (metrics.jsonl, config_history.jsonl) is one file locally, appended to. In a
+  bucket each appended line is an object of its own under `<name>.d/` (one writer never
+  rewrites another's lines), and `read_lines` merges them in the order they were written.
 - gcsfs remembers a folder's listing for the life of the process, so files written
   since by another process (or by tensorstore, which Orbax uses for arrays) would stay
   invisible; `uncached` forgets those listings before a read that must be fresh.
@@ -16,10 +19,14 @@ same code reads and writes a local folder or a bucket (gcsfs underneath). What d
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import json
 import os
 import pathlib
 import tempfile
-from typing import Iterator, Union
+import time
+import uuid
+from typing import Callable, Iterator, Union
 
 from etils import epath
 
@@ -50,28 +57,120 @@ def write_atomically(path: PathLike, data: bytes | str) -> None:
     """Writes the whole file so that a reader never sees half of it (and honours the umask)."""
     path = epath.Path(path)
     payload = data.encode("utf-8") if isinstance(data, str) else data
+    with naming_the_file(path):
+        if is_remote(path):
+            path.write_bytes(payload)  # an upload becomes visible only once complete
+            return
+        temporary = path.parent / (path.name + ".tmp")
+        temporary.write_bytes(payload)
+        os.replace(temporary, path)
+
+
+@contextlib.contextmanager
+def naming_the_file(path: PathLike) -> Iterator[None]:
+    """An OSError without a file name (a full disk on write: "[Errno 28] No space left on device")
+    gets `path`, so that its message says where."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename is not None or error.errno is None:
+            raise
+        raise OSError(error.errno, error.strerror or str(error), os.fspath(path)) from None
+
+
+def read_json(path: PathLike):
+    """The JSON value in `path`; a file that does not parse raises ValueError naming it."""
+    path = epath.Path(path)
+    text = path.read_text(encoding="utf-8")
+    try:
+        return json.loads(text)
+    except ValueError as error:
+        raise ValueError(f"{path} is damaged: it does not hold valid JSON ({error})") from None
+
+
+LINE_PARTS_SUFFIX = ".d"  # WORKDIR/metrics.jsonl.d/ holds a bucket line log's lines
+
+
+def _parts(path: epath.Path) -> epath.Path:
+    return path.parent / (path.name + LINE_PARTS_SUFFIX)
+
+
+def append_line(path: PathLike, line: str, writer: str = "line") -> None:
+    """Adds one line to a line log: one append locally (whole lines, safe beside other appenders,
+    and beside `rewrite_lines`); in a bucket a new object `<path>.d/<time>-<writer>-<random>.jsonl`."""
+    path = epath.Path(path)
+    with naming_the_file(path):
+        if is_remote(path):
+            parts = _parts(path)
+            (parts / f"{time.time_ns():020d}-{writer}-{uuid.uuid4().hex[:8]}.jsonl").write_text(line + "\n")
+            return
+        with _locked_for_append(path) as handle:
+            handle.write(line + "\n")
+
+
+def read_lines(path: PathLike) -> list[str]:
+    """The lines of a line log, oldest first (a bucket's: the whole object older versions wrote,
+    then the appended objects); a missing log has none."""
+    path = uncached(path)
+    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
     if is_remote(path):
-        path.write_bytes(payload)  # an upload becomes visible only once complete
-        return
-    temporary = path.parent / (path.name + ".tmp")
-    temporary.write_bytes(payload)
-    os.replace(temporary, path)
+        parts = _parts(path)
+        for part in sorted(parts.iterdir(), key=lambda p: p.name) if parts.is_dir() else []:
+            lines += part.read_text(encoding="utf-8").splitlines()
+    return lines
 
 
-def append_line(path: PathLike, line: str) -> None:
-    """Adds one line: a single append locally (safe beside other appenders), a rewrite in a bucket.
+def rewrite_lines(path: PathLike, keep: Callable[[str], bool], writer: str) -> int:
+    """Removes the lines `keep` refuses, of those `writer` appended (in a bucket) or of the whole
+    file (locally, where a line does not say who wrote it: `keep` decides); returns how many went.
 
-    The bucket object is read fresh first, so lines another process added are kept
-    (two writers at the same instant can still lose one line).
+    Locally the file is replaced under the lock appenders take, so no line appended meanwhile
+    is lost.
     """
     path = epath.Path(path)
-    if not is_remote(path):
-        with path.open("a", encoding="utf-8") as handle:
-            handle.write(line + "\n")
-        return
-    path = uncached(path)
-    before = path.read_text(encoding="utf-8") if path.exists() else ""
-    path.write_text(before + line + "\n", encoding="utf-8")
+    removed = 0
+    with naming_the_file(path):
+        if is_remote(path):
+            path = uncached(path)
+            if path.exists():  # the single object older versions wrote
+                lines = path.read_text(encoding="utf-8").splitlines()
+                kept = [line for line in lines if keep(line)]
+                if len(kept) < len(lines):
+                    removed += len(lines) - len(kept)
+                    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            parts = _parts(path)
+            for part in sorted(parts.iterdir(), key=lambda p: p.name) if parts.is_dir() else []:
+                if f"-{writer}-" in part.name and not all(keep(line) for line in
+                                                          part.read_text(encoding="utf-8").splitlines()):
+                    removed += 1
+                    part.unlink(missing_ok=True)
+            return removed
+        if not path.exists():
+            return 0
+        with _locked_for_append(path) as handle:
+            handle.seek(0)
+            lines = handle.read().splitlines()
+            kept = [line for line in lines if keep(line)]
+            if len(kept) < len(lines):
+                temporary = path.parent / (path.name + ".tmp")
+                temporary.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+                os.replace(temporary, path)
+            return len(lines) - len(kept)
+
+
+@contextlib.contextmanager
+def _locked_for_append(path: epath.Path):
+    """The local file open for appending, under an exclusive lock on the file it names now (if another
+    process replaced it while we waited for the lock, the new file is opened and locked instead)."""
+    while True:
+        handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - closed below
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            if os.fstat(handle.fileno()).st_ino == os.stat(path).st_ino:
+                yield handle
+                return
+        finally:
+            handle.close()  # also releases the lock
 
 
 @contextlib.contextmanager

@@ -138,16 +138,56 @@ def test_watch_writes_results_and_metrics_into_the_bucket(bucket_workdir, tmp_pa
 
 
 def test_metrics_in_bucket_and_drop_after(gcs_dir):
+    """Training and `eval --watch` log into the same metrics.jsonl: in a bucket each line is an object
+    of its own (no writer rewrites another's lines), and a resumed run drops only its own rows."""
     writer = MetricsWriter(gcs_dir, total_steps=10)
     for step in (1, 2, 3, 4):
         writer.write(step, {"loss": 1.0 / step})
     runner.log_step(gcs_dir, 4, [results.summarise("set", "zero_shot_top1", [0.5])])
     assert [r["step"] for r in read_metrics(gcs_dir)] == [1, 2, 3, 4, 4]
+    parts = list((epath.Path(gcs_dir) / "metrics.jsonl.d").iterdir())
+    assert len(parts) == 5 and not (epath.Path(gcs_dir) / "metrics.jsonl").exists()
     writer.drop_after(2)  # a run resumed from step 2 logs steps 3 and 4 again
     writer.write(3, {"loss": 0.3})
     writer.close()
-    assert [(r["step"], r["loss"]) for r in read_metrics(gcs_dir)] == [(1, 1.0), (2, 0.5), (3, 0.3)]
+    records = read_metrics(gcs_dir)
+    assert [(r["step"], r["loss"]) for r in records if "loss" in r] == [(1, 1.0), (2, 0.5), (3, 0.3)]
+    assert [r["step"] for r in records if "loss" not in r] == [4]  # the watch's row stays
     assert (epath.Path(gcs_dir) / "tensorboard").is_dir()
+
+
+def test_a_bucket_log_written_by_an_older_version_is_read_and_dropped_from(gcs_dir):
+    """Older versions kept the whole log in one object; its rows come first, and drop_after still applies."""
+    old = [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}, {"step": 3, "loss": 0.3}]
+    (epath.Path(gcs_dir) / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old))
+    MetricsWriter(gcs_dir, total_steps=10).write(4, {"loss": 0.2})
+    assert [r["step"] for r in read_metrics(gcs_dir)] == [1, 2, 3, 4]
+    assert drop_after(gcs_dir, 2) == 2
+    assert read_metrics(gcs_dir) == old[:2]
+
+
+def test_drop_after_keeps_the_watch_rows_of_a_local_log(tmp_path):
+    """A resumed run rewrites its local log; rows of `eval --watch` (they carry a time) stay, whatever
+    their step: the old code deleted them."""
+    writer = MetricsWriter(tmp_path, total_steps=10)
+    for step in (1, 2, 3):
+        writer.write(step, {"loss": 1.0 / step})
+    runner.log_step(tmp_path, 3, [results.summarise("set", "zero_shot_top1", [0.5])])
+    assert drop_after(tmp_path, 1) == 2
+    assert [(r["step"], "loss" in r) for r in read_metrics(tmp_path)] == [(1, True), (3, False)]
+
+
+def test_the_final_evaluation_is_dropped_when_a_finished_schedule_resumes(tmp_path):
+    """A kill during the export leaves the final evaluation logged; the rerun evaluates again, so the
+    old row goes (the old code kept both)."""
+    writer = MetricsWriter(tmp_path, total_steps=6)
+    writer.write(6, {"loss": 0.1})
+    writer.write(6, {"eval/taxon_com/zero_shot_top1": 50.0})
+    writer.drop_after(6)
+    assert read_metrics(tmp_path) == [{"step": 6, "loss": 0.1}]
+    writer.write(6, {"eval/taxon_com/zero_shot_top1": 50.0})
+    MetricsWriter(tmp_path, total_steps=12).drop_after(6)  # a longer schedule goes on: nothing is repeated
+    assert len(read_metrics(tmp_path)) == 2
 
 
 def test_drop_after_keeps_local_rows_up_to_the_step(tmp_path):

@@ -77,7 +77,7 @@ def test_a_non_finite_state_is_never_saved_and_the_last_good_checkpoint_is_named
     skeleton = state_lib.model_skeleton(config)
     layout = state_lib.state_layout(config, skeleton, make_mesh(8, 1, 1))
     manager = checkpointing.TrainCheckpointer(workdir, 3, 5, async_save=False)
-    state = manager.restore(3, layout.abstract, layout.shardings, _NoIterator())
+    state = manager.restore(3, layout, _NoIterator())
     key = sorted(state["params"])[0]
     state["params"][key] = state["params"][key] * jax.numpy.nan
     with pytest.raises(checkpointing.NonFiniteStateError,
@@ -176,3 +176,210 @@ def test_a_diverging_run_stops_naming_the_last_good_checkpoint(shards, tmp_path)
     with pytest.raises(FloatingPointError, match=r"The last good checkpoint is step 1 in "):
         run(workdir, shards, optimizer__lr=1e30, total_steps=6, checkpoint__every_steps=2, log_every_steps=4)
     assert _steps_on_disk(workdir) == [1]
+
+
+# ----------------------------------------------------------------------------- what counts as damage
+
+
+def _truncate_biggest_file(step_dir) -> None:
+    data_files = [p for p in (step_dir / "params").rglob("*") if p.is_file()]
+    biggest = max(data_files, key=lambda p: p.stat().st_size)
+    with open(biggest, "r+b") as f:
+        f.truncate(biggest.stat().st_size // 2)
+
+
+def _layout(config):
+    from bioclip_jax.parallel.mesh import make_mesh
+    from bioclip_jax.train import state as state_lib
+
+    return state_lib.state_layout(config, state_lib.model_skeleton(config), make_mesh(8, 1, 1))
+
+
+@pytest.mark.parametrize("change", [{"optimizer__grad_clip_norm": 1.0}, {"optimizer__freeze": "image"}])
+def test_an_accepted_optimizer_change_keeps_the_checkpoints_and_the_progress(straight_run, shards, tmp_path,
+                                                                          change, capsys):
+    """Clipping or a frozen tower changes the optimiser state's tree: the run resumes from its newest
+    checkpoint (the old code took both checkpoints for damaged, moved them aside and stopped)."""
+    from bioclip_jax.train.loop import train
+
+    workdir = _copy(straight_run[0], tmp_path / "changed_optimizer", keep_up_to=6)
+    config = smoke_config(shards, **change, **{**CHECKPOINTED, "total_steps": 7})
+    train(config, str(workdir), allow_config_change=True)
+    assert not (workdir / checkpointing.UNREADABLE_DIR).exists()
+    assert 7 in _steps_on_disk(workdir)
+    assert [r["step"] for r in read_metrics(str(workdir)) if "loss" in r] == [1, 2, 3, 4, 5, 6, 7]
+    assert "restored its parameters, carried over" in capsys.readouterr().err
+
+
+def test_optimizer_arrays_that_still_apply_are_carried_over(straight_run, shards):
+    """Clipping puts the AdamW state one level down ((clip, adamw)); every Adam moment and step count
+    of the checkpoint arrives at its new place, and the parameters are the saved ones."""
+    import jax
+
+    from bioclip_jax.checkpoint import carry_over
+
+    def restored(config):
+        manager = checkpointing.TrainCheckpointer(straight_run[0], 3, 5, async_save=False)
+        try:
+            return manager.restore(6, _layout(config), _NoIterator())
+        finally:
+            manager.close()
+
+    saved = restored(smoke_config(shards, **CHECKPOINTED))
+    carried = restored(smoke_config(shards, optimizer__grad_clip_norm=1.0, **CHECKPOINTED))
+
+    def leaves(tree):
+        return {carry_over.path_names(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+    before, after = leaves(saved["opt_state"]), leaves(carried["opt_state"])
+    assert set(after) == {("1", *path) for path in before}  # (clip state, adamw state): one level down
+    for path, value in before.items():
+        np.testing.assert_array_equal(after[("1", *path)], value, err_msg=str(path))
+    assert int(after[("1", "0", "count")]) == 6
+    for key in saved["params"]:
+        np.testing.assert_array_equal(np.asarray(carried["params"][key]), np.asarray(saved["params"][key]))
+
+
+def test_carry_over_starts_moments_fresh_where_no_saved_array_fits():
+    saved = {("0", "count"): ((), "int32"), ("0", "mu", "text.w"): ((4,), "float32"),
+             ("0", "nu", "text.w"): ((4,), "float32"), ("2", "count"): ((), "int32")}
+    wanted = {("0", "count"): ((), "int32"), ("0", "mu", "text.w"): ((4,), "float32"),
+              ("0", "mu", "visual.w"): ((4,), "float32"), ("0", "nu", "text.w"): ((5,), "float32"),
+              ("acc_grads", "text.w"): ((4,), "float32"), ("2", "count"): ((), "int32")}
+    from bioclip_jax.checkpoint import carry_over
+
+    assert carry_over.match_leaves(saved, wanted) == {("0", "count"): ("0", "count"),
+                                                      ("0", "mu", "text.w"): ("0", "mu", "text.w"),
+                                                      ("2", "count"): ("2", "count")}
+
+
+@pytest.fixture
+def fast_retries(monkeypatch):
+    from bioclip_jax.checkpoint import faults
+
+    monkeypatch.setattr(faults, "RETRY_DELAYS_S", (0.0, 0.0))
+
+
+def _failing_reads(monkeypatch, error: Exception, times: int) -> list:
+    """The first `times` array reads raise `error`, as a storage fault would; returns the list of calls."""
+    import orbax.checkpoint as ocp
+
+    real, calls = ocp.StandardCheckpointHandler.restore, []
+
+    def restore(self, directory, *args, **kwargs):
+        calls.append(str(directory))
+        if len(calls) <= times:
+            raise error
+        return real(self, directory, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.StandardCheckpointHandler, "restore", restore)
+    return calls
+
+
+def _restore_latest(workdir, shards):
+    manager = checkpointing.TrainCheckpointer(workdir, 3, 5, async_save=False)
+    try:
+        return manager.restore_latest_good(_layout(smoke_config(shards, **CHECKPOINTED)), _NoIterator())
+    finally:
+        manager.close()
+
+
+def test_a_passing_storage_error_is_retried_and_moves_nothing(straight_run, shards, tmp_path, monkeypatch,
+                                                              fast_retries):
+    workdir = _copy(straight_run[0], tmp_path / "flaky", keep_up_to=6)
+    calls = _failing_reads(monkeypatch, ValueError("UNAVAILABLE: connection reset by peer"), times=2)
+    step, _ = _restore_latest(workdir, shards)
+    assert step == 6 and len(calls) > 2
+    assert not (workdir / checkpointing.UNREADABLE_DIR).exists()
+
+
+@pytest.mark.parametrize("error, expected", [
+    (ConnectionResetError(104, "Connection reset by peer"), r"failed 3 times \(ConnectionResetError"),
+    (RuntimeError("something unforeseen"), r"not known to be damage"),
+])
+def test_an_error_that_is_not_damage_stops_the_run_and_leaves_the_checkpoints(straight_run, shards, tmp_path,
+                                                                             monkeypatch, fast_retries, error,
+                                                                             expected):
+    workdir = _copy(straight_run[0], tmp_path / "unreachable", keep_up_to=6)
+    _failing_reads(monkeypatch, error, times=100)
+    with pytest.raises(checkpointing.CheckpointError, match=expected) as raised:
+        _restore_latest(workdir, shards)
+    assert "checkpoint step 6" in str(raised.value) and "\n" not in str(raised.value)
+    assert _steps_on_disk(workdir) == [3, 6]
+    assert not (workdir / checkpointing.UNREADABLE_DIR).exists()
+
+
+def test_a_read_that_hangs_stops_at_its_deadline_naming_the_checkpoint(straight_run, shards, tmp_path,
+                                                                      monkeypatch):
+    import threading
+
+    import orbax.checkpoint as ocp
+
+    workdir = _copy(straight_run[0], tmp_path / "hangs", keep_up_to=6)
+    release = threading.Event()
+    monkeypatch.setattr(ocp.StandardCheckpointHandler, "restore", lambda *a, **k: release.wait(60))
+    monkeypatch.setenv("BIOCLIP_JAX_STORAGE_TIMEOUT_S", "1")
+    try:
+        with pytest.raises(checkpointing.CheckpointError, match=r"did not finish within 1 s") as raised:
+            _restore_latest(workdir, shards)
+    finally:
+        release.set()
+        for thread in threading.enumerate():  # the abandoned read ends before the test does
+            if thread.name.startswith("storage:"):
+                thread.join(60)
+    assert f"checkpoint step 6 in {workdir / 'checkpoints'}" in str(raised.value)
+    assert _steps_on_disk(workdir) == [3, 6]
+
+
+def test_a_workdir_whose_checkpoints_all_went_aside_does_not_restart_from_zero_unasked(straight_run, shards,
+                                                                                       tmp_path):
+    """The old code trained a plain rerun from step 0 without a word, and logged each step twice."""
+    from bioclip_jax.train.loop import train
+
+    workdir = _copy(straight_run[0], tmp_path / "all_damaged", keep_up_to=6)
+    for step in (3, 6):
+        _truncate_biggest_file(workdir / "checkpoints" / str(step))
+    with pytest.raises(checkpointing.CheckpointError, match="no checkpoint .* reads cleanly"):
+        run(workdir, shards, **CHECKPOINTED)
+    with pytest.raises(checkpointing.CheckpointError, match="--allow_fresh_start") as raised:
+        run(workdir, shards, **CHECKPOINTED)  # the plain rerun
+    assert "would start again from step 0" in str(raised.value)
+    assert _steps_on_disk(workdir) == []
+    train(smoke_config(shards, **CHECKPOINTED), str(workdir), stop_after=2, allow_fresh_start=True)
+    assert [r["step"] for r in read_metrics(str(workdir)) if "loss" in r] == [1, 2]
+
+
+@pytest.mark.parametrize("error, kind", [
+    (ValueError("DATA_LOSS: Error decoding manifest"), "damaged"),
+    (ValueError("OUT_OF_RANGE: Requested byte range [2, 9) is not valid for value of size 4"), "damaged"),
+    (ValueError('FAILED_PRECONDITION: Error reading "x/_sharding": Invalid JSON'), "damaged"),
+    (ValueError("Expecting value: line 1 column 1 (char 0)"), "unknown"),
+    (FileNotFoundError(2, "No such file or directory"), "damaged"),
+    (ValueError("UNAVAILABLE: Failed to connect"), "transient"),
+    (ValueError("DEADLINE_EXCEEDED: no answer"), "transient"),
+    (TimeoutError("timed out"), "transient"),
+    (OSError(5, "Input/output error"), "transient"),
+    (ValueError("User-provided restore item and on-disk value metadata tree structures do not match"), "mismatch"),
+    (RuntimeError("something else"), "unknown"),
+])
+def test_errors_are_classified_by_what_they_say_about_the_files(error, kind):
+    import json
+
+    from bioclip_jax.checkpoint import faults
+
+    assert faults.classify(error) == kind
+    wrapped = Exception("Encountered error while reading array index")
+    wrapped.__cause__ = error  # how Orbax re-raises tensorstore's errors
+    assert faults.classify(wrapped) == kind
+    try:
+        json.loads("")
+    except ValueError as real:
+        assert faults.classify(real) == "damaged"
+
+
+def test_a_fresh_start_logs_each_step_once(straight_run, shards, tmp_path):
+    """Killed before its first checkpoint was committed (or after that save failed on a full disk), a run
+    starts again from step 0; the rows its first attempt logged go (the old code kept them: each step twice)."""
+    workdir = _copy(straight_run[0], tmp_path / "no_checkpoint", keep_up_to=0)
+    run(workdir, shards, stop_after=2, **CHECKPOINTED)
+    assert [r["step"] for r in read_metrics(str(workdir)) if "loss" in r] == [1, 2]

@@ -1,6 +1,7 @@
 """The train binary: one `error:` line and a documented exit status for what users get wrong,
 and one job at a time per workdir (WORKDIR/LOCK)."""
 
+import errno
 import json
 import os
 import socket
@@ -225,3 +226,61 @@ def test_lock_and_workdir_check_on_a_bucket(gcs_dir):
     with pytest.raises(WorkdirInUseError, match="some-other-node"):
         with WorkdirLock(workdir):
             pass
+
+
+@pytest.mark.parametrize("content", ["", "{\"host\": \"n", "[]"])
+def test_an_empty_or_damaged_lock_is_stale_and_taken_over(tmp_path, capsys, content):
+    """A full disk at start-up left an empty LOCK: the old code refused every later run, "in use by
+    process unknown on host unknown"."""
+    (tmp_path / LOCK_FILE).write_text(content)
+    with WorkdirLock(tmp_path):
+        assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+    err = capsys.readouterr().err
+    assert f"taking over the lock {tmp_path / LOCK_FILE} of no job" in err and "unknown" not in err
+    assert not (tmp_path / LOCK_FILE).exists()
+
+
+class _FullDisk:
+    """A file open for writing on a full disk: every write fails with ENOSPC (the file itself is created)."""
+
+    def __init__(self, handle):
+        self._handle = handle
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def __getattr__(self, name):
+        return getattr(self._handle, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.close()
+
+
+@pytest.fixture
+def full_disk(monkeypatch):
+    """Every file opened for writing through open() (also os.fdopen's) cannot be written."""
+    import builtins
+    import io
+
+    real_open = io.open
+
+    def open_on_full_disk(file, mode="r", *args, **kwargs):
+        handle = real_open(file, mode, *args, **kwargs)
+        return _FullDisk(handle) if any(m in mode for m in "wax") else handle
+
+    monkeypatch.setattr(io, "open", open_on_full_disk)
+    monkeypatch.setattr(builtins, "open", open_on_full_disk)
+    return monkeypatch
+
+
+def test_a_full_disk_when_taking_the_lock_names_the_file_and_leaves_no_lock(tmp_path, full_disk):
+    with pytest.raises(OSError, match=f"No space left on device: '{tmp_path / LOCK_FILE}'"):
+        with WorkdirLock(tmp_path):
+            pass
+    full_disk.undo()
+    assert os.listdir(tmp_path) == []
+    with WorkdirLock(tmp_path):  # the next run is not refused
+        pass

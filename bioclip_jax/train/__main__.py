@@ -1,8 +1,10 @@
 """`python -m bioclip_jax.train --config=configs/NAME.py[:ARG] --workdir=DIR [--config.FIELD=VALUE ...]
-[--stop_after=N] [--allow_config_change]`
+[--stop_after=N] [--allow_config_change] [--allow_fresh_start]`
 
 Rerunning with the same workdir resumes from its latest checkpoint, under the same config
-(a change is refused unless --allow_config_change; see train/run_identity.py). One job at a
+(a change is refused unless --allow_config_change; see train/run_identity.py). A workdir whose
+checkpoints are all unreadable (moved to checkpoints_unreadable/) is not trained again from
+step 0 unless --allow_fresh_start. One job at a
 time trains in a workdir (WORKDIR/LOCK; see train/workdir.py). When launched as one of
 several processes (JAX_COORDINATOR_ADDRESS / SLURM / TPU pod environment),
 `jax.distributed` is initialised first.
@@ -37,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="save a checkpoint and exit at this step (schedule unchanged)")
     parser.add_argument("--allow_config_change", action="store_true",
                         help="resume under a config that differs from the workdir's config.json (recorded there)")
+    parser.add_argument("--allow_fresh_start", action="store_true",
+                        help="train from step 0 in a workdir whose checkpoints were all set aside as unreadable")
     return parser
 
 
@@ -71,7 +75,8 @@ def _run(config, args):
     check_workdir(args.workdir)
     from bioclip_jax.train.job import run_job  # noqa: PLC0415 - after distributed init
     with hold_workdir(args.workdir):
-        return run_job(config, args.workdir, stop_after=args.stop_after, allow_config_change=args.allow_config_change)
+        return run_job(config, args.workdir, stop_after=args.stop_after, allow_config_change=args.allow_config_change,
+                       allow_fresh_start=args.allow_fresh_start)
 
 
 def _fail(error: BaseException, status: int) -> int:

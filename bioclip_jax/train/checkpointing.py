@@ -8,14 +8,23 @@ What a multi-day run relies on:
 - A state holding NaN or inf is never saved (`NonFiniteStateError` instead).
 - A failed background save is noticed at the next step (`check_for_errors`), not one
   interval later, and stops the run with one message.
-- Restoring picks the newest step that reads cleanly; an unreadable one is moved aside
-  to WORKDIR/checkpoints_unreadable/ (never deleted) and named in one line.
+- Restoring picks the newest step that reads cleanly on every process. The processes agree
+  on one verdict per step; only damage (`checkpoint.faults`: a truncated, garbled or missing
+  file) moves a step aside to WORKDIR/checkpoints_unreadable/ (never deleted), named in one
+  line. A storage that does not answer is retried, then stops the run with the checkpoints
+  in place; so do a checkpoint of another model and any error not known to be damage. Every
+  read has a deadline. A workdir whose checkpoints all went aside is not trained again from
+  step 0 unless asked (`allow_fresh_start`).
+- After an accepted change of optimiser settings (clipping, a frozen tower), the saved
+  parameters are restored and the optimiser arrays that still apply are carried over
+  (`checkpoint.carry_over`); the rest start fresh, and a line says how many.
 - Restoring takes the abstract state with the *current* mesh's shardings, so a run saved
   on 8 devices restores onto 4 (or onto another host count).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -27,8 +36,11 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
 
+from bioclip_jax import paths
+from bioclip_jax.checkpoint import carry_over, faults
 from bioclip_jax.checkpoint.model_dir import CHECKPOINTS_DIR, PARAMS_DIR, finished_steps
 from bioclip_jax.paths import absolute
+from bioclip_jax.train import distributed
 
 OPT_STATE = "opt_state"
 DATA = "data"
@@ -80,6 +92,9 @@ class TrainCheckpointer:
         # Orbax scans for unfinished saves in a thread that close() does not wait for; a run failing
         # before its first save would exit under it ("cannot schedule new futures after interpreter shutdown").
         self.manager._maybe_await_cleanup_tmp_directory()  # noqa: SLF001 - no public way to wait for it
+        # Restoring reads each item with its handler, not through the manager, whose restore ends in
+        # a barrier that a process which failed to read never reaches (see restore_latest_good).
+        self._array_reader = ocp.PyTreeCheckpointHandler()
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -129,70 +144,161 @@ class TrainCheckpointer:
 
     # ---- restoring -------------------------------------------------------------------------------
 
-    def restore_latest_good(self, abstract_state: dict, shardings: dict, data_iterator: Any
+    def restore_latest_good(self, layout, data_iterator: Any, allow_fresh_start: bool = False
                             ) -> tuple[int, dict] | None:
-        """(step, state) of the newest checkpoint that reads cleanly, or None when there is none.
+        """(step, state) of the newest checkpoint that reads cleanly on every process, or None when
+        there is none; the data iterator is set to that step's position.
 
-        A checkpoint that fails to read is moved aside and the next older one is tried.
-        A checkpoint that reads but does not fit the configured model is a config problem,
-        not a damaged file: that raises CheckpointMismatchError and nothing is moved.
+        Every process reads a step on its own, then all agree on one verdict, the worst any of them
+        reached (`_READ` < `_DAMAGED` < `_MISMATCH` < `_FAILED`). Only damage (`faults.DAMAGED`, on any process) moves a step aside and tries the
+        next older one; a transient storage failure (after retries), a checkpoint that does not fit
+        the configured model, or an unknown error stops the run, with the checkpoints left in place.
+        A step whose optimiser state was written under other optimiser settings restores its
+        parameters and carries over what still applies (`carry_over`). A workdir whose checkpoints
+        all went aside does not silently train from step 0 again: that takes `allow_fresh_start`.
         """
-        tried = []
         for step in sorted(self.manager.all_steps(), reverse=True):
-            try:
-                self._check_shapes(step, abstract_state["params"])
-                return step, self.restore(step, abstract_state, shardings, data_iterator)
-            except CheckpointMismatchError:
-                raise
-            except Exception as error:  # noqa: BLE001 - a damaged checkpoint: fall back to an older one
-                tried.append(step)
-                self._set_aside(step, error)
-        if tried:
-            raise CheckpointError(f"no checkpoint in {self.directory} reads cleanly (steps {tried} were moved "
-                                  f"to {self.directory.parent / UNREADABLE_DIR}); start a new workdir or "
-                                  f"repair them")
+            read, verdict, message = self._read_agreed(step, layout)
+            if verdict == _READ:
+                return step, self._restored_state(step, read, layout, data_iterator)
+            if verdict != _DAMAGED:
+                raise (CheckpointMismatchError if verdict == _MISMATCH else CheckpointError)(message)
+            self._set_aside(step, message)
+        self._check_fresh_start(allow_fresh_start)
         return None
 
-    def _check_shapes(self, step: int, abstract_params: dict) -> None:
-        saved = self.manager.item_metadata(step)[PARAMS_DIR]
-        if saved is None:
-            raise CheckpointError(f"step {step} has no parameter metadata")
+    def _read_agreed(self, step: int, layout) -> tuple[Any, int, str]:
+        """This process's read of `step`, and the verdict and message all processes agreed on."""
+        read, verdict, message = None, _READ, ""
+        what = f"reading checkpoint step {step} in {self.directory}"
+
+        def attempt():
+            return faults.with_deadline(lambda: self._read(step, layout), faults.timeout_s(), what)
+
+        def on_retry(error: BaseException, delay: float) -> None:
+            _warn(f"{what} failed ({_describe(faults.explain(error)[1])}); trying again in {delay:.0f} s")
+
+        try:
+            read = faults.retrying(attempt, on_retry)
+        except CheckpointMismatchError as error:
+            verdict, message = _MISMATCH, str(error)
+        except Exception as error:  # noqa: BLE001 - classified: only damage moves a checkpoint
+            verdict, message = _verdict(error, step, self.directory)
+        if jax.process_count() > 1 and verdict != _READ:
+            message = f"{message} (on process {jax.process_index()})"
+        verdict, message = distributed.agree_on_worst(verdict, message)
+        return read, verdict, message
+
+    def _read(self, step: int, layout) -> _Read:
+        """Everything of `step` this process needs, read without any collective."""
+        directory = self.directory / str(step)
+        self._check_shapes(step, self._array_reader.metadata(directory / PARAMS_DIR).tree, layout.abstract["params"])
+        saved_opt = carry_over.describe(self._array_reader.metadata(directory / OPT_STATE).tree)
+        wanted_opt = carry_over.describe(layout.abstract["opt_state"])
+        params = self._restore_arrays(directory / PARAMS_DIR, _targets(layout.abstract["params"],
+                                                                       layout.shardings["params"]))
+        if saved_opt == wanted_opt:
+            opt_state, matches = self._restore_arrays(directory / OPT_STATE, _targets(
+                layout.abstract["opt_state"], layout.shardings["opt_state"])), None
+        else:
+            matches = carry_over.match_leaves(saved_opt, wanted_opt)
+            opt_state = self._restore_matched(directory / OPT_STATE, matches, layout)
+        meta = ocp.JsonCheckpointHandler().restore(directory / META, args=ocp.args.JsonRestore())
+        return _Read(params, opt_state, matches, int(meta["step"]), read_data_iterator_state(directory / DATA))
+
+    def _restore_arrays(self, directory, target):
+        return ocp.StandardCheckpointHandler().restore(directory, args=ocp.args.StandardRestore(target))
+
+    def _restore_matched(self, directory, matches: dict, layout) -> dict:
+        """{saved path: array} of the saved optimiser leaves that `matches` carries over."""
+        wanted = {carry_over.path_names(path): (leaf, sharding) for (path, leaf), sharding in zip(
+            jax.tree_util.tree_flatten_with_path(layout.abstract["opt_state"])[0],
+            jax.tree.leaves(layout.shardings["opt_state"]))}
+        sharding_of_saved = {saved: wanted[new][1] for new, saved in matches.items()}
+
+        def target(path, leaf):
+            sharding = sharding_of_saved.get(carry_over.path_names(path))
+            return ocp.PLACEHOLDER if sharding is None else jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
+                                                                                 sharding=sharding)
+
+        tree = jax.tree_util.tree_map_with_path(target, self._array_reader.metadata(directory).tree)
+        restore_args = jax.tree.map(lambda t: t if t is ocp.PLACEHOLDER else ocp.ArrayRestoreArgs(
+            sharding=t.sharding, global_shape=t.shape, dtype=t.dtype), tree)
+        restored = self._array_reader.restore(directory, args=ocp.args.PyTreeRestore(item=tree,
+                                                                                     restore_args=restore_args))
+        flat = jax.tree_util.tree_flatten_with_path(restored)[0]
+        named = ((carry_over.path_names(path), leaf) for path, leaf in flat)
+        return {name: leaf for name, leaf in named if name in sharding_of_saved}
+
+    def _restored_state(self, step: int, read: _Read, layout, data_iterator: Any) -> dict:
+        """The train state of an agreed read (collective where it computes: every process runs it)."""
+        opt_state = read.opt_state
+        if read.matches is not None:
+            opt_state = self._carried_opt_state(step, read, layout)
+        data_iterator.set_state(read.data_state)
+        if hasattr(data_iterator, "start_prefetch"):
+            data_iterator.start_prefetch()
+        step_array = jax.device_put(jnp.asarray(read.step, jnp.int32), layout.shardings["step"])
+        return {"params": read.params, "opt_state": opt_state, "step": step_array}
+
+    def _carried_opt_state(self, step: int, read: _Read, layout):
+        """Fresh optimiser state for the current settings, with the saved arrays that still apply."""
+        fresh = jax.jit(layout.optimizer.init, out_shardings=layout.shardings["opt_state"])(read.params)
+        paths_and_leaves, treedef = jax.tree_util.tree_flatten_with_path(fresh)
+        leaves = []
+        for path, leaf in paths_and_leaves:
+            saved = read.matches.get(carry_over.path_names(path))
+            leaves.append(leaf if saved is None else read.opt_state[saved])
+        carried = sum(1 for path, _ in paths_and_leaves if carry_over.path_names(path) in read.matches)
+        summary = (f"carried over all {carried} optimiser arrays" if carried == len(leaves) else
+                   f"carried over {carried} of {len(leaves)} optimiser arrays and started the other "
+                   f"{len(leaves) - carried} fresh")
+        _warn(f"checkpoint step {step} in {self.directory} holds optimiser state for other optimiser settings "
+              f"(an accepted config change): restored its parameters, {summary} (Adam moments and step counts "
+              f"are carried where they still apply)")
+        return jax.tree_util.tree_unflatten(treedef, leaves)
+
+    def _check_shapes(self, step: int, saved: dict, abstract_params: dict) -> None:
         for key, abstract in abstract_params.items():
             if key not in saved:
-                raise CheckpointMismatchError(f"checkpoint step {step} in {self.directory} has no parameter {key}: it was "
-                                 f"written for another model than config.model.name")
+                raise CheckpointMismatchError(f"checkpoint step {step} in {self.directory} has no parameter {key}: "
+                                              f"it was written for another model than config.model.name; nothing "
+                                              f"was moved")
             if tuple(saved[key].shape) != tuple(abstract.shape):
                 raise CheckpointMismatchError(f"checkpoint step {step} in {self.directory} holds {key} with shape "
-                                 f"{list(saved[key].shape)}, but the configured model has "
-                                 f"{list(abstract.shape)}: the model config changed")
+                                              f"{list(saved[key].shape)}, but the configured model has "
+                                              f"{list(abstract.shape)}: the model config changed; nothing was moved")
 
-    def _set_aside(self, step: int, error: BaseException) -> None:
-        """Moves an unreadable step out of Orbax's folder (process 0), so that it is never read again."""
+    def _set_aside(self, step: int, reason: str) -> None:
+        """Moves a step all processes found damaged out of Orbax's folder (process 0), never to be read again."""
         target = self.directory.parent / UNREADABLE_DIR / f"{step}-{int(time.time())}"
+        failure = ""
         if jax.process_index() == 0:
-            print(f"checkpoint step {step} is unreadable ({type(error).__name__}: {_first_line(error)[:300]}); "
-                  f"moved it to {target} and trying the previous one", file=sys.stderr, flush=True)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            (self.directory / str(step)).rename(target)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils  # noqa: PLC0415
-            multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                (self.directory / str(step)).rename(target)
+                _warn(f"{reason}; moved it to {target} and trying the previous one")
+            except Exception as error:  # noqa: BLE001 - every process must hear of it
+                failure = (f"{reason}, but moving it out of {self.directory} failed ({_describe(error)}); "
+                           f"move it by hand to {target.parent} and rerun")
+        failed, failure = distributed.agree_on_worst(int(bool(failure)), failure)
+        if failed:
+            raise CheckpointError(failure)
         self.manager.reload()
 
-    def restore(self, step: int, abstract_state: dict, shardings: dict, data_iterator: Any) -> dict:
-        """The state at `step`, laid out on the current mesh; the iterator is restored in place."""
-        def target(tree, tree_shardings):
-            return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                tree, tree_shardings)
+    def _check_fresh_start(self, allow_fresh_start: bool) -> None:
+        """Refuses to start from step 0 where earlier checkpoints were set aside as unreadable."""
+        aside = paths.uncached(self.directory.parent / UNREADABLE_DIR)
+        names = sorted(p.name for p in aside.iterdir()) if aside.is_dir() else []
+        if names and not allow_fresh_start:
+            raise CheckpointError(
+                f"no checkpoint in {self.directory} reads cleanly, and {len(names)} unreadable one(s) were moved to "
+                f"{aside} ({', '.join(names)}): training would start again from step 0, so it did not; repair "
+                f"them, start a new workdir, or pass --allow_fresh_start to train from step 0 in this one")
 
-        restored = self.manager.restore(step, args=ocp.args.Composite(**{
-            PARAMS_DIR: ocp.args.StandardRestore(target(abstract_state["params"], shardings["params"])),
-            OPT_STATE: ocp.args.StandardRestore(target(abstract_state["opt_state"], shardings["opt_state"])),
-            META: ocp.args.JsonRestore(),
-        }))
-        restore_data_iterator(self.directory / str(step) / DATA, data_iterator)
-        step_array = jax.device_put(jnp.asarray(restored[META]["step"], jnp.int32), shardings["step"])
-        return {"params": restored[PARAMS_DIR], "opt_state": restored[OPT_STATE], "step": step_array}
+    def restore(self, step: int, layout, data_iterator: Any) -> dict:
+        """The state at `step`, laid out on the current mesh, without any fallback; the iterator is set."""
+        return self._restored_state(step, self._read(step, layout), layout, data_iterator)
 
     # ---- the rest --------------------------------------------------------------------------------
 
@@ -208,10 +314,11 @@ class TrainCheckpointer:
     def close(self) -> None:
         self.wait()
         self.manager.close()
+        self._array_reader.close()
 
 
-def restore_data_iterator(directory, data_iterator: Any) -> None:
-    """Sets the iterator to the saved position, also when the number of hosts changed.
+def read_data_iterator_state(directory) -> dict:
+    """The saved data-iterator state for this process, also when the number of hosts changed.
 
     Grain writes one `process_<i>-of-<n>.json` per host. The training pipeline's state
     counts global batches, which is the same on every host, so a run saved on n hosts
@@ -228,6 +335,48 @@ def restore_data_iterator(directory, data_iterator: Any) -> None:
     else:
         raise FileNotFoundError(f"{directory} holds no data-iterator state for process {jax.process_index()} "
                                 f"of {jax.process_count()}")
-    data_iterator.set_state(json.loads(path.read_text()))
-    if hasattr(data_iterator, "start_prefetch"):
-        data_iterator.start_prefetch()
+    return json.loads(path.read_text())
+
+
+# Verdicts on one step, by severity: all processes act on the worst any of them reached.
+_READ, _DAMAGED, _MISMATCH, _FAILED = 0, 1, 2, 3
+
+
+@dataclasses.dataclass(frozen=True)
+class _Read:
+    params: dict
+    opt_state: Any          # the train state's optimiser tree, or {saved path: array} when `matches` is set
+    matches: dict | None    # {new path: saved path} when the optimiser settings changed (see carry_over)
+    step: int
+    data_state: dict
+
+
+def _verdict(error: BaseException, step: int, directory) -> tuple[int, str]:
+    """The verdict on a step whose read raised `error`, and the sentence that says so."""
+    kind, cause = faults.explain(error)
+    where = f"checkpoint step {step} in {directory}"
+    if kind == faults.DAMAGED:
+        return _DAMAGED, f"checkpoint step {step} is unreadable ({_describe(cause)})"
+    if kind == faults.MISMATCH:
+        return _MISMATCH, (f"{where} does not fit the configured train state ({_describe(cause)}); nothing was "
+                           f"moved: resume under the config it was written with, or start a new workdir")
+    if isinstance(error, faults.StorageTimeout):
+        return _FAILED, f"{error}; {where} was left in place: rerun once the storage answers"
+    if kind == faults.TRANSIENT:
+        return _FAILED, (f"reading {where} failed {len(faults.RETRY_DELAYS_S) + 1} times ({_describe(cause)}); "
+                         f"it was left in place: rerun once the storage answers")
+    return _FAILED, (f"reading {where} failed ({_describe(error)}); it was left in place, since this is not "
+                     f"known to be damage")
+
+
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {_first_line(error)[:300]}"
+
+
+def _targets(tree, shardings):
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+
+
+def _warn(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, file=sys.stderr, flush=True)

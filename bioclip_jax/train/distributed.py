@@ -71,3 +71,25 @@ def maybe_initialize_distributed(env: Mapping[str, str] | None = None) -> bool:
     else:
         jax.distributed.initialize()
     return True
+
+
+MESSAGE_BYTES = 1024  # an agreed verdict's message is cut to this many bytes
+
+
+def agree_on_worst(code: int, message: str = "") -> tuple[int, str]:
+    """The highest `code` over all processes, with the message of the first process that has it.
+
+    One allgather: every process must call it at the same point, whatever its own outcome,
+    so that a process which failed alone does not leave the others waiting in a collective.
+    """
+    if jax.process_count() == 1:
+        return code, message
+    import numpy as np  # noqa: PLC0415
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    encoded = message.encode("utf-8")[:MESSAGE_BYTES].ljust(MESSAGE_BYTES, b"\0")
+    row = np.concatenate([np.asarray([code], np.int32), np.frombuffer(encoded, np.uint8).astype(np.int32)])
+    rows = np.asarray(multihost_utils.process_allgather(row)).reshape(jax.process_count(), -1)
+    first = int(np.argmax(rows[:, 0]))  # argmax gives the lowest process with the highest code
+    text = bytes(rows[first, 1:].astype(np.uint8)).rstrip(b"\0").decode("utf-8", errors="replace")
+    return int(rows[first, 0]), text

@@ -17,6 +17,7 @@ import ml_collections
 from etils import epath
 
 from bioclip_jax import paths
+from bioclip_jax.checkpoint import model_dir
 from bioclip_jax.train.exit_codes import DONE_FILE
 from bioclip_jax.train.loop import train
 from bioclip_jax.train.periodic_eval import HeldOutEval, eval_fn_from_config
@@ -59,7 +60,7 @@ def with_synthetic_data(config: ml_collections.ConfigDict, workdir) -> ml_collec
 
 
 def run_job(config: ml_collections.ConfigDict, workdir, stop_after: int | None = None,
-            allow_config_change: bool = False) -> dict:
+            allow_config_change: bool = False, allow_fresh_start: bool = False) -> dict:
     """Trains, then (only when the whole schedule ran) exports and marks WORKDIR/DONE.
 
     A stop (signal or preemption) returns with "stopped": True and exports nothing: the
@@ -72,9 +73,11 @@ def run_job(config: ml_collections.ConfigDict, workdir, stop_after: int | None =
             print(f"{workdir} finished its {finished_at} steps already ({DONE_FILE}); nothing to do. Raise "
                   f"--config.total_steps to train on, or use a new workdir.", flush=True)
         return {}
+    check_not_past_schedule(workdir, config.total_steps)
     config = with_synthetic_data(config, workdir)
     eval_fn = eval_fn_from_config(config)
-    last = train(config, workdir, stop_after=stop_after, eval_fn=eval_fn, allow_config_change=allow_config_change)
+    last = train(config, workdir, stop_after=stop_after, eval_fn=eval_fn, allow_config_change=allow_config_change,
+                 allow_fresh_start=allow_fresh_start)
     if last.get("stopped") or (stop_after is not None and stop_after < config.total_steps):
         return last
     from bioclip_jax.pretrained import create_model, export_open_clip  # noqa: PLC0415
@@ -109,4 +112,19 @@ def mark_done(workdir, step: int) -> None:
 def done_step(workdir) -> int | None:
     """The step WORKDIR/DONE records, or None when the run has not finished."""
     path = paths.uncached(epath.Path(workdir) / DONE_FILE)
-    return int(json.loads(path.read_text())["step"]) if path.exists() else None
+    if not path.exists():
+        return None
+    record = paths.read_json(path)
+    if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+        raise ValueError(f"{path} is damaged: it holds no step number; delete it and rerun to finish the run again")
+    return record["step"]
+
+
+def check_not_past_schedule(workdir, total_steps: int) -> None:
+    """Refuses a schedule shorter than the run's latest checkpoint: training could not stop at
+    `total_steps`, and the export would hold a later step than DONE says."""
+    steps = model_dir.finished_steps(workdir)
+    if steps and steps[-1] > total_steps:
+        raise ValueError(f"{workdir} has a checkpoint at step {steps[-1]}, past --config.total_steps={total_steps}: "
+                         f"a run cannot end before its latest checkpoint; set total_steps to at least {steps[-1]} "
+                         f"or use a new workdir")

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import math
 from typing import Callable
 
@@ -81,7 +80,7 @@ def initial_params(config: ml_collections.ConfigDict) -> tuple[dict, PreprocessC
 
 
 def train(config: ml_collections.ConfigDict, workdir, stop_after: int | None = None,
-          eval_fn: EvalFn | None = None, allow_config_change: bool = False) -> dict:
+          eval_fn: EvalFn | None = None, allow_config_change: bool = False, allow_fresh_start: bool = False) -> dict:
     """Runs (or resumes) training; returns the last logged metrics, with "stopped" set on an early stop."""
     if not config.data.train_shards:
         raise ValueError("config.data.train_shards is empty: give the training shards "
@@ -103,10 +102,8 @@ def train(config: ml_collections.ConfigDict, workdir, stop_after: int | None = N
     checkpointer = TrainCheckpointer(workdir, config.checkpoint.every_steps, config.checkpoint.keep,
                                      config.checkpoint.async_save)
     writer = MetricsWriter(workdir, config.total_steps)
-    restored, changes = None, []
-    if checkpointer.latest_step() is not None:
-        changes = _config_changes(workdir, config, allow_config_change)
-        restored = checkpointer.restore_latest_good(layout.abstract, layout.shardings, data_iterator)
+    changes = _config_changes(workdir, config, allow_config_change) if checkpointer.latest_step() is not None else []
+    restored = checkpointer.restore_latest_good(layout, data_iterator, allow_fresh_start)
     if restored is not None:
         start, state = restored
         if changes and jax.process_index() == 0:
@@ -115,7 +112,6 @@ def train(config: ml_collections.ConfigDict, workdir, stop_after: int | None = N
         preprocess = PreprocessConfig.from_open_clip(meta["preprocess_cfg"], arch.vision.image_size)
         if jax.process_index() == 0 and meta["model_cfg"] != to_open_clip(arch):  # an accepted model change
             model_dir.write_model_json(workdir, to_open_clip(arch), meta["preprocess_cfg"])
-        writer.drop_after(start)
         _log0(f"resumed from step {start} in {checkpointer.directory}")
     else:
         params, preprocess = initial_params(config)
@@ -124,6 +120,7 @@ def train(config: ml_collections.ConfigDict, workdir, stop_after: int | None = N
         if jax.process_index() == 0:
             model_dir.write_model_json(workdir, to_open_clip(arch), preprocess.to_open_clip())
             paths.write_atomically(workdir / CONFIG_JSON, config.to_json_best_effort(indent=2))
+    writer.drop_after(start)  # the steps after `start` (all of them on a fresh start) are logged again
 
     step_fn = make_train_step(config, skeleton, layout, mesh, schedule, preprocess.mean, preprocess.std)
     end = config.total_steps if stop_after is None else min(stop_after, config.total_steps)
@@ -196,7 +193,7 @@ def _config_changes(workdir: epath.Path, config: ml_collections.ConfigDict, allo
     saved_path = paths.uncached(workdir / CONFIG_JSON)
     if not saved_path.exists():
         return []
-    return run_identity.check_resumed_config(json.loads(saved_path.read_text()), config, allow_change)
+    return run_identity.check_resumed_config(paths.read_json(saved_path), config, allow_change)
 
 
 def _startup_summary(config: ml_collections.ConfigDict, mesh, layout: state_lib.StateLayout, workdir,

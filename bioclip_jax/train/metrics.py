@@ -1,7 +1,11 @@
 """Training metrics: WORKDIR/metrics.jsonl, TensorBoard events, and a progress line with ETA.
 
-WORKDIR may be local or in a bucket (gs://...); a bucket object cannot be appended to,
-so there each record rewrites the file (see `paths.append_line`).
+metrics.jsonl is a line log (`paths.append_line`) that `eval --watch` adds to as well: a
+local file, or in a bucket (gs://...) one object per line under metrics.jsonl.d/, each
+tagged with its writer, merged by `read_metrics`. A resumed run drops only the training's
+own rows past its checkpoint (it logs those steps again), never the watch's: in a bucket
+the training's objects say "train" in their name; locally, a watch row carries the time
+it was written (evaluate/runner.log_step), which a training row does not.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from bioclip_jax import paths
 from bioclip_jax.checkpoint import model_dir
 
 METRICS_FILE = model_dir.METRICS_FILE
+WRITER = "train"  # the tag of the training's rows in a bucket's line log
 
 
 class MetricsWriter:
@@ -45,7 +50,7 @@ class MetricsWriter:
         if not self.enabled:
             return
         record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
-        paths.append_line(self.path, json.dumps(record))
+        paths.append_line(self.path, json.dumps(record), writer=WRITER)
         if self._tb is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
@@ -53,9 +58,10 @@ class MetricsWriter:
             self._tb.flush()
 
     def drop_after(self, step: int) -> None:
-        """Forgets records past `step`: a run resumed from that checkpoint logs those steps again."""
+        """Forgets the training's records past `step`: a run resumed from that checkpoint logs those steps
+        again (at the end of the schedule, also the final evaluation at `step`, which it repeats)."""
         if self.enabled:
-            drop_after(self.path.parent, step)
+            drop_after(self.path.parent, step, final_eval_repeated=step >= self.total_steps)
 
     def progress(self, step: int, metrics: Mapping[str, float]) -> None:
         if not self.enabled:
@@ -161,29 +167,32 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def _lines(workdir: paths.PathLike) -> list[str]:
-    path = paths.uncached(epath.Path(workdir) / METRICS_FILE)
-    return path.read_text(encoding="utf-8").splitlines() if path.exists() else []
-
-
 def read_metrics(workdir: paths.PathLike) -> list[dict]:
-    return [json.loads(line) for line in _lines(workdir) if line.strip()]
+    """Every record of WORKDIR/metrics.jsonl (all writers, merged), oldest first; lines cut short are skipped."""
+    records = []
+    for line in paths.read_lines(epath.Path(workdir) / METRICS_FILE):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue  # a line cut short when a run was killed mid-write
+    return [r for r in records if isinstance(r, dict)]
 
 
-def _up_to(line: str, step: int) -> bool:
-    try:
-        return json.loads(line).get("step", step) <= step
-    except (ValueError, AttributeError, TypeError):
-        return False  # a line cut short when a run was killed mid-write
+def drop_after(workdir: paths.PathLike, step: int, final_eval_repeated: bool = False) -> int:
+    """Removes the training's records of steps after `step` (and damaged lines) from WORKDIR/metrics.jsonl,
+    and with `final_eval_repeated` its evaluation records at `step`. Returns how many lines (or, in a
+    bucket, objects) went."""
+    def keep(line: str) -> bool:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            return False  # a line cut short when a run was killed mid-write
+        if not isinstance(record, dict):
+            return False
+        if "time" in record or not isinstance(record.get("step"), int):
+            return True  # not the training's: an `eval --watch` row
+        if record["step"] != step:
+            return record["step"] < step
+        return "loss" in record or not final_eval_repeated
 
-
-def drop_after(workdir: paths.PathLike, step: int) -> int:
-    """Removes the records of steps after `step` (and damaged lines) from WORKDIR/metrics.jsonl.
-
-    Returns how many lines went. A resumed run repeats the steps after its checkpoint.
-    """
-    lines = [line for line in _lines(workdir) if line.strip()]
-    kept = [line for line in lines if _up_to(line, step)]
-    if len(kept) < len(lines):
-        paths.write_atomically(epath.Path(workdir) / METRICS_FILE, "".join(line + "\n" for line in kept))
-    return len(lines) - len(kept)
+    return paths.rewrite_lines(epath.Path(workdir) / METRICS_FILE, keep, writer=WRITER)

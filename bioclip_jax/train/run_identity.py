@@ -115,5 +115,4 @@ def record_config_change(workdir, config: ml_collections.ConfigDict, changes: li
 
 def read_config_history(workdir) -> list[dict]:
     """The entries record_config_change wrote, oldest first."""
-    history = paths.uncached(epath.Path(workdir) / HISTORY_JSONL)
-    return [json.loads(line) for line in history.read_text().splitlines() if line] if history.exists() else []
+    return [json.loads(line) for line in paths.read_lines(epath.Path(workdir) / HISTORY_JSONL) if line]

@@ -13,19 +13,24 @@ without cleaning up is taken over, with a message, only when that is provably sa
 - the holder ran on this host and its pid is gone (or is now this process's, as after a
   container restart);
 - the holder is an earlier incarnation of this same SLURM job (a requeue after a node
-  failure: SLURM runs one incarnation of a job at a time, so the older one is gone).
+  failure: SLURM runs one incarnation of a job at a time, so the older one is gone);
+- the file is empty or not a lock at all (a job that could not write it, on a full disk,
+  left it): no live job has such a lock, since a lock appears with its contents.
 A lock from another host is otherwise never taken over; the message says to delete it
 once the user knows that job is dead.
 
-Locally the file is created with O_CREAT|O_EXCL, which is atomic. On gs:// (etils.epath)
-there is no exclusive create: the lock is looked for, written, then read back, which misses
-only two jobs that start at the same instant.
+Locally the lock is written to a file of its own and hard-linked to LOCK, which fails if
+LOCK exists: creation is atomic and the lock appears whole (where hard links are not
+supported, O_CREAT|O_EXCL then a write). On gs:// (etils.epath) there is no exclusive
+create: the lock is looked for, written (an upload appears whole), then read back, which
+misses only two jobs that start at the same instant.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import json
 import os
 import socket
@@ -37,6 +42,7 @@ from etils import epath
 from bioclip_jax import paths
 
 LOCK_FILE = "LOCK"
+UNREADABLE = "unreadable"  # the key of what `_read` makes of a lock file that holds no lock
 _THIS_INTERPRETER = uuid.uuid4().hex  # tells a reused pid (container restart) from this very process
 
 
@@ -90,6 +96,9 @@ def this_holder() -> dict:
 
 def stale_reason(holder: dict, me: dict) -> str | None:
     """Why `holder`'s lock is provably dead from `me`'s point of view, or None when it may be alive."""
+    if UNREADABLE in holder:
+        return (f"it is {holder[UNREADABLE]}, which no running job leaves (a job that failed to write it, "
+                f"on a full disk say, does)")
     pid = holder.get("pid")
     if holder.get("host") == me["host"] and isinstance(pid, int):
         if pid == me["pid"] and holder.get("interpreter") != me["interpreter"]:  # a restarted container
@@ -135,27 +144,29 @@ class WorkdirLock:
 
     def _create(self) -> bool:
         text = json.dumps(self.holder)
-        if not paths.is_remote(self.path):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
+        with paths.naming_the_file(self.path):  # a full disk says which file it could not write
+            if not paths.is_remote(self.path):
+                return _create_whole(self.path, text)
+            if paths.uncached(self.path).exists():
                 return False
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-            return True
-        if paths.uncached(self.path).exists():
-            return False
-        self.path.write_text(text)
+            self.path.write_text(text)
         return self._read() == self.holder  # another job wrote in between: theirs wins
 
     def _read(self) -> dict | None:
+        """The holder; None when there is no lock; {UNREADABLE: why} for a file that holds no lock."""
         try:
-            holder = json.loads(paths.uncached(self.path).read_text())
+            text = paths.uncached(self.path).read_text()
         except FileNotFoundError:
             return None
-        except (ValueError, OSError):  # being written, or damaged: a lock nobody can vouch for
+        except (OSError, UnicodeDecodeError) as error:
+            return {UNREADABLE: f"unreadable ({_reason(error)})"}
+        if not text.strip():
+            return {UNREADABLE: "empty"}
+        try:
+            holder = json.loads(text)
+        except ValueError:
             holder = None
-        return holder if isinstance(holder, dict) else {"host": "unknown", "pid": "unknown"}
+        return holder if isinstance(holder, dict) else {UNREADABLE: "not a lock (no JSON object)"}
 
     def _refusal(self, holder: dict) -> str:
         return (f"workdir {self.path.parent} is in use by {_describe(holder)} (lock file {self.path}); "
@@ -163,7 +174,33 @@ class WorkdirLock:
                 f"{self.path} and rerun")
 
 
+def _create_whole(path: epath.Path, text: str) -> bool:
+    """Creates the local file `path` holding `text`, atomically and only if it does not exist."""
+    own = path.parent / f".{path.name}.{uuid.uuid4().hex}"
+    try:
+        own.write_text(text)
+        try:
+            os.link(own, path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError as error:
+            if error.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK):
+                raise
+        try:  # no hard links here (some FUSE mounts): an exclusive create, then the write
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        return True
+    finally:
+        own.unlink(missing_ok=True)
+
+
 def _describe(holder: dict) -> str:
+    if UNREADABLE in holder:
+        return "no job"
     started = f", started {holder['started']}" if holder.get("started") else ""
     job = f", SLURM job {holder['slurm_job_id']}" if holder.get("slurm_job_id") else ""
     return f"process {holder.get('pid')} on host {holder.get('host')}{started}{job}"
