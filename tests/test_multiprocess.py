@@ -202,3 +202,110 @@ def test_bad_process_variables_are_clear_errors():
     with pytest.raises(ValueError, match="JAX_PROCESS_ID.*missing"):
         maybe_initialize_distributed({"JAX_NUM_PROCESSES": "2", "JAX_COORDINATOR_ADDRESS": "h:1"})
 
+
+
+# ----------------------------------------------------------------------------- one verdict per checkpoint
+
+_RESTORE = """
+import os, sys
+from bioclip_jax.train.distributed import maybe_initialize_distributed
+maybe_initialize_distributed()
+import jax
+sys.path.insert(0, {tests!r})
+from train_helpers import smoke_config
+from bioclip_jax.checkpoint import faults
+from bioclip_jax.parallel.mesh import make_mesh
+from bioclip_jax.train import checkpointing, state as state_lib
+
+if os.environ.get("STORAGE_FAULT") == str(jax.process_index()):  # this host's reads fail, as on a bad link
+    import orbax.checkpoint as ocp
+    faults.RETRY_DELAYS_S = (0.0, 0.0)
+    def unavailable(*args, **kwargs):
+        raise ValueError("UNAVAILABLE: connection reset by peer")
+    ocp.StandardCheckpointHandler.restore = unavailable
+
+class NoIterator:
+    def set_state(self, state):
+        pass
+
+config = smoke_config({shards!r}, **{overrides!r})
+layout = state_lib.state_layout(config, state_lib.model_skeleton(config), make_mesh(2, 1, 4))
+manager = checkpointing.TrainCheckpointer(sys.argv[1 + jax.process_index()], 2, 3, async_save=False)
+try:
+    step, _ = manager.restore_latest_good(layout, NoIterator())
+    print("restored", step, flush=True)
+except checkpointing.CheckpointError as error:
+    print("error:", error, flush=True)
+manager.close()
+"""
+
+
+def _restore_in_two_processes(workdirs, shards, tmp_path, fault_on: str = "") -> list[str]:
+    """Each of 2 processes (4 devices each) restores the latest good checkpoint of its own view of the
+    workdir (`workdirs[i]`); returns the last line each printed."""
+    script = tmp_path / "restore.py"
+    script.write_text(_RESTORE.format(tests=os.path.dirname(os.path.abspath(__file__)), shards=shards,
+                                      overrides=_overrides()))
+    port = _free_port()
+    processes = []
+    for index in range(2):
+        env = dict(os.environ, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                   JAX_PROCESS_ID=str(index), XLA_FLAGS="--xla_force_host_platform_device_count=4",
+                   STORAGE_FAULT=fault_on)
+        processes.append(subprocess.Popen([sys.executable, str(script), *map(str, workdirs)], env=env, cwd=REPO,
+                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = []
+    try:
+        for process in processes:
+            output, _ = process.communicate(timeout=LAUNCH_TIMEOUT)
+            outputs.append(output)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    lines = [output.strip().splitlines()[-1] if output.strip() else "" for output in outputs]
+    assert all(line.startswith(("restored", "error:")) for line in lines), "\n---\n".join(outputs)
+    return lines
+
+
+def _free_port() -> int:
+    import socket  # noqa: PLC0415
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _own_views(reference, tmp_path, damaged_on: int | None = None):
+    """A copy of the reference workdir per process (the storage as each host sees it)."""
+    views = []
+    for index in range(2):
+        view = tmp_path / f"view{index}"
+        _copy_until_step(reference[0], view, REFERENCE_STEPS)
+        views.append(view)
+    latest = _finished_steps(views[0])[-1]
+    if damaged_on is not None:
+        for data in (views[damaged_on] / "checkpoints" / str(latest) / "params").rglob("*"):
+            if data.is_file() and data.stat().st_size > 10_000:
+                with open(data, "r+b") as f:  # cut short, as a bad cache on one host serves it
+                    f.truncate(data.stat().st_size // 2)
+    return views, latest
+
+
+def test_a_checkpoint_damaged_on_one_host_only_is_set_aside_by_all(reference, shards, tmp_path):
+    """Only process 1 sees the newest checkpoint damaged: both agree it is, process 0 moves it aside
+    and both resume from the previous one (the old code left the processes at different barriers)."""
+    views, latest = _own_views(reference, tmp_path, damaged_on=1)
+    lines = _restore_in_two_processes(views, shards, tmp_path)
+    previous = _finished_steps(views[1])[-2]
+    assert lines == [f"restored {previous}", f"restored {previous}"]
+    assert [p.name.split("-")[0] for p in (views[0] / "checkpoints_unreadable").iterdir()] == [str(latest)]
+
+
+def test_a_storage_fault_on_one_host_stops_every_process_and_moves_nothing(reference, shards, tmp_path):
+    views, latest = _own_views(reference, tmp_path)
+    lines = _restore_in_two_processes(views, shards, tmp_path, fault_on="1")
+    assert lines[0] == lines[1] and "UNAVAILABLE" in lines[0] and "on process 1" in lines[0], lines
+    assert f"checkpoint step {latest}" in lines[0] and "left in place" in lines[0]
+    assert not (views[0] / "checkpoints_unreadable").exists() and latest in _finished_steps(views[0])
