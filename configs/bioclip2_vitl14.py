@@ -1,8 +1,14 @@
-"""BioCLIP 2's recipe without the LAION replay data: ViT-L/14, TreeOfLife-200M, pure bf16.
+"""BioCLIP 2's recipe: ViT-L/14, TreeOfLife-200M, with experience replay of general image-caption pairs.
 
 Per-GPU batch 2,816 on 32 GPUs (global 90,112), lr 1e-4, 1,875 warm-up steps, 30 epochs.
 Initialise from LAION-2B ViT-L-14 weights with --config.init=local-dir:PATH.
-The replay of 320 LAION samples per GPU with a separate visual projector is not implemented.
+Each batch also holds 320 replay pairs per GPU (10,240 in all) with their own contrastive
+loss through a second visual projector (`visual.replay_proj`); give their shards (e.g. LAION,
+.jpg + .txt) with --config.data.replay_shards=PATTERN. Under optimizer.accumulate_steps the
+replay rows are split into the micro-batches too, so the update is still the whole batch's.
+The paper trained in pure bf16; here the towers compute in bfloat16 while parameters and
+optimiser state stay float32 (mixed precision).
+Size arguments: `:local` shrinks the batch and steps, without replay, so it runs on one machine.
 """
 
 from bioclip_jax.train.config_base import base_config, sized

@@ -166,6 +166,10 @@ class _FakeCompiler:
         from bioclip_jax.train.optimizer import accumulation
         self.micro_batches = accumulation(config)[0]
         self.batch_shards, self.flops_per_pair, self.compiles = mesh.size, 1.0, 0
+        self.replay_per_batch, self.main_batch = config.data.replay_per_batch, config.data.batch_size
+
+    def replay_rows(self, global_batch):
+        return self.replay_per_batch * global_batch // self.main_batch
 
     def __call__(self, per_device_batch):
         self.compiles += 1
@@ -180,6 +184,8 @@ def test_a_batch_that_does_not_fit_gets_the_fewest_micro_batches_that_do(monkeyp
     result = plan_cli.plan(config, plan_cli.parse_mesh("data=8"), devices=8, device_memory=3 * 10**9)
     assert result["largest_batch"]["per_device"] == 20
     assert plan_cli.fewest_microbatches(64, 20) == [4, 8, 16, 32, 64]
+    assert plan_cli.fewest_microbatches(64, 20, per_device_replay=40) == [4, 8]  # replay rows split too
+    assert plan_cli.fewest_microbatches(64, 20, per_device_replay=5) == []
     # 4 micro-batches of 16 would fit as a plain step, but not with the accumulator: 8 of 8 do.
     assert result["suggest"] == {"accumulate_steps": 8, "micro_batch_per_device": 8, "peak_bytes": 2_300_000_000,
                                  "fits": True}
@@ -195,12 +201,56 @@ def test_plain_plan_takes_devices_mesh_and_memory_from_the_config(capsys):
     assert plan_cli.main([f"--config={TINY}", *hardware, "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["devices"] == 8 and result["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
-    assert result["verdict"] == {"device_memory_bytes": 10**9, "fits": True}
+    assert result["verdict"] == {"device_memory_bytes": 10**9, "memory": "1 GB per device", "fits": True}
     assert result["largest_batch"]["per_device"] >= result["per_device_batch"]
-    result["verdict"] = {"device_memory_bytes": 10**6, "fits": False}  # as a 1 MB device would get it
-    text = plan_cli.format_plan(result)
+    result["verdict"] = {"device_memory_bytes": 10**6, "memory": "0.001 GB per device", "fits": False}
+    text = plan_cli.format_plan(result)  # as a 1 MB device would get it
     assert "verdict (XLA:CPU estimate): the batch of 2 per device does not fit in 0.001 GB per device" in text
-    assert "pessimistic" in text and "1.4x" in text
+    assert "pessimistic" in text
+
+
+def test_cpu_note_names_a_published_batch_only_for_that_runs_model(plans):
+    tiny = plan_cli.format_plan(plans["data"])
+    assert "pessimistic" in tiny and not any(figure in tiny for figure in ("4,096", "2,816", "1.4x", "2,884"))
+    large = plan_cli.format_plan(dict(plans["data"], model="ViT-L-14"))
+    assert "BioCLIP 2 trained ViT-L-14 with 2,816 pairs per 80 GB GPU" in large and "4,096" not in large
+
+
+@pytest.mark.parametrize("ram, fits", [(64 * 10**9, True), (10**6, False)])
+def test_plain_plan_of_a_config_without_hardware_judges_this_hosts_ram(monkeypatch, capsys, ram, fits):
+    """synthetic_tiny names no accelerator: plan for the devices here, in the memory they share."""
+    import jax
+
+    monkeypatch.setattr(plan_cli, "host_memory_bytes", lambda: ram, raising=False)
+    assert plan_cli.main([f"--config={TINY}", "--max-compiles", "2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    devices = jax.device_count()
+    assert result["devices"] == devices and result["platform"] == "cpu"
+    assert result["verdict"]["device_memory_bytes"] == ram // devices
+    assert result["verdict"]["fits"] is fits
+    line = next(line for line in plan_cli.format_plan(result).splitlines() if line.startswith("verdict"))
+    assert ("fits in" if fits else "does not fit in") + " this host's RAM" in line
+    assert f"for each of its {devices} CPU devices" in line
+
+
+def test_replay_rows_split_with_the_batch_in_a_suggested_accumulation(monkeypatch):
+    monkeypatch.setattr(plan_cli, "StepCompiler", _FakeCompiler)
+    config = plan_cli.load_train_config(TINY, ["--config.data.batch_size=512", "--config.data.replay_per_batch=32"])
+    result = plan_cli.plan(config, plan_cli.parse_mesh("data=8"), devices=8, device_memory=3 * 10**9)
+    # 64 + 4 rows per device: 4 micro-batches is the only split of both (8 would fit, see above).
+    assert result["suggest"] == {"accumulate_steps": 4, "micro_batch_per_device": 16, "peak_bytes": 3_100_000_000,
+                                 "fits": False}
+
+
+def test_a_suggested_accumulation_with_replay_compiles():
+    """BioCLIP 2's case, tiny: the suggested step (global negatives, replay rows in every micro-batch)
+    is compiled for real; the step used to refuse replay with accumulation."""
+    config = plan_cli.load_train_config(TINY, ["--config.data.batch_size=64", "--config.data.replay_per_batch=16"])
+    mesh = plan_cli._mesh_for(config, plan_cli.parse_mesh("data=8"), 8)
+    compilers = []
+    hint = plan_cli.suggest_accumulation(config, mesh, 8, 2, fits=4, device_memory=10**12, compilers=compilers)
+    assert hint["accumulate_steps"] == 2 and hint["fits"] and hint["peak_bytes"] > 0
+    assert compilers[-1].compiles == 1
 
 
 @pytest.mark.parametrize("name, devices, mesh, per_device", [

@@ -12,7 +12,9 @@ When the config's batch does not fit but a smaller one does, it suggests
 
 With no flags the config says what to plan for: its mesh, `hardware.devices` (simulated
 as CPU devices) and `hardware.device_memory` (a fits / does not fit verdict and the
-largest per-device batch). --devices N simulates N CPU devices, so a laptop plans a
+largest per-device batch). A config that names no accelerator is planned for the devices
+present and judged against their memory: this host's RAM (shared by its CPU devices), or
+an accelerator's own memory. --devices N simulates N CPU devices, so a laptop plans a
 256-chip pod. XLA:CPU keeps more activations alive than TPU and GPU compilers (see
 CPU_ESTIMATE_NOTE): read its batch limits as pessimistic, or run with `--devices local`
 on one accelerator host to get that backend's own analysis for its local devices.
@@ -58,14 +60,21 @@ def parse_mesh(text: str) -> dict[str, int]:
     return sizes
 
 
-# The known reference points: per-device batches the published runs trained with on 80 GB GPUs,
-# against the largest batch XLA:CPU's compile of the shipped config allows (docs/scaling.md).
 CPU_ESTIMATE_NOTE = (
     "XLA:CPU compiled this plan; it keeps more activations alive than the GPU and TPU compilers, so its "
-    "batch limits are pessimistic: BioCLIP trained ViT-B/16 with 4,096 pairs per 80 GB GPU where this "
-    "estimate allows 2,884 (1.4x more), BioCLIP 2 ViT-L/14 with 2,816 where it allows 1,196-1,302 (2.2-2.4x). "
-    "Parameter and optimiser-state figures are exact. For the accelerator's own figures run "
+    "batch limits are pessimistic (docs/scaling.md compares them with the published runs). Parameter and "
+    "optimiser-state figures are exact. For the accelerator's own figures run "
     "`bioclip-jax plan --devices local` on one accelerator host.")
+# What the published runs trained per 80 GB GPU, by model: a yardstick for a plan of that model.
+PUBLISHED_BATCHES = {"ViT-B-16-quickgelu": ("BioCLIP", 4096), "ViT-L-14": ("BioCLIP 2", 2816)}
+
+
+def cpu_estimate_note(model: str) -> str:
+    """The note under a CPU plan, with the published per-GPU batch when a published run used this model."""
+    if model not in PUBLISHED_BATCHES:
+        return CPU_ESTIMATE_NOTE
+    run, batch = PUBLISHED_BATCHES[model]
+    return f"{CPU_ESTIMATE_NOTE} For scale: {run} trained {model} with {batch:,} pairs per 80 GB GPU."
 
 
 def planned_devices(flag: str | None, config) -> int | None:
@@ -337,11 +346,37 @@ def _mesh_for(config, sizes: dict[str, int] | None, device_count: int | None):
     return make_mesh(sizes["data"], sizes["fsdp"], sizes["tensor"], devices=devices[:wanted])
 
 
+def host_memory_bytes() -> int:
+    """This machine's physical memory."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def local_device_memory(mesh) -> tuple[int, str] | None:
+    """(bytes per device, what they are) for devices present: an accelerator's own limit, or for
+    CPU devices this host's RAM, which they share; None when the backend does not say."""
+    device = mesh.devices.flat[0]
+    if device.platform == "cpu":
+        ram = host_memory_bytes()
+        shared = f", {ram / mesh.size / 1e9:.3g} GB for each of its {mesh.size} CPU devices" if mesh.size > 1 else ""
+        return ram // mesh.size, f"this host's RAM ({ram / 1e9:.3g} GB{shared})"
+    limit = (device.memory_stats() or {}).get("bytes_limit")
+    return (int(limit), f"the memory of one {device.device_kind}") if limit else None
+
+
 def plan(config, mesh_sizes: dict[str, int] | None = None, devices: int | None = None,
          per_device_batch: int | None = None, device_memory: int | None = None,
          max_compiles: int = 8) -> dict:
-    """The plan as a plain dict (what `--json` prints)."""
+    """The plan as a plain dict (what `--json` prints).
+
+    Without `device_memory`, a plan for the devices present (`devices` None) is judged against
+    their own memory (`local_device_memory`); a plan of simulated devices gets no verdict.
+    """
     mesh = _mesh_for(config, mesh_sizes, devices)
+    memory_name = None
+    if device_memory is None and devices is None and (local := local_device_memory(mesh)):
+        device_memory, memory_name = local
+    if device_memory:
+        memory_name = memory_name or f"{device_memory / 1e9:g} GB per device"
     compiler = StepCompiler(config, mesh)
     if per_device_batch is None:
         if config.data.batch_size % compiler.batch_shards:
@@ -376,24 +411,34 @@ def plan(config, mesh_sizes: dict[str, int] | None = None, devices: int | None =
                                    "fixed_bytes": _finite(search.fixed_bytes),
                                    "per_sample_bytes": _finite(search.per_sample_bytes)}
         if mode == "global_negatives" and step.peak_bytes > device_memory and search.fits:
-            result["suggest"] = suggest_accumulation(config, mesh, per_device_batch, search.fits, device_memory,
-                                                     compilers)
+            replay = compiler.replay_rows(step.global_batch) // compiler.batch_shards
+            suggestion = suggest_accumulation(config, mesh, per_device_batch, replay, search.fits, device_memory,
+                                              compilers)
+            if suggestion:
+                result["suggest"] = suggestion
     if device_memory:
-        result["verdict"] = {"device_memory_bytes": int(device_memory), "fits": step.peak_bytes <= device_memory}
+        result["verdict"] = {"device_memory_bytes": int(device_memory), "memory": memory_name,
+                             "fits": step.peak_bytes <= device_memory}
     result["compiles"] = sum(c.compiles for c in compilers)
     return result
 
 
-def fewest_microbatches(per_device_batch: int, fits: int) -> list[int]:
-    """Micro-batch counts k (divisors of the per-device batch) whose micro-batch fits, fewest first."""
-    return [k for k in range(1, per_device_batch + 1) if per_device_batch % k == 0 and per_device_batch // k <= fits]
+def fewest_microbatches(per_device_batch: int, fits: int, per_device_replay: int = 0) -> list[int]:
+    """Micro-batch counts k whose micro-batch fits, fewest first: divisors of the per-device batch
+    and of its replay rows (each micro-batch takes the same share of both)."""
+    return [k for k in range(1, per_device_batch + 1)
+            if per_device_batch % k == 0 and per_device_replay % k == 0 and per_device_batch // k <= fits]
 
 
-def suggest_accumulation(config, mesh, per_device_batch: int, fits: int, device_memory: int,
-                         compilers: list, tries: int = 3) -> dict:
+def suggest_accumulation(config, mesh, per_device_batch: int, per_device_replay: int, fits: int,
+                         device_memory: int, compilers: list, tries: int = 3) -> dict | None:
     """The smallest `optimizer.accumulate_steps` whose compiled step fits (the cached features and the
-    gradient accumulator cost a little more than a plain step on one micro-batch)."""
-    for k in fewest_microbatches(per_device_batch, fits)[:tries]:
+    gradient accumulator cost a little more than a plain step on one micro-batch); None when no
+    count splits the batch (and its replay rows) into micro-batches that fit."""
+    candidates = fewest_microbatches(per_device_batch, fits, per_device_replay)[:tries]
+    if not candidates:
+        return None
+    for k in candidates:
         accumulated = config.copy_and_resolve_references()
         accumulated.optimizer.accumulate_steps = k
         compilers.append(StepCompiler(accumulated, mesh))
@@ -427,7 +472,7 @@ def format_plan(result: dict, peak_tflops: float | None = None, mfu: float = 0.4
                      f"{per['model_flops'] / (peak_tflops * 1e12 * mfu):.3f} s per step")
     if "largest_batch" in result:
         found = result["largest_batch"]
-        budget = f"{found['device_memory_bytes'] / 1e9:g} GB"
+        budget = result["verdict"]["memory"]
         if not found["per_device"]:
             lines.append(f"nothing fits in {budget}: a per-device batch of {found['first_too_big']} is already "
                          f"too much (shard the state with fsdp, or use smaller micro-batches)")
@@ -444,13 +489,13 @@ def format_plan(result: dict, peak_tflops: float | None = None, mfu: float = 0.4
                      f"device with all its negatives (peak {_bytes(hint['peak_bytes'])}"
                      f"{'' if hint['fits'] else ', still too much'})")
     if "verdict" in result:
-        memory = f"{result['verdict']['device_memory_bytes'] / 1e9:g} GB"
+        verdict = result["verdict"]
         estimate = " (XLA:CPU estimate)" if result["platform"] == "cpu" else ""
         lines.append(f"verdict{estimate}: the batch of {result['per_device_batch']} per device "
-                     + (f"fits in {memory} per device" if result["verdict"]["fits"]
-                        else f"does not fit in {memory} per device") + f" (peak {_bytes(per['peak_bytes'])})")
+                     + ("fits in " if verdict["fits"] else "does not fit in ") + verdict["memory"]
+                     + f" (peak {_bytes(per['peak_bytes'])} per device)")
     if result["platform"] == "cpu":
-        lines.append(CPU_ESTIMATE_NOTE)
+        lines.append(cpu_estimate_note(result["model"]))
     lines.append(f"({result['compiles']} compile{'s' * (result['compiles'] != 1)})")
     return "\n".join(lines)
 
