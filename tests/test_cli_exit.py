@@ -66,3 +66,23 @@ def test_a_damaged_checkpoint_gives_its_one_line(tmp_path):
     assert done.returncode == 1
     assert lines and lines[-1].startswith("error: ") and str(workdir) in lines[-1], done.stderr
     assert len(lines) < 5, done.stderr  # 1 to 31 lines before, by the race above
+
+
+def test_gcsfs_giving_up_is_its_message_without_the_traceback(monkeypatch, caplog):
+    import logging
+    import types
+
+    from bioclip_jax.cli import main as cli
+
+    def command(argv):
+        try:
+            raise ConnectionRefusedError(111, "Connect call failed ('127.0.0.1', 9)")
+        except OSError:  # what gcsfs logs after its retries, before the error reaches the command
+            logging.getLogger("gcsfs").error("_request out of retries on exception: Cannot connect", exc_info=True)
+        return 0
+
+    monkeypatch.setitem(cli.COMMANDS, "fake", ("fake", "a command that reaches a bucket that is down"))
+    monkeypatch.setattr(cli.importlib, "import_module", lambda name: types.SimpleNamespace(main=command))
+    assert cli.main(["fake"]) == 0
+    assert "out of retries on exception: Cannot connect" in caplog.text
+    assert "Traceback" not in caplog.text and "ConnectionRefusedError" not in caplog.text

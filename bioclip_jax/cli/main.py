@@ -65,6 +65,7 @@ def _run(argv: list[str]) -> int:
     # huggingface_hub logs through its own handler; its records reaching the root logger too (which absl
     # configures) printed every warning twice.
     logging.getLogger("huggingface_hub").propagate = False
+    logging.getLogger("gcsfs").addFilter(_without_traceback)
     module = importlib.import_module(COMMANDS[command][0])
     try:
         return int(module.main(rest) or 0)
@@ -74,6 +75,13 @@ def _run(argv: list[str]) -> int:
             return code or 0
         print(code, file=sys.stderr)  # SystemExit("message"): Python would print it, so do we
         return 2
+
+
+def _without_traceback(record: logging.LogRecord) -> bool:
+    """gcsfs logs each request it gives up on with aiohttp's whole traceback (~25 lines, repeated per
+    file) before the error reaches a command, which says it in one line: its message alone is kept."""
+    record.exc_info = record.exc_text = None
+    return True
 
 
 def _exit_quietly(status: int) -> NoReturn:
