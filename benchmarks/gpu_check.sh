@@ -1,40 +1,51 @@
 #!/usr/bin/env bash
-# The prepared GPU check (at most 8 minutes on one H200, no network): our ViT-B/16 bf16 train
-# step against open_clip_train's with AMP bf16, remat off and on, each at a batch that fills
-# the card; MFU, the speed ratio and both loss trajectories land in one folder.
+# The prepared GPU check, no network: our train step against open_clip's, each framework in its own
+# process at its own largest batch; ViT-L/14's MFU; the loader's scaling with workers; the whole
+# training loop fed by the real loader against the bare step; XLA flags A/B. summary.md sets every
+# figure against its target.
 #
-#   bash benchmarks/gpu_check.sh               # on the GPU machine, from the repository root
-#   bash benchmarks/gpu_check.sh --cpu-quick   # the same path on a CPU: ViT-Tiny-8, batch 8, 1 round
+#   bash benchmarks/gpu_check.sh                          # every part (about 12 minutes on one H200)
+#   bash benchmarks/gpu_check.sh --parts steps,reference,large   # a device call of at most 9 minutes ...
+#   bash benchmarks/gpu_check.sh --parts loader,loop,flags       # ... and the rest in a second one
+#   bash benchmarks/gpu_check.sh --cpu-quick              # the same path on a CPU: ViT-Tiny-8, small batches
 #
-# Output folder: $OUT when set (the device tool brings it back), else runs/gpu_check.
-#   gpu_check.log            everything printed
-#   nvidia-smi.txt           the card, driver and memory (GPU only)
-#   train_step_remat_*.json  benchmarks/train_step.py's full record per remat setting
-#   summary.json, summary.md MFU, ratio to open_clip, losses of both, against the targets
+# Parts: steps (ViT-B/16 ours: {cudnn, xla} x {none, minimal, full}), reference (open_clip with and
+# without grad checkpointing), large (ViT-L/14 ours), loader (1, 4, 15 workers), loop (loop vs bare
+# step, 15 workers), flags (the best ViT-B/16 setting, or GPU_CHECK_BEST=ATTENTION:REMAT:BATCH, under
+# other XLA flags). One part failing or running out of time never costs the others: each runs under
+# its own time limit, and the summary reads whatever records exist.
+#
+# Output folder: $OUT when set (the device tool brings it back), else runs/gpu_check. Four files:
+# gpu_check.log (everything printed), environment.txt (versions, nvidia-smi), summary.md and
+# summary.json (every record in full).
 #
 # Packages the image lacks come from wheels carried beside the tree (benchmarks/gpu_wheels.sh
-# fetches them into build/gpu_wheels). Batches: GPU_CHECK_BATCH_NONE / GPU_CHECK_BATCH_FULL.
-# A run that runs out of memory is retried once at half the batch; one whose attention kernel
-# (cuDNN, from attention=auto) fails is retried once with attention=xla.
+# fetches them into build/gpu_wheels). GPU_CHECK_OURS and GPU_CHECK_REFERENCE replace the settings
+# of the steps and reference parts (benchmarks/gpu_step.py's syntax).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 MODE=gpu
-if [[ "${1:-}" == "--cpu-quick" ]]; then
-  MODE=cpu
-elif [[ $# -gt 0 ]]; then
-  echo "usage: bash benchmarks/gpu_check.sh [--cpu-quick]" >&2
-  exit 2
-fi
+PARTS="steps,reference,large,loader,loop,flags"
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --cpu-quick) MODE=cpu; shift ;;
+    --parts) PARTS="$2"; shift 2 ;;
+    *) echo "usage: bash benchmarks/gpu_check.sh [--cpu-quick] [--parts steps,reference,large,loader,loop,flags]" >&2
+       exit 2 ;;
+  esac
+done
 PYTHON="${PYTHON:-python3}"
 OUT_DIR="${OUT:-runs/gpu_check}"
+RECORDS="${TMPDIR:-/tmp}/gpu_check_records"
 WHEELS="${GPU_CHECK_WHEELS:-build/gpu_wheels}"
-BUDGET_S="${GPU_CHECK_BUDGET_S:-450}"  # stop starting runs past this: the check must end within 8 minutes
-mkdir -p "$OUT_DIR"
-rm -f "$OUT_DIR"/train_step_remat_*.json "$OUT_DIR"/summary.json "$OUT_DIR"/summary.md
+WORK="${TMPDIR:-/tmp}/gpu_check_work"
+rm -rf "$RECORDS"
+mkdir -p "$OUT_DIR" "$RECORDS" "$WORK"
 LOG="$OUT_DIR/gpu_check.log"
 : >"$LOG"
 say() { echo "$*" | tee -a "$LOG"; }
+wants() { [[ ",$PARTS," == *",$1,"* ]]; }
 
 # Packages: from the wheels when the image lacks them; bioclip_jax from this tree.
 if ! "$PYTHON" -c "import ml_collections, open_clip, grain" 2>/dev/null; then
@@ -44,53 +55,94 @@ if ! "$PYTHON" -c "import ml_collections, open_clip, grain" 2>/dev/null; then
   fi
   SITE="${TMPDIR:-/tmp}/gpu_check_site"
   "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
-    "$WHEELS"/*.whl 2>&1 | tee -a "$LOG"
+    "$WHEELS"/*.whl >>"$LOG" 2>&1
   export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
-  "$PYTHON" -c "import ml_collections, open_clip" 2>&1 | tee -a "$LOG" || { say "the benchmark's packages do not import"; exit 2; }
-  "$PYTHON" -c "import grain, tensorflow_datasets" >>"$LOG" 2>&1 || say "note: grain or tensorflow_datasets does not import (not needed by this check)"
+  "$PYTHON" -c "import ml_collections, open_clip, grain" >>"$LOG" 2>&1 || { say "the benchmark's packages do not import"; exit 2; }
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
-if [[ $MODE == gpu ]]; then
-  nvidia-smi >"$OUT_DIR/nvidia-smi.txt" 2>&1 || true
-  COMMON=(--device gpu --model ViT-B-16 --dtype bfloat16 --repeats 10 --warmup 2)
-  declare -A BATCH=([none]="${GPU_CHECK_BATCH_NONE:-384}" [full]="${GPU_CHECK_BATCH_FULL:-2048}")
-  RUN_LIMIT_S=240
-else
-  COMMON=(--device cpu --quick --repeats 1 --warmup 1 --threads 1)
-  declare -A BATCH=([none]=8 [full]=8)
-  RUN_LIMIT_S=120
-fi
+{
+  date -u +"%Y-%m-%dT%H:%M:%SZ"
+  "$PYTHON" - <<'EOF'
+import importlib.metadata as m, platform
+print("python", platform.python_version())
+for name in ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda12-plugin", "flax", "optax", "orbax-checkpoint", "grain",
+             "torch", "open_clip_torch", "nvidia-cudnn-cu13", "nvidia-cudnn-cu12"):
+    try:
+        print(name, m.version(name))
+    except m.PackageNotFoundError:
+        pass
+EOF
+  lscpu 2>/dev/null | grep -E "^Model name|^CPU\(s\)" || true
+  nvidia-smi 2>&1 || true
+} >"$OUT_DIR/environment.txt" 2>&1
 
-# One train_step.py run; 0 when it wrote its record. Its output goes to the log and to $RUN_OUTPUT.
-RUN_OUTPUT="${TMPDIR:-/tmp}/gpu_check_run.$$"
-run_step() {  # remat batch attention
-  local left=$(( BUDGET_S - SECONDS ))
-  if (( left < 60 )); then
-    say "skipped remat=$1 batch=$2 attention=$3: ${left} s left of the ${BUDGET_S} s budget"
-    return 3
-  fi
-  local limit=$(( left < RUN_LIMIT_S ? left : RUN_LIMIT_S ))
-  say "=== remat=$1 batch=$2 attention=$3 (limit ${limit} s, ${SECONDS} s so far)"
-  PYTHONUNBUFFERED=1 timeout "$limit" "$PYTHON" benchmarks/train_step.py "${COMMON[@]}" --batch "$2" --remat "$1" \
-    --attention "$3" --out "$OUT_DIR/train_step_remat_$1.json" 2>&1 | tee "$RUN_OUTPUT" | tee -a "$LOG" >/dev/null
-  local status=${PIPESTATUS[0]}
-  tail -n 25 "$RUN_OUTPUT"
-  return "$status"
+if [[ $MODE == gpu ]]; then
+  export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}"  # alone on the card
+  B16=ViT-B-16; L14=ViT-L-14
+  STEPS=(--warmup 2 --steps 5)
+  OURS_SETTINGS="${GPU_CHECK_OURS:-cudnn:none,cudnn:minimal,xla:none,cudnn:full,xla:minimal,xla:full}"
+  REFERENCE_SETTINGS="${GPU_CHECK_REFERENCE:-plain:512,checkpointing:1024}"
+  LARGE_SETTINGS="auto:none,auto:minimal"
+  LIMIT=(steps 200 reference 70 large 100 loader 70 loop 90 flags 160)
+  SWEEP=(--scaling 1,4,15 --image-size 224 --batch 256)
+  LOOP=(--model ViT-B-16 --image-size 224 --batch 512 --window 5 --windows 3 --rounds 1
+        --set dtype=bfloat16 --set data.workers=15)
+  MAX_BATCH=2048
+else
+  B16=ViT-Tiny-8; L14=ViT-Tiny-8
+  STEPS=(--warmup 1 --steps 1)
+  OURS_SETTINGS="xla:none:8,xla:minimal:8,head_major:full:8"
+  REFERENCE_SETTINGS="plain:8,checkpointing:8"
+  LARGE_SETTINGS="auto:none:8"
+  LIMIT=(steps 600 reference 300 large 300 loader 300 loop 600 flags 600)
+  SWEEP=(--scaling 1,2 --quick)
+  LOOP=(--model ViT-Tiny-8 --batch 16 --window 2 --windows 1 --rounds 1)
+  MAX_BATCH=8
+fi
+declare -A LIMIT_OF
+for (( i = 0; i < ${#LIMIT[@]}; i += 2 )); do LIMIT_OF[${LIMIT[i]}]=${LIMIT[i + 1]}; done
+
+part() {  # name command...: runs the command under the part's time limit, output to the log
+  local name=$1; shift
+  say "=== $name (limit ${LIMIT_OF[$name]} s, ${SECONDS} s so far)"
+  PYTHONUNBUFFERED=1 timeout "${LIMIT_OF[$name]}" "$@" >>"$LOG" 2>&1
+  local status=$?
+  say "=== $name: exit $status after ${SECONDS} s"
+  return 0
 }
 
-for remat in none full; do
-  batch=${BATCH[$remat]}
-  run_step "$remat" "$batch" auto && continue
-  if grep -qiE "RESOURCE_EXHAUSTED|OutOfMemoryError|out of memory" "$RUN_OUTPUT"; then
-    run_step "$remat" $(( batch / 2 )) auto
-  elif grep -qiE "cudnn|dot_product_attention" "$RUN_OUTPUT"; then
-    run_step "$remat" "$batch" xla
+wants steps && part steps "$PYTHON" benchmarks/gpu_step.py ours --model "$B16" --settings "$OURS_SETTINGS" \
+  --weights "$WORK/weights_$B16" --max-batch "$MAX_BATCH" --budget-s $(( ${LIMIT_OF[steps]} - 70 )) "${STEPS[@]}" \
+  --out "$RECORDS/steps.json"
+if wants reference; then
+  [[ -d "$WORK/weights_$B16" ]] || JAX_PLATFORMS=cpu "$PYTHON" -c "import bioclip_jax, sys; bioclip_jax.export_open_clip(bioclip_jax.create_model(sys.argv[1], None, seed=0), sys.argv[2])" "$B16" "$WORK/weights_$B16" >>"$LOG" 2>&1
+  part reference "$PYTHON" benchmarks/gpu_step.py open_clip --model "$B16" --settings "$REFERENCE_SETTINGS" \
+    --weights "$WORK/weights_$B16" --budget-s $(( ${LIMIT_OF[reference]} - 40 )) "${STEPS[@]}" --out "$RECORDS/reference.json"
+fi
+wants large && part large "$PYTHON" benchmarks/gpu_step.py ours --model "$L14" --settings "$LARGE_SETTINGS" \
+  --max-batch "$MAX_BATCH" --budget-s $(( ${LIMIT_OF[large]} - 90 )) "${STEPS[@]}" --out "$RECORDS/large.json"
+wants loader && part loader "$PYTHON" benchmarks/data.py "${SWEEP[@]}" --out "$RECORDS/loader.json"
+wants loop && part loop "$PYTHON" benchmarks/loop_figure.py "${LOOP[@]}" --out "$RECORDS/loop.json"
+if wants flags; then
+  best=${GPU_CHECK_BEST:-$("$PYTHON" benchmarks/gpu_check_summary.py --best-setting "$RECORDS" 2>>"$LOG")}
+  if [[ -n "$best" ]]; then
+    # The same setting in a fresh process: as it is (the baseline of this call), unrolled, and under each flag.
+    LIMIT_OF[flags_baseline]=$(( ${LIMIT_OF[flags]} / 4 ))
+    part flags_baseline "$PYTHON" benchmarks/gpu_step.py ours --model "$B16" --settings "$best,${best%@*}@unrolled" \
+      --budget-s 30 "${STEPS[@]}" --out "$RECORDS/flags_baseline.json"
+    for flags in "--xla_gpu_enable_triton_gemm=false" "--xla_gpu_enable_command_buffer="; do
+      name=$(echo "$flags" | tr -cd 'a-z_' | sed 's/^xla_gpu_//')
+      LIMIT_OF[flags_$name]=$(( ${LIMIT_OF[flags]} / 4 ))
+      XLA_FLAGS="$flags" part "flags_$name" "$PYTHON" benchmarks/gpu_step.py ours --model "$B16" --settings "${best%@*}" \
+        --budget-s 10 "${STEPS[@]}" --out "$RECORDS/flags_$name.json"
+    done
+  else
+    say "=== flags: skipped, no ViT-B/16 setting of ours has run yet"
   fi
-done
-rm -f "$RUN_OUTPUT"
+fi
 
-"$PYTHON" benchmarks/gpu_check_summary.py "$OUT_DIR" 2>&1 | tee -a "$LOG"
+"$PYTHON" benchmarks/gpu_check_summary.py "$RECORDS" --out "$OUT_DIR" 2>&1 | tee -a "$LOG"
 status=${PIPESTATUS[0]}
 say "gpu_check: ${SECONDS} s in all"
 exit "$status"

@@ -2,6 +2,8 @@
 
     python benchmarks/loop_figure.py              # loop vs bare step, ViT-Tiny-8 on a synthetic tree of life
     python benchmarks/loop_figure.py --restart    # also: a start with an empty vs a filled compilation cache
+    python benchmarks/loop_figure.py --model ViT-B-16 --image-size 224 --batch 512 \
+        --set dtype=bfloat16 --set data.workers=15      # an accelerator's figure (benchmarks/gpu_check.sh)
 
 Loop: `bioclip_jax.train.loop.train` itself (Grain data, device prefetch, skip budget,
 metrics one step late, checkpoint manager), its images/s read from its own
@@ -31,8 +33,8 @@ TARGET = 0.97
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 
-def _config(shards: str, model: str, batch: int, steps: int, window: int, cache_dir: str):
-    from bioclip_jax.cli.common import read_config_file  # noqa: PLC0415
+def _config(shards: str, model: str, batch: int, steps: int, window: int, cache_dir: str, fields: dict | None = None):
+    from bioclip_jax.cli.common import _set_field, read_config_file  # noqa: PLC0415
 
     _, config = read_config_file(os.path.join(REPO, "configs", "synthetic_tiny.py"), "synthetic_tiny")
     config.data.train_shards, config.model.name, config.data.batch_size = shards, model, batch
@@ -40,6 +42,8 @@ def _config(shards: str, model: str, batch: int, steps: int, window: int, cache_
     config.checkpoint.every_steps, config.eval.every_steps = 10 * steps, 0
     config.schedule.warmup_steps = 1
     config.compilation_cache_dir = cache_dir  # later rounds load the step instead of compiling it
+    for name, text in (fields or {}).items():  # typed as on the training command line
+        _set_field(config, name, text)
     return config
 
 
@@ -85,12 +89,14 @@ def _bare_windows(config, windows: int) -> list[float]:
 
 
 def loop_figure(model: str = "ViT-Tiny-8", batch: int = 128, window: int = 5, windows: int = 4, rounds: int = 3,
-                shards: str | None = None) -> dict:
-    """Loop and bare-step images/s on the same data; returns the result row (ratio = loop / bare)."""
+                shards: str | None = None, fields: dict | None = None, image_size: int = 64) -> dict:
+    """Loop and bare-step images/s on the same data; returns the result row (ratio = loop / bare).
+
+    `fields`: config overrides by dotted name, as typed after --config. ({"data.workers": "15"})."""
     with tempfile.TemporaryDirectory(prefix="loop_figure_") as scratch:
-        shards = shards or _synthetic_shards(scratch)
+        shards = shards or _synthetic_shards(scratch, image_size)
         config = _config(shards, model, batch, steps=window * (windows + 1), window=window,
-                         cache_dir=os.path.join(scratch, "xla"))
+                         cache_dir=os.path.join(scratch, "xla"), fields=fields)
         loop_s, bare_s = [], []
         for index in range(rounds):
             loop_s += _loop_windows(config, os.path.join(scratch, f"run{index}"))
@@ -133,12 +139,19 @@ def restart_figure(rounds: int = 3, shards: str | None = None) -> dict:
     return {"cold_s": cold, "warm_s": warm, "saved_s": saved}
 
 
-def _synthetic_shards(scratch: str) -> str:
+def _synthetic_shards(scratch: str, image_size: int = 64) -> str:
     from bioclip_jax.data.synthetic import make_synthetic  # noqa: PLC0415
 
     root = os.path.join(scratch, "synthetic")
-    make_synthetic(root, species=40, images_per_species=20, held_out_species=0.1, seed=0, image_size=64)
+    make_synthetic(root, species=40, images_per_species=20, held_out_species=0.1, seed=0, image_size=image_size)
     return os.path.join(root, "train")
+
+
+def _field(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"{text!r} is not FIELD=VALUE")
+    return name, value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--shards", default=None, help="training shards (default: a generated synthetic set)")
     parser.add_argument("--restart", action="store_true", help="also time a start with an empty vs a filled cache")
+    parser.add_argument("--image-size", type=int, default=64, help="pixels of the generated synthetic images")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", type=_field,
+                        help="config override, e.g. dtype=bfloat16 or data.workers=15 (repeatable)")
     parser.add_argument("--out", help="write the results as JSON to this path")
     args = parser.parse_args(argv)
     machine = _timing.machine_info()
@@ -157,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
     _timing.warn_if_busy(len(os.sched_getaffinity(0)))
     payload = {"machine": machine, "loop": loop_figure(args.model, args.batch, args.window, args.windows,
-                                                       args.rounds, args.shards)}
+                                                       args.rounds, args.shards, dict(args.set), args.image_size)}
     if args.restart:
         payload["restart"] = restart_figure(args.rounds, args.shards)
     _timing.write_json(args.out, payload)

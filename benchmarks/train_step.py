@@ -15,8 +15,9 @@ AdamW with open_clip_train's two parameter groups, `logit_scale.clamp_` after th
 update, and for bf16 `torch.autocast(bfloat16)` as `--precision amp_bf16` does.
 It receives images already normalised in float32, as its data loader delivers them.
 
---memory compiles (never runs) on 8 simulated CPU devices and reads each program's
-`memory_analysis()`: the loss and its gradient alone on [B, D] features, and the full
+--memory first reads, from the traced gradient of each tower of --model (bf16), the activations
+kept for the backward pass per image-text pair for remat none, minimal and full. It then compiles
+(never runs) on 8 simulated CPU devices and reads each program's `memory_analysis()`: the loss and its gradient alone on [B, D] features, and the full
 train step of a tiny model, for B = 256 .. 4096; then the same total batch run as
 --accumulate-steps micro-batches with global negatives (the same update) against the
 full step, and the saving in temporaries.
@@ -43,7 +44,7 @@ MEMORY_DEVICES = 8
 
 
 def jax_step(model_name: str, batch: int, dtype: str, remat: bool | str, devices, accumulate_steps: int = 1,
-             attention: str = "auto"):
+             attention: str = "auto", scan_layers: bool = True):
     """(config, mesh, layout, jitted step) built as bioclip_jax.train.loop builds them.
 
     `remat`: none, full or a jax.checkpoint_policies name (True/False: full/none); `attention`:
@@ -57,7 +58,7 @@ def jax_step(model_name: str, batch: int, dtype: str, remat: bool | str, devices
 
     config = base_config()
     config.model.name, config.dtype, config.remat = model_name, dtype, remat_lib.check(remat)
-    config.attention = attention
+    config.attention, config.scan_layers = attention, scan_layers
     config.data.batch_size = batch
     config.optimizer.accumulate_steps = accumulate_steps  # global negatives: `batch` is still the whole batch
     config.total_steps = 100_000
@@ -78,24 +79,30 @@ def model_params(model) -> dict:
 
 
 def jax_trainer(params: dict, model_name: str, batch: int, dtype: str, remat: bool | str, devices,
-                attention: str = "auto"):
+                attention: str = "auto", scan_layers: bool = True):
     """`train(batch) -> loss`: our train step, state carried over (and donated); `train.place` puts a batch on the mesh."""
     import jax  # noqa: PLC0415
 
     from bioclip_jax.parallel.sharding import host_batch_to_global  # noqa: PLC0415
     from bioclip_jax.train.state import initial_state  # noqa: PLC0415
 
-    _, mesh, layout, step = jax_step(model_name, batch, dtype, remat, devices, attention=attention)
+    _, mesh, layout, step = jax_step(model_name, batch, dtype, remat, devices, attention=attention,
+                                     scan_layers=scan_layers)
     holder = {"state": initial_state(layout, params)}
 
     def place(host_batch: dict) -> dict:
         return host_batch_to_global({"image": host_batch["image"], "tokens": host_batch["tokens"]}, mesh)
 
-    def train(batch: dict) -> float:
-        """One step on a batch from `place`, or on host numpy arrays (placed here, as the loop does)."""
+    def train(batch: dict, wait: bool = True):
+        """One step on a batch from `place`, or on host numpy arrays (placed here, as the loop does).
+
+        Returns the loss as a float, or with `wait=False` as a device array, without waiting for
+        the step: the host queues the next step meanwhile, as the training loop does."""
         if not isinstance(batch["image"], jax.Array):
             batch = place(batch)
         holder["state"], metrics = step(holder["state"], batch)
+        if not wait:
+            return metrics["loss"]
         jax.block_until_ready(holder["state"])
         return float(metrics["loss"])
 
@@ -106,8 +113,11 @@ def jax_trainer(params: dict, model_name: str, batch: int, dtype: str, remat: bo
 # ----------------------------------------------------------------------------- reference
 
 
-def torch_runner(reference, images_uint8, tokens, bf16: bool, device: str):
-    """open_clip_train's step: zero_grad, autocast forward, ClipLoss, backward, AdamW, clamp."""
+def torch_runner(reference, images_uint8, tokens, bf16: bool, device: str, wait: bool = True):
+    """open_clip_train's step: zero_grad, autocast forward, ClipLoss, backward, AdamW, clamp.
+
+    With `wait=False` a step neither synchronises nor reads its loss (`holder["losses"]` gets the
+    loss tensor), so kernels of the next step queue behind it, as in open_clip_train's loop."""
     import open_clip  # noqa: PLC0415
     import torch  # noqa: PLC0415
 
@@ -137,6 +147,9 @@ def torch_runner(reference, images_uint8, tokens, bf16: bool, device: str):
         optimizer.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
+        if not wait:
+            holder.setdefault("losses", []).append(loss.detach())
+            return
         if device == "cuda":
             torch.cuda.synchronize()
         holder.setdefault("losses", []).append(float(loss.detach()))
@@ -329,8 +342,29 @@ def measure_memory(args) -> dict:
           f"[{per_device}, B]): loss temp MiB per device")
     for r, g in zip(weak, _growth([r["loss_temp_per_device"] for r in weak])):
         print(f"{r['devices']:3d} devices  B={r['global_batch']:5d}  {r['loss_temp_per_device'] / mib:9.2f}  exp {g}")
-    return {"fixed_devices": strong, "fixed_rows_per_device": weak,
+    return {"saved_activations": saved_activation_table(args.model),
+            "fixed_devices": strong, "fixed_rows_per_device": weak,
             "accumulated": accumulation_memory(args, strong, devices)}
+
+
+def saved_activation_table(model_name: str) -> list[dict]:
+    """MiB per image-text pair that each tower's bf16 gradient keeps for its backward pass, per remat choice
+    (attention=xla; cuDNN keeps less: no [T, T] weights)."""
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    from bioclip_jax.models.config import get_model_config  # noqa: PLC0415
+    from bioclip_jax.models.saved_activations import saved_bytes_per_pair  # noqa: PLC0415
+
+    arch, mib = get_model_config(model_name), 2.0 ** 20
+    rows = []
+    print(f"\n{model_name} bf16, attention=xla: activations kept for the backward pass, MiB per pair")
+    print(f"{'remat':>8} {'image':>8} {'text':>8} {'both':>8}")
+    for choice in ("none", "minimal", "full"):
+        image, text = (saved_bytes_per_pair(arch, tower, dtype=jnp.bfloat16, remat=choice, attention="xla") / mib
+                       for tower in ("image", "text"))
+        rows.append({"remat": choice, "image_mib": image, "text_mib": text})
+        print(f"{choice:>8} {image:8.1f} {text:8.1f} {image + text:8.1f}")
+    return rows
 
 
 def accumulation_memory(args, full_steps: list[dict], devices) -> list[dict]:

@@ -98,11 +98,12 @@ def make_train_step(config: ml_collections.ConfigDict, skeleton: ModelSkeleton, 
                    donate_argnums=0)
 
 
-def model_flops_per_pair(config) -> float:
+def model_flops_per_pair(config, text_tokens: int | None = None) -> float:
     """Analytic training FLOPs for one image-text pair (forward + backward = 3x forward).
 
     Counts every matmul (2 FLOPs per multiply-add) including attention scores and
-    values; ignores normalisation and softmax. ViT-B/16: ~123 GFLOP.
+    values; ignores normalisation and softmax. ViT-B/16: ~123 GFLOP. `text_tokens`: the
+    positions the text tower runs (`config.data.text_tokens`), default its full context.
     """
     def tower(tokens, width, layers, mlp):
         per_layer = 4 * tokens * width * width + 2 * tokens * tokens * width + 2 * tokens * width * mlp
@@ -112,7 +113,7 @@ def model_flops_per_pair(config) -> float:
     patches = v.grid * v.grid
     vision = tower(patches + 1, v.width, v.layers, v.mlp_width) + patches * v.patch_size ** 2 * 3 * v.width \
         + v.width * config.embed_dim
-    text = tower(t.context_length, t.width, t.layers, t.mlp_width) + t.width * config.embed_dim
+    text = tower(text_tokens or t.context_length, t.width, t.layers, t.mlp_width) + t.width * config.embed_dim
     return 3 * 2 * float(vision + text)
 
 
