@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from bioclip_jax.parallel.mesh import make_mesh
 from bioclip_jax.parallel.sharding import batch_axes, host_batch_to_global
 from bioclip_jax.train import state as state_lib
-from bioclip_jax.train.accumulation import join_microbatches, split_microbatches
+from bioclip_jax.train.accumulation import accumulated_grads, join_microbatches, split_microbatches
 from bioclip_jax.train.loop import initial_params
 from bioclip_jax.train.optimizer import make_schedule
 from bioclip_jax.train.step import make_train_step
@@ -118,3 +118,13 @@ def test_microbatch_split_moves_no_rows_between_devices():
                     out_shardings=NamedSharding(mesh, PartitionSpec(None, axes)))
     hlo = split.lower(jax.ShapeDtypeStruct((BATCH, 3), np.float32)).compile().as_text()
     assert not any(op in hlo for op in ("all-to-all", "collective-permute", "all-gather")), hlo
+
+
+def test_replay_rows_that_do_not_split_into_micro_batches_are_named():
+    mesh = make_mesh(data=8)
+    grads = accumulated_grads(lambda params, batch: {}, lambda features, head: (0.0, {}), mesh, batch_axes(mesh), K)
+    batch = {"image": np.zeros((BATCH, 1)), "replay_image": np.zeros((8, 1))}  # 32 rows split; 8 do not
+    with pytest.raises(ValueError, match=r"the 8 rows of batch\['replay_image'\] do not split into "
+                                         r"optimizer.accumulate_steps=4 micro-batches over 8 batch shards; "
+                                         r"make them a multiple of 32"):
+        grads({}, batch)
