@@ -69,3 +69,17 @@ def test_unknown_devices_get_no_mfu(monkeypatch, kind):
     _on_device(monkeypatch, kind)
     assert math.isnan(step.device_peak_tflops())
     assert step.device_peak_tflops(123.0) == 123.0  # a configured peak wins
+
+
+def test_model_flops_count_the_text_positions_a_run_feeds():
+    """A run with data.text_tokens=48 (the synthetic config) runs the text tower on 48 positions, not 77:
+    counting 77 overstated its MFU."""
+    from bioclip_jax.models.config import get_model_config
+
+    arch = get_model_config("ViT-B-16")
+    full, short = step.model_flops_per_pair(arch), step.model_flops_per_pair(arch, 48)
+    assert step.model_flops_per_pair(arch, 77) == full
+    t = arch.text
+    per_position = 3 * 2 * t.layers * (4 * t.width ** 2 + 2 * t.width * t.mlp_width)  # the matmuls, not attention
+    assert full - short >= per_position * (77 - 48)
+    assert short > 0.85 * full  # the image tower dominates

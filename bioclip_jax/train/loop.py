@@ -125,7 +125,7 @@ def train(config: ml_collections.ConfigDict, workdir, stop_after: int | None = N
     step_fn = make_train_step(config, skeleton, layout, mesh, schedule, preprocess.mean, preprocess.std)
     end = config.total_steps if stop_after is None else min(stop_after, config.total_steps)
     _log0(_startup_summary(config, mesh, layout, workdir, start, end))
-    flops_per_step = model_flops_per_pair(arch) * pairs_per_step(config)
+    flops_per_step = model_flops_per_pair(arch, config.data.text_tokens or None) * pairs_per_step(config)
     peak = device_peak_tflops(config.device_peak_tflops)
     skipped_total = np.zeros(len(SKIP_REASONS), np.int64)
     step = start
