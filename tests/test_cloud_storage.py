@@ -237,3 +237,68 @@ def test_damaged_weights_are_one_sentence(tmp_path, capsys, damage):
 def test_missing_weights_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing.safetensors"):
         state_dict_io.read_state_dict(str(tmp_path / "nothing.safetensors"))
+
+
+_RESTORE_FROM_BUCKET = """
+import sys
+sys.path.insert(0, {tests!r})
+from train_helpers import smoke_config
+from bioclip_jax.parallel.mesh import make_mesh
+from bioclip_jax.train import checkpointing, state as state_lib
+
+class NoIterator:
+    def set_state(self, state):
+        pass
+
+config = smoke_config({shards!r})
+layout = state_lib.state_layout(config, state_lib.model_skeleton(config), make_mesh(8, 1, 1))
+manager = checkpointing.TrainCheckpointer({workdir!r}, 3, 3, async_save=False)
+try:
+    manager.restore_latest_good(layout, NoIterator())
+    print("restored")
+except checkpointing.CheckpointError as error:
+    print("error:", error)
+"""
+
+
+def test_a_bucket_whose_array_endpoint_does_not_answer_stops_at_the_deadline(gcs_dir, shards, tmp_path):
+    """gcsfs answers but tensorstore's endpoint (array reads) takes connections and never replies: the
+    old code waited in the metadata read for more than 900 s, printing nothing."""
+    import socket
+    import time
+
+    from bioclip_jax.parallel.mesh import make_mesh
+    from bioclip_jax.train import checkpointing
+    from bioclip_jax.train import state as state_lib
+    from bioclip_jax.train.loop import initial_params
+    from train_helpers import smoke_config
+
+    workdir = f"{gcs_dir}/run"
+    config = smoke_config(shards)
+    layout = state_lib.state_layout(config, state_lib.model_skeleton(config), make_mesh(8, 1, 1))
+    manager = checkpointing.TrainCheckpointer(workdir, 3, 3, async_save=False)
+    manager.save(3, state_lib.initial_state(layout, initial_params(config)[0]), _NoIterator(), force=True)
+    manager.close()
+
+    with socket.socket() as silent:  # accepts connections (the kernel's backlog) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        script = tmp_path / "restore.py"
+        script.write_text(_RESTORE_FROM_BUCKET.format(tests=os.path.dirname(os.path.abspath(__file__)),
+                                                      shards=shards, workdir=workdir))
+        env = {**os.environ, **gcs_env(), "TENSORSTORE_GCS_HTTP_URL": f"http://127.0.0.1:{silent.getsockname()[1]}",
+               "BIOCLIP_JAX_STORAGE_TIMEOUT_S": "5", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+        started = time.monotonic()
+        done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+        seconds = time.monotonic() - started
+    lines = [line for line in done.stdout.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, done.stdout + done.stderr[-3000:]
+    assert f"checkpoint step 3 in {workdir}/checkpoints did not finish within 5 s" in lines[0]
+    assert "left in place" in lines[0] and seconds < 120
+
+
+class _NoIterator:
+    """The data iterator's part of a checkpoint is not under test here."""
+
+    def get_state(self):
+        return b"{}"

@@ -383,3 +383,20 @@ def test_a_fresh_start_logs_each_step_once(straight_run, shards, tmp_path):
     workdir = _copy(straight_run[0], tmp_path / "no_checkpoint", keep_up_to=0)
     run(workdir, shards, stop_after=2, **CHECKPOINTED)
     assert [r["step"] for r in read_metrics(str(workdir)) if "loss" in r] == [1, 2]
+
+
+def test_a_damaged_config_json_is_named(straight_run, shards, tmp_path):
+    workdir = _copy(straight_run[0], tmp_path / "bad_config", keep_up_to=6)
+    (workdir / "config.json").write_text('{"model": ')  # the old message: "Expecting value: line 1 column 1"
+    with pytest.raises(ValueError, match=f"{workdir / 'config.json'} is damaged: it does not hold valid JSON"):
+        run(workdir, shards, **CHECKPOINTED)
+
+
+def test_a_schedule_shorter_than_the_latest_checkpoint_is_refused(straight_run, shards, tmp_path):
+    """The old code exported step 6 and wrote DONE saying 4."""
+    from bioclip_jax.train.job import run_job
+
+    workdir = _copy(straight_run[0], tmp_path / "shorter", keep_up_to=6)
+    with pytest.raises(ValueError, match=r"checkpoint at step 6, past --config.total_steps=4.*at least 6"):
+        run_job(smoke_config(shards, **{**CHECKPOINTED, "total_steps": 4}), str(workdir))
+    assert not (workdir / "DONE").exists() and not (workdir / "open_clip").exists()

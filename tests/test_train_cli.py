@@ -284,3 +284,19 @@ def test_a_full_disk_when_taking_the_lock_names_the_file_and_leaves_no_lock(tmp_
     assert os.listdir(tmp_path) == []
     with WorkdirLock(tmp_path):  # the next run is not refused
         pass
+
+
+def test_a_full_disk_names_the_file_of_a_log_line_or_a_whole_file(tmp_path, full_disk):
+    from bioclip_jax import paths
+
+    for write in (lambda path: paths.append_line(path, "{}"), lambda path: paths.write_atomically(path, "{}")):
+        with pytest.raises(OSError, match=f"No space left on device: '{tmp_path / 'metrics.jsonl'}'"):
+            write(tmp_path / "metrics.jsonl")
+
+
+def test_a_damaged_done_file_is_one_line_naming_it(tmp_path, capsys):
+    (tmp_path / "DONE").write_text("")  # the old message: "Expecting value: line 1 column 1 (char 0)"
+    assert train_main.main([CONFIG, f"--workdir={tmp_path}"]) == exit_codes.ERROR
+    err = capsys.readouterr().err
+    assert err == f"error: {tmp_path / 'DONE'} is damaged: it does not hold valid JSON (Expecting value: line 1 " \
+                  f"column 1 (char 0))\n", err
