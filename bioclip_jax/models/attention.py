@@ -156,22 +156,22 @@ def _masked(logits: jax.Array, mask, valid_tokens: int | None) -> jax.Array:
     return logits if keep is None else jnp.where(keep, logits, jnp.finfo(jnp.float32).min)
 
 
-def head_major(q: jax.Array, k: jax.Array, v: jax.Array, mask, valid_tokens: int | None = None) -> jax.Array:
-    """Attention on [batch, heads, tokens, head_dim] q/k/v -> context in the same layout."""
+def _einsum_attention(q, k, v, mask, valid_tokens: int | None, scores: str, context: str) -> jax.Array:
     dtype = q.dtype
     q = q * jnp.asarray(q.shape[-1] ** -0.5, dtype)
-    logits = jnp.einsum("bhqk,bhsk->bhqs", q, k, preferred_element_type=jnp.float32)
+    logits = jnp.einsum(scores, q, k, preferred_element_type=jnp.float32)
     weights = softmax_weights(_masked(logits, mask, valid_tokens), dtype)
-    return jnp.einsum("bhqs,bhsk->bhqk", weights, v)
+    return jnp.einsum(context, weights, v)
+
+
+def head_major(q: jax.Array, k: jax.Array, v: jax.Array, mask, valid_tokens: int | None = None) -> jax.Array:
+    """Attention on [batch, heads, tokens, head_dim] q/k/v -> context in the same layout."""
+    return _einsum_attention(q, k, v, mask, valid_tokens, "bhqk,bhsk->bhqs", "bhqs,bhsk->bhqk")
 
 
 def token_major(q: jax.Array, k: jax.Array, v: jax.Array, mask, valid_tokens: int | None = None) -> jax.Array:
     """Attention on [batch, tokens, heads, head_dim] q/k/v -> context in the same layout."""
-    dtype = q.dtype
-    q = q * jnp.asarray(q.shape[-1] ** -0.5, dtype)
-    logits = jnp.einsum("bqhk,bshk->bhqs", q, k, preferred_element_type=jnp.float32)
-    weights = softmax_weights(_masked(logits, mask, valid_tokens), dtype)
-    return jnp.einsum("bhqs,bshk->bqhk", weights, v)
+    return _einsum_attention(q, k, v, mask, valid_tokens, "bqhk,bshk->bhqs", "bhqs,bshk->bqhk")
 
 
 def cudnn(q: jax.Array, k: jax.Array, v: jax.Array, mask, valid_tokens: int | None = None, *,
