@@ -400,3 +400,25 @@ def test_a_schedule_shorter_than_the_latest_checkpoint_is_refused(straight_run, 
     with pytest.raises(ValueError, match=r"checkpoint at step 6, past --config.total_steps=4.*at least 6"):
         run_job(smoke_config(shards, **{**CHECKPOINTED, "total_steps": 4}), str(workdir))
     assert not (workdir / "DONE").exists() and not (workdir / "open_clip").exists()
+
+
+@pytest.mark.parametrize("blocking", ["save", "wait_until_finished"])
+def test_a_save_that_hangs_stops_at_its_deadline_naming_the_folder(tmp_path, monkeypatch, blocking):
+    """A bucket that stops answering mid-run: the next save waits for the previous one, and the last
+    wait at the end of the run, forever on the old code."""
+    import threading
+
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+
+    release = threading.Event()
+    monkeypatch.setattr(ocp.CheckpointManager, blocking, lambda *args, **kwargs: release.wait(60))
+    monkeypatch.setenv("BIOCLIP_JAX_STORAGE_TIMEOUT_S", "1")
+    manager = checkpointing.TrainCheckpointer(tmp_path, 3, 5)
+    state = {"params": {"w": jnp.ones(3)}, "opt_state": {"w": jnp.zeros(3)}}
+    try:
+        with pytest.raises(checkpointing.CheckpointError, match=r"did not finish within 1 s") as raised:
+            manager.save(3, state, _NoIterator(), force=True) if blocking == "save" else manager.wait()
+    finally:
+        release.set()
+    assert str(tmp_path / "checkpoints") in str(raised.value) and "the run is stopped" in str(raised.value)

@@ -115,8 +115,9 @@ class TrainCheckpointer:
             META: ocp.args.JsonSave({"step": int(step)}),
             DATA: grain.checkpoint.CheckpointSave(data_iterator),
         })
-        try:
-            return self.manager.save(step, args=args, force=force)
+        try:  # waits for the previous save to finish, which a storage that stopped answering never does
+            return faults.with_deadline(lambda: self.manager.save(step, args=args, force=force), faults.timeout_s(),
+                                        f"saving checkpoint step {step} to {self.directory}")
         except Exception as error:  # noqa: BLE001 - disk full, permissions, quota: one message
             raise self._save_failed(error) from None
 
@@ -132,6 +133,8 @@ class TrainCheckpointer:
             raise self._save_failed(error) from None
 
     def _save_failed(self, error: BaseException) -> CheckpointError:
+        if isinstance(error, faults.StorageTimeout):
+            return CheckpointError(f"{error}; the run is stopped. {self.last_good_message()}")
         return CheckpointError(f"saving a checkpoint under {self.directory} failed "
                                f"({type(error).__name__}: {_first_line(error)}); the run is stopped. "
                                f"{self.last_good_message()}")
@@ -307,7 +310,8 @@ class TrainCheckpointer:
 
     def wait(self) -> None:
         try:
-            self.manager.wait_until_finished()
+            faults.with_deadline(self.manager.wait_until_finished, faults.timeout_s(),
+                                 f"finishing the checkpoint save under {self.directory}")
         except Exception as error:  # noqa: BLE001
             raise self._save_failed(error) from None
 
