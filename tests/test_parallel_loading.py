@@ -120,12 +120,43 @@ def test_closing_frees_the_blocks_of_batches_in_flight(tmp_path):
     assert glob.glob(blocks) == []
 
 
+def block_path(iterator, batch: int) -> str:
+    return f"/dev/shm{iterator._blocks.name(batch, 0)}"
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="lists POSIX shared memory through /dev/shm (Linux)")
+def test_workers_free_the_blocks_of_batches_the_loop_has_let_go(tmp_path):
+    # Freeing a block's pages costs about what writing them does: the main process leaves it to the workers.
+    shards = write_shards(tmp_path / "s", 96, 16)
+    iterator = iter(dataset(shards, global_batch_size=8, chunk_examples=4, worker_count=2))
+    try:
+        first = next(iterator)
+        assert os.path.exists(block_path(iterator, 0))  # taken, still named: the main process does not free it
+        del first
+        take(iterator, batching.TAKEN_BATCHES_KEPT + 2)
+        deadline = time.monotonic() + 60
+        while os.path.exists(block_path(iterator, 0)) and time.monotonic() < deadline:
+            time.sleep(0.1)  # a worker unlinks it with its next chunk
+        assert not os.path.exists(block_path(iterator, 0))
+        assert os.path.exists(block_path(iterator, batching.TAKEN_BATCHES_KEPT + 2))  # the newest stay
+    finally:
+        iterator.close()
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="lists POSIX shared memory through /dev/shm (Linux)")
+def test_a_finished_stream_leaves_no_blocks(tmp_path):
+    shards = write_shards(tmp_path / "s", 48, 16)
+    iterator = iter(dataset(shards, global_batch_size=8, num_epochs=1, chunk_examples=4, worker_count=2))
+    assert len(list(iterator)) == 6  # no close(): the end of the stream frees what is left
+    assert glob.glob(block_path(iterator, 0).rsplit("_", 2)[0] + "_*") == []
+
+
 def test_full_shared_memory_is_a_clear_error(monkeypatch):
     def full(fd, offset, length):
         raise OSError(errno.ENOSPC, "No space left on device")
 
+    blocks = batching._SharedBlocks(0, keep=4)
     monkeypatch.setattr(batching.os, "posix_fallocate", full, raising=False)
-    blocks = batching._SharedBlocks()
     with pytest.raises(OSError, match=r"enlarge /dev/shm \(docker: --shm-size\)"):
         blocks.write(0, 0, (4, 2), np.uint8, 0, [np.zeros(2, np.uint8)])
     blocks.discard(range(1), 1)

@@ -18,7 +18,8 @@ created by whichever worker gets there first), and the main process maps the
 finished block as the batch's array. Joining chunks by copying (fresh pages
 zeroed, a copy, Grain's segment per chunk array mapped and freed) made the main
 process the ceiling of a host, whatever the workers (figures in benchmarks/README.md).
-Only the small arrays (tokens, counters) are stacked and pickled through Grain's queues.
+Freeing a block's pages is left to the workers too (`_SharedBlocks`). Only the small
+arrays (tokens, counters) are stacked and pickled through Grain's queues.
 
 The iterator state is one counter, `{"next_index": batches taken}` (the same form
 a plain Grain iterator saves), and restoring it rebuilds the pipeline from that
@@ -32,8 +33,8 @@ C <= MAX_CHUNK_EXAMPLES. At 224 px (150 KB an example) and the defaults (8 threa
 C = 64, 2 chunks) that is 272 examples, about 41 MB, whatever the batch size (before:
 two whole local batches: 4.9 GB for 32,768 examples). The written rows of the
 batches in flight live in shared memory (/dev/shm on Linux): the chunks the
-workers have finished but the main process has not yet taken, plus the batches
-the training loop still holds.
+workers have finished but the main process has not yet taken, plus the last
+TAKEN_BATCHES_KEPT batches taken (or more, while the training loop holds them).
 """
 
 from __future__ import annotations
@@ -61,6 +62,10 @@ MAIN_PROCESS_CORES = 1  # the training loop's own thread: dispatch, host-to-devi
 # gives every array of every chunk its own shared-memory segment, each created, mapped and freed.
 PICKLED_BELOW_BYTES = 1 << 20
 _BLOCK_PREFIX = "bcj"  # shared-memory names: bcj<pipeline token>_<batch>_<key index>, under 31 characters
+# Batches the training loop may still hold after taking them (the one in the step and those prefetched
+# onto the devices): their blocks keep their names, so their pages are freed by a worker, not by the
+# main process, once the loop drops them.
+TAKEN_BATCHES_KEPT = 4
 _TRACKER_TYPE = "shared_memory"  # the resource tracker unlinks what a killed run leaves behind
 
 
@@ -170,13 +175,24 @@ class _SharedBlocks:
     A worker opens the block of its chunk's batch, creating it if it is the first
     (creating and sizing are idempotent, so workers may race), and writes its rows.
     The main process maps a block once every chunk of its batch has arrived and
-    unlinks its name at once: the memory lives as long as the batch's array and is
-    freed with it. The creator registers the name with multiprocessing's resource
-    tracker, so a run killed with blocks in flight does not leave them in /dev/shm.
+    publishes how many batches it has taken. The workers unlink the names of the
+    blocks taken more than `keep` batches ago, so freeing their pages (as costly as
+    writing them) is the workers' work: the main process only drops its mapping
+    when the training loop lets go of a batch (had it unlinked the name, freeing
+    would fall to it). The creator of each block registers its name with
+    multiprocessing's resource tracker, so a run killed with blocks still named
+    does not leave them in /dev/shm.
     """
 
-    def __init__(self):
+    def __init__(self, first: int, keep: int):
         self.token = uuid.uuid4().hex[:10]
+        self.keep = keep  # batches the training loop may still hold: their names stay
+        self._reaped = first  # in each worker: blocks before this batch are unlinked
+        self._progress: np.ndarray | None = None  # int64 [1]: batches the main process has taken
+        self._taken(create=True)  # here, in the main process, before any worker looks for it
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_progress": None}  # each process maps the counter itself
 
     def name(self, batch: int, key: int) -> str:
         return f"/{_BLOCK_PREFIX}{self.token}_{batch:x}_{key}"
@@ -200,6 +216,16 @@ class _SharedBlocks:
         finally:
             os.close(fd)
 
+    def _taken(self, create: bool) -> np.ndarray | None:
+        """The shared count of batches taken (made by the main process; None once it is discarded)."""
+        if self._progress is None:
+            try:
+                counter = self._map(f"/{_BLOCK_PREFIX}{self.token}_n", 8, create=create)
+            except (FileNotFoundError, ValueError):
+                return None
+            self._progress = np.frombuffer(counter, np.int64)
+        return self._progress
+
     def write(self, batch: int, key: int, shape: tuple[int, ...], dtype: np.dtype, offset: int,
               rows: list[np.ndarray]) -> None:
         block = self._map(self.name(batch, key), _nbytes(shape, dtype), create=True)
@@ -212,12 +238,22 @@ class _SharedBlocks:
                 block.close()  # this worker's mapping only: the pages stay for the main process
             except BufferError:
                 pass  # a traceback still holds the view: the mapping goes with it
+        self._reap(key + 1)
+
+    def _reap(self, keys: int) -> None:
+        taken = self._taken(create=False)
+        if taken is None:
+            return
+        until = int(taken[0]) - self.keep
+        for old in range(self._reaped, until):
+            for key in range(keys):
+                self._unlink(self.name(old, key))  # every worker tries: the first one frees it
+        self._reaped = max(self._reaped, until)
 
     def take(self, batch: int, key: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-        name = self.name(batch, key)
-        block = self._map(name, _nbytes(shape, dtype), create=False)
-        self._unlink(name)
-        return np.frombuffer(block, dtype).reshape(shape)  # unmapped (and freed) with the last view
+        block = self._map(self.name(batch, key), _nbytes(shape, dtype), create=False)
+        self._taken(create=True)[0] = batch + 1  # after the mapping: a worker may unlink it from now on
+        return np.frombuffer(block, dtype).reshape(shape)  # unmapped with the last view
 
     def _unlink(self, name: str) -> bool:
         try:
@@ -228,10 +264,13 @@ class _SharedBlocks:
         return True
 
     def discard(self, batches: range, keys: int) -> None:
-        """Unlinks the blocks of `batches` that workers may have begun (call once the workers have stopped)."""
+        """Unlinks the blocks of `batches` that workers may have begun or not yet unlinked, and the
+        counter (call once the workers have stopped)."""
         for batch in batches:
             for key in range(keys):
                 self._unlink(self.name(batch, key))
+        self._unlink(f"/{_BLOCK_PREFIX}{self.token}_n")
+        self._progress = None
 
 
 class _ChunkWriter:
@@ -313,9 +352,9 @@ class ParallelBatches(grain.IterDataset):
         shared_memory = _posixshmem is not None
         self.direct_keys = tuple(direct_keys) if shared_memory or workers == 0 else ()
 
-    def blocks(self) -> _LocalBlocks | _SharedBlocks:
-        """Where one pipeline's workers write the direct keys' rows."""
-        return _SharedBlocks() if self.workers > 0 else _LocalBlocks()
+    def blocks(self, first_batch: int) -> _LocalBlocks | _SharedBlocks:
+        """Where the workers of a pipeline that starts at `first_batch` write the direct keys' rows."""
+        return _SharedBlocks(first_batch, keep=TAKEN_BATCHES_KEPT) if self.workers > 0 else _LocalBlocks()
 
     def in_flight(self) -> int:
         """How many batches past the next one the workers may have begun: each holds at most its buffered
@@ -363,11 +402,12 @@ class _ResumableIterator(grain.DatasetIterator):
 
     def _start(self) -> None:
         if self._inner is None:
-            self._blocks = self._batches.blocks()
+            self._blocks = self._batches.blocks(self._next_index)
             self._inner = iter(self._batches.pipeline(self._next_index, self._blocks))
 
     def __next__(self) -> dict[str, np.ndarray]:
         if self._batches.num_batches is not None and self._next_index >= self._batches.num_batches:
+            self.close()  # the workers are done: free what they left named
             raise StopIteration
         self._start()
         batch = next(self._inner)
@@ -392,5 +432,6 @@ class _ResumableIterator(grain.DatasetIterator):
         if self._inner is not None:
             self._inner.close()
             self._inner = None
-            self._blocks.discard(range(self._next_index, self._next_index + self._batches.in_flight()),
+            reach = self._batches.in_flight() + TAKEN_BATCHES_KEPT
+            self._blocks.discard(range(max(0, self._next_index - reach), self._next_index + reach),
                                  len(self._batches.direct_keys))
