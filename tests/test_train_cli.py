@@ -125,16 +125,17 @@ def fake_job(monkeypatch):
 def test_a_stop_exits_75_and_the_flags_reach_the_job(fake_job, tmp_path):
     fake_job.result = {"loss": 1.0, "stopped": True}
     status = train_main.main([CONFIG, f"--workdir={tmp_path}", "--allow_config_change", "--stop_after=3",
-                              "--config.total_steps=7"])
+                              "--config.total_steps=7", "--allow_fresh_start"])
     assert status == exit_codes.STOPPED
     (call,) = fake_job.calls
     assert call["allow_config_change"] is True and call["stop_after"] == 3 and call["config"].total_steps == 7
+    assert call["allow_fresh_start"] is True
     assert call["lock_held"] and not (tmp_path / LOCK_FILE).exists()  # held during the job, released after
 
 
 def test_a_finish_exits_0_and_an_error_exits_1_releasing_the_lock(fake_job, tmp_path, capsys):
     assert train_main.main([CONFIG, f"--workdir={tmp_path}"]) == exit_codes.FINISHED
-    assert fake_job.calls[0]["allow_config_change"] is False
+    assert fake_job.calls[0]["allow_config_change"] is False and fake_job.calls[0]["allow_fresh_start"] is False
     fake_job.error = ValueError("config.data.train_shards is empty")
     assert train_main.main([CONFIG, f"--workdir={tmp_path}"]) == exit_codes.ERROR
     assert capsys.readouterr().err == "error: config.data.train_shards is empty\n"

@@ -153,9 +153,10 @@ class TrainCheckpointer:
         there is none; the data iterator is set to that step's position.
 
         Every process reads a step on its own, then all agree on one verdict, the worst any of them
-        reached (`_READ` < `_DAMAGED` < `_MISMATCH` < `_FAILED`). Only damage (`faults.DAMAGED`, on any process) moves a step aside and tries the
-        next older one; a transient storage failure (after retries), a checkpoint that does not fit
-        the configured model, or an unknown error stops the run, with the checkpoints left in place.
+        reached (`_READ` < `_DAMAGED` < `_MISMATCH` < `_FAILED`). Only damage (`faults.DAMAGED`, on
+        any process) moves a step aside and tries the next older one; a transient storage failure
+        (after retries), a checkpoint that does not fit the configured model, or an unknown error
+        stops the run, with the checkpoints left in place.
         A step whose optimiser state was written under other optimiser settings restores its
         parameters and carries over what still applies (`carry_over`). A workdir whose checkpoints
         all went aside does not silently train from step 0 again: that takes `allow_fresh_start`.
