@@ -95,6 +95,23 @@ def _parts(path: epath.Path) -> epath.Path:
     return path.parent / (path.name + LINE_PARTS_SUFFIX)
 
 
+def _read_parts(path: epath.Path, only_writer: str = "") -> list[tuple[epath.Path, list[str]]]:
+    """(object, its lines) of a bucket line log's appended objects, oldest first, fetched concurrently
+    (a long run has thousands)."""
+    parts = _parts(path)
+    names = sorted(p.name for p in parts.iterdir()) if parts.is_dir() else []
+    names = [name for name in names if not only_writer or f"-{only_writer}-" in name]
+    if not names:
+        return []
+    from etils.epath import backend  # noqa: PLC0415 - the gcsfs instance epath itself uses
+
+    fs = backend.fsspec_backend.fs(os.fspath(parts))
+    urls = [os.fspath(parts / name) for name in names]
+    contents = fs.cat(urls)  # {path as fsspec spells it: bytes}
+    by_name = {key.rsplit("/", 1)[-1]: value for key, value in contents.items()}
+    return [(parts / name, by_name[name].decode("utf-8").splitlines()) for name in names]
+
+
 def append_line(path: PathLike, line: str, writer: str = "line") -> None:
     """Adds one line to a line log: one append locally (whole lines, safe beside other appenders,
     and beside `rewrite_lines`); in a bucket a new object `<path>.d/<time>-<writer>-<random>.jsonl`."""
@@ -114,9 +131,8 @@ def read_lines(path: PathLike) -> list[str]:
     path = uncached(path)
     lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
     if is_remote(path):
-        parts = _parts(path)
-        for part in sorted(parts.iterdir(), key=lambda p: p.name) if parts.is_dir() else []:
-            lines += part.read_text(encoding="utf-8").splitlines()
+        for _, part_lines in _read_parts(path):
+            lines += part_lines
     return lines
 
 
@@ -138,10 +154,8 @@ def rewrite_lines(path: PathLike, keep: Callable[[str], bool], writer: str) -> i
                 if len(kept) < len(lines):
                     removed += len(lines) - len(kept)
                     path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-            parts = _parts(path)
-            for part in sorted(parts.iterdir(), key=lambda p: p.name) if parts.is_dir() else []:
-                if f"-{writer}-" in part.name and not all(keep(line) for line in
-                                                          part.read_text(encoding="utf-8").splitlines()):
+            for part, part_lines in _read_parts(path, only_writer=writer):
+                if not all(keep(line) for line in part_lines):
                     removed += 1
                     part.unlink(missing_ok=True)
             return removed
