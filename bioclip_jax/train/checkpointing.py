@@ -291,14 +291,19 @@ class TrainCheckpointer:
         self.manager.reload()
 
     def _check_fresh_start(self, allow_fresh_start: bool) -> None:
-        """Refuses to start from step 0 where earlier checkpoints were set aside as unreadable."""
+        """Refuses to start from step 0 where earlier checkpoints were set aside as unreadable
+        (on every process when any of them sees such a checkpoint)."""
         aside = paths.uncached(self.directory.parent / UNREADABLE_DIR)
         names = sorted(p.name for p in aside.iterdir()) if aside.is_dir() else []
+        refusal = ""
         if names and not allow_fresh_start:
-            raise CheckpointError(
-                f"no checkpoint in {self.directory} reads cleanly, and {len(names)} unreadable one(s) were moved to "
-                f"{aside} ({', '.join(names)}): training would start again from step 0, so it did not; repair "
-                f"them, start a new workdir, or pass --allow_fresh_start to train from step 0 in this one")
+            refusal = (f"no checkpoint in {self.directory} reads cleanly, and {len(names)} unreadable one(s) were "
+                       f"moved to {aside} ({', '.join(names)}): training would start again from step 0, so it did "
+                       f"not; repair them, start a new workdir, or pass --allow_fresh_start to train from step 0 "
+                       f"in this one")
+        refused, refusal = distributed.agree_on_worst(int(bool(refusal)), refusal)
+        if refused:
+            raise CheckpointError(refusal)
 
     def restore(self, step: int, layout, data_iterator: Any) -> dict:
         """The state at `step`, laid out on the current mesh, without any fallback; the iterator is set."""
