@@ -95,6 +95,7 @@ class TrainCheckpointer:
         # Restoring reads each item with its handler, not through the manager, whose restore ends in
         # a barrier that a process which failed to read never reaches (see restore_latest_good).
         self._array_reader = ocp.PyTreeCheckpointHandler()
+        self._state_reader = ocp.StandardCheckpointHandler()
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -211,7 +212,7 @@ class TrainCheckpointer:
         return _Read(params, opt_state, matches, int(meta["step"]), read_data_iterator_state(directory / DATA))
 
     def _restore_arrays(self, directory, target):
-        return ocp.StandardCheckpointHandler().restore(directory, args=ocp.args.StandardRestore(target))
+        return self._state_reader.restore(directory, args=ocp.args.StandardRestore(target))
 
     def _restore_matched(self, directory, matches: dict, layout) -> dict:
         """{saved path: array} of the saved optimiser leaves that `matches` carries over."""
@@ -325,6 +326,7 @@ class TrainCheckpointer:
         self.wait()
         self.manager.close()
         self._array_reader.close()
+        self._state_reader.close()
 
 
 def read_data_iterator_state(directory) -> dict:
