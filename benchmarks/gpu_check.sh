@@ -85,7 +85,7 @@ if [[ $MODE == gpu ]]; then
   REFERENCE_SETTINGS="${GPU_CHECK_REFERENCE:-plain:512,checkpointing:1024}"
   LARGE_SETTINGS="auto:none,auto:minimal"
   LIMIT=(steps 200 reference 70 large 100 loader 70 loop 90 flags 160)
-  SWEEP=(--scaling 1,4,15 --image-size 224 --batch 256)
+  SWEEP=(--scaling 1,4,15 --batch 256 --batches 48 --point-limit-s 25)
   LOOP=(--model ViT-B-16 --image-size 224 --batch 512 --window 5 --windows 3 --rounds 1
         --set dtype=bfloat16 --set data.workers=15)
   MAX_BATCH=2048

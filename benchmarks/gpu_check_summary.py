@@ -83,7 +83,8 @@ def _loss_agreement(ours: dict | None, reference: dict | None) -> list[str]:
 def _loader(record: dict | None) -> tuple[list[str], float | None]:
     if not record or not record.get("scaling"):
         return ["Loader scaling: not run.", ""], None
-    rows = record["scaling"]
+    rows = [r for r in record["scaling"] if "images_per_s" in r]  # a point that timed out has none
+    lines_timed_out = [f"- {r['workers']} workers: timed out" for r in record["scaling"] if "images_per_s" not in r]
     one = next((r for r in rows if r["workers"] == 1), None)
     lines = ["Loader (224 px synthetic JPEGs):", "", "| workers | img/s | vs 1 worker | parent CPU us/img |",
              "|---|---|---|---|"]
@@ -95,7 +96,7 @@ def _loader(record: dict | None) -> tuple[list[str], float | None]:
         parent = r.get("parent_cpu_us_per_image")
         lines.append(f"| {r['workers']} | {r['images_per_s']:.0f} | {'' if vs is None else f'{vs:.2f}x'} "
                      f"| {'' if parent is None else f'{parent:.0f}'} |")
-    return lines + [""], ratio
+    return lines + ["", *lines_timed_out, ""], ratio
 
 
 def summarise(records: str) -> tuple[dict, str]:
