@@ -19,6 +19,7 @@ same code reads and writes a local folder or a bucket (gcsfs underneath). What d
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -175,11 +176,18 @@ def rewrite_lines(path: PathLike, keep: Callable[[str], bool], writer: str) -> i
 @contextlib.contextmanager
 def _locked_for_append(path: epath.Path):
     """The local file open for appending, under an exclusive lock on the file it names now (if another
-    process replaced it while we waited for the lock, the new file is opened and locked instead)."""
+    process replaced it while we waited for the lock, the new file is opened and locked instead).
+    Where the file system has no locks (some FUSE mounts) the append goes ahead unlocked."""
     while True:
         handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - closed below
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            except OSError as error:
+                if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    raise
+                yield handle
+                return
             if os.fstat(handle.fileno()).st_ino == os.stat(path).st_ino:
                 yield handle
                 return

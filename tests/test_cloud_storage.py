@@ -302,3 +302,16 @@ class _NoIterator:
 
     def get_state(self):
         return b"{}"
+
+
+def test_a_local_log_on_a_file_system_without_locks_is_still_appended_to(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    writer = MetricsWriter(tmp_path, total_steps=10)
+    writer.write(1, {"loss": 1.0})
+    assert read_metrics(tmp_path) == [{"step": 1, "loss": 1.0}]
