@@ -29,7 +29,8 @@ TRAIN_ARGS = ["--config=configs/bioclip_vitb16.py", "--workdir=/shared/run one",
 SLURM_XLA_DEFAULTS = ["--xla_gpu_enable_latency_hiding_scheduler=true",
                       "--xla_gpu_all_reduce_combine_threshold_bytes=134217728",
                       "--xla_gpu_all_gather_combine_threshold_bytes=134217728",
-                      "--xla_gpu_reduce_scatter_combine_threshold_bytes=134217728"]
+                      "--xla_gpu_reduce_scatter_combine_threshold_bytes=134217728",
+                      "--xla_gpu_enable_triton_gemm=false"]
 
 
 def _wait_for(condition, timeout=30.0, what="condition"):
