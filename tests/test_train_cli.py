@@ -85,6 +85,14 @@ def test_missing_init_weights_is_one_line_without_shutdown_noise(shards, tmp_pat
     assert "cannot schedule new futures" not in result.stderr + result.stdout
 
 
+def test_a_first_run_whose_init_cannot_be_read_leaves_no_empty_folders(shards, tmp_path):
+    result = train_cli(CONFIG, f"--workdir={tmp_path / 'run'}", f"--config.data.train_shards={shards}",
+                       "--config.init=/nope.safetensors")
+    assert "/nope.safetensors" in one_error_line(result, exit_codes.ERROR)
+    left = sorted(p.name for p in (tmp_path / "run").iterdir()) if (tmp_path / "run").exists() else []
+    assert "checkpoints" not in left and "tensorboard" not in left, left
+
+
 def test_second_job_in_a_locked_workdir_refuses(shards, tmp_path):
     holder = subprocess.Popen(["sleep", "60"])
     try:

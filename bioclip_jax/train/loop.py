@@ -99,6 +99,10 @@ def train(config: ml_collections.ConfigDict, workdir, stop_after: int | None = N
     data_iterator = train_iterator(config, arch)
     budget = SkipBudget(config.data.max_bad_fraction, config.data.train_shards)
 
+    # A first run loads its initial weights before it creates anything in the workdir: a source
+    # that cannot be read (a missing hub file, say) leaves no empty checkpoints/ or tensorboard/.
+    first_run = not (workdir / model_dir.CHECKPOINTS_DIR).exists()
+    initial = initial_params(config) if first_run else None
     checkpointer = TrainCheckpointer(workdir, config.checkpoint.every_steps, config.checkpoint.keep,
                                      config.checkpoint.async_save)
     writer = MetricsWriter(workdir, config.total_steps)
@@ -114,7 +118,7 @@ def train(config: ml_collections.ConfigDict, workdir, stop_after: int | None = N
             model_dir.write_model_json(workdir, to_open_clip(arch), meta["preprocess_cfg"])
         _log0(f"resumed from step {start} in {checkpointer.directory}")
     else:
-        params, preprocess = initial_params(config)
+        params, preprocess = initial or initial_params(config)
         state = state_lib.initial_state(layout, params)
         start = 0
         if jax.process_index() == 0:
