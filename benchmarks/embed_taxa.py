@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 import bioclip_jax
-from bioclip_jax.evaluate.templates import OPENAI_IMAGENET_TEMPLATES, fill_templates
+from bioclip_jax.taxonomy.templates import OPENAI_IMAGENET_TEMPLATES, fill_templates
 from bioclip_jax.inference import TextEmbedder
 from bioclip_jax.taxonomy import Taxon, class_name
 

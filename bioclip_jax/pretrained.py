@@ -25,10 +25,8 @@ from bioclip_jax.convert import names, state_dict_io
 from bioclip_jax.models.clip import CLIP, abstract_model, build_model
 from bioclip_jax.models.config import CLIPConfig, from_open_clip, get_model_config, to_open_clip
 from bioclip_jax.models.params import assign_params, flat_params, param_shapes
+from bioclip_jax.sources import LOCAL_DIR, is_source
 from bioclip_jax.transforms import ImageTransform, PreprocessConfig
-
-LOCAL_DIR = "local-dir:"
-
 
 @dataclasses.dataclass
 class Loaded:
@@ -45,11 +43,6 @@ def _strip_schema(source: str) -> str:
     if hub.is_hub(source):
         return hub.model_folder(source)
     return source[len(LOCAL_DIR):] if source.startswith(LOCAL_DIR) else source
-
-
-def is_source(name: str | None) -> bool:
-    """Whether a model name is really a source, as open_clip accepts `hf-hub:`/`local-dir:` names."""
-    return isinstance(name, str) and (hub.is_hub(name) or name.startswith(LOCAL_DIR))
 
 
 def _config_for(model_name: str | None, source: str) -> CLIPConfig:

@@ -7,7 +7,7 @@ from PIL import Image
 
 import bioclip_jax
 from bioclip_jax import inference
-from bioclip_jax.evaluate.templates import fill_templates
+from bioclip_jax.taxonomy.templates import fill_templates
 
 
 @pytest.fixture(scope="module")

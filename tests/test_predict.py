@@ -12,7 +12,7 @@ from PIL import Image
 
 import bioclip_jax
 from bioclip_jax.cli import embed_taxa, predict
-from bioclip_jax.evaluate.templates import OPENAI_IMAGENET_TEMPLATES
+from bioclip_jax.taxonomy.templates import OPENAI_IMAGENET_TEMPLATES
 from bioclip_jax.taxonomy import Taxon, class_name
 from hub_helpers import add_model_folder, add_repo, offline_env
 

@@ -9,10 +9,7 @@ import importlib.util
 import os
 from collections.abc import Sequence
 
-
-SOURCES_HELP = ("model source: hf-hub:ORG/NAME[@REVISION] (Hugging Face Hub, cached), local-dir:PATH "
-                "(open_clip folder), a .safetensors/.bin state dict, a bioclip_jax model directory or "
-                "training workdir, or 'random' (seeded random weights)")
+from bioclip_jax.sources import SOURCES_HELP, is_source
 
 
 def add_model_args(parser: argparse.ArgumentParser, required: bool = False) -> None:
@@ -27,8 +24,6 @@ def add_model_args(parser: argparse.ArgumentParser, required: bool = False) -> N
 def resolve_source(pretrained: str | None, model: str | None, default: str | None = None) -> str | None:
     """The source a command line names: --pretrained, else a --model that is a source, else
     'random' for a bare architecture name, else `default`."""
-    from bioclip_jax.pretrained import is_source  # noqa: PLC0415
-
     if pretrained:
         return pretrained
     if is_source(model):
@@ -39,7 +34,6 @@ def resolve_source(pretrained: str | None, model: str | None, default: str | Non
 def load_model(args: argparse.Namespace, default: str | None = None):
     """The model of --pretrained/--model; every command accepts the same sources (SOURCES_HELP)."""
     from bioclip_jax.inference import load_model as load  # noqa: PLC0415 - keep --help fast
-    from bioclip_jax.pretrained import is_source  # noqa: PLC0415
 
     source = resolve_source(args.pretrained, args.model, default)
     return load(source, None if is_source(args.model) else args.model, seed=getattr(args, "seed", 0))

@@ -29,7 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from bioclip_jax.data import shard_index
-from bioclip_jax.evaluate.templates import get_templates
+from bioclip_jax.taxonomy.templates import get_templates
 from bioclip_jax.cli import common
 from bioclip_jax.inference import TextEmbedder
 from bioclip_jax.models.clip import CLIP

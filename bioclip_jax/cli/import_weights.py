@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bioclip_jax.cli.common import SOURCES_HELP, run_cli
+from bioclip_jax.cli.common import run_cli
+from bioclip_jax.sources import SOURCES_HELP
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -46,6 +46,7 @@ from bioclip_jax.data import shard_index
 from bioclip_jax.inference import ImageEmbedder, ImageItem, TextEmbedder, list_image_files, report_skipped
 from bioclip_jax.models.clip import CLIP
 from bioclip_jax.models.params import flat_params
+from bioclip_jax.sources import SOURCES_HELP
 from bioclip_jax.taxonomy import RANKS, TEXT_TYPES, Taxon
 
 FORMATS = ("csv", "table", "json")
@@ -279,7 +280,7 @@ def build_parser(prog: str = "bioclip-jax predict") -> argparse.ArgumentParser:
                                      "`bioclip predict` does: over the tree of life (default), your own labels "
                                      "(--cls) or bins of labels (--bins).")
     parser.add_argument("images", nargs="+", help="image files and/or directories (searched recursively)")
-    parser.add_argument("--pretrained", help=common.SOURCES_HELP + f"; default {hub.DEFAULT_MODEL}")
+    parser.add_argument("--pretrained", help=SOURCES_HELP + f"; default {hub.DEFAULT_MODEL}")
     parser.add_argument("--model", help="architecture name for sources without one (e.g. ViT-B-16), or, as in "
                         "pybioclip, the model itself (hf-hub:imageomics/bioclip)")
     parser.add_argument("--seed", type=int, default=0, help="seed for --pretrained random")

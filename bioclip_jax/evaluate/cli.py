@@ -26,7 +26,8 @@ import sys
 
 import ml_collections
 
-from bioclip_jax.cli.common import SOURCES_HELP, read_config_file
+from bioclip_jax.cli.common import read_config_file
+from bioclip_jax.sources import SOURCES_HELP
 from bioclip_jax.evaluate import runner
 from bioclip_jax.inference import load_model
 

@@ -34,7 +34,7 @@ from bioclip_jax.checkpoint import model_dir
 from bioclip_jax.data import shard_index
 from bioclip_jax.data.eval_sources import TAXA_FILE, EvalData, open_eval_data
 from bioclip_jax.evaluate import few_shot, per_rank, plots, results, zero_shot
-from bioclip_jax.evaluate.templates import get_templates
+from bioclip_jax.taxonomy.templates import get_templates
 from bioclip_jax.inference import ImageEmbedder, TextEmbedder, report_skipped
 from bioclip_jax.models.clip import CLIP
 from bioclip_jax.models.params import assign_params

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bioclip_jax.data.eval_sources import EvalClass
-from bioclip_jax.evaluate.templates import OPENAI_IMAGENET_TEMPLATES
+from bioclip_jax.taxonomy.templates import OPENAI_IMAGENET_TEMPLATES
 from bioclip_jax.inference import TextEmbedder
 from bioclip_jax.models.clip import CLIP
 from bioclip_jax.taxonomy import check_text_type, class_name
