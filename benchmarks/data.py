@@ -76,7 +76,7 @@ HARD_LIMIT_GRACE_S = 30.0  # past a point's soft limit, how long one batch may s
 
 def synthetic_shards(directory: str, samples: int, shards: int, image_size: int) -> list[str]:
     """`samples` training images in `shards` tar shards of the synthetic tree of life."""
-    from bioclip_jax.data.synthetic import make_synthetic  # noqa: PLC0415
+    from bioclip_jax.synthetic.dataset import make_synthetic  # noqa: PLC0415
 
     per_shard = -(-samples // shards)
     species = max(4, samples // 8)

@@ -140,7 +140,7 @@ def restart_figure(rounds: int = 3, shards: str | None = None) -> dict:
 
 
 def _synthetic_shards(scratch: str, image_size: int = 64) -> str:
-    from bioclip_jax.data.synthetic import make_synthetic  # noqa: PLC0415
+    from bioclip_jax.synthetic.dataset import make_synthetic  # noqa: PLC0415
 
     root = os.path.join(scratch, "synthetic")
     make_synthetic(root, species=40, images_per_species=20, held_out_species=0.1, seed=0, image_size=image_size)

@@ -9,8 +9,8 @@ import os
 import numpy as np
 from PIL import Image
 
-from bioclip_jax.data.synthetic_images import encode_jpeg, render
-from bioclip_jax.data.synthetic_tree import build_species
+from bioclip_jax.synthetic.images import encode_jpeg, render
+from bioclip_jax.synthetic.tree import build_species
 from bioclip_jax.taxonomy import RANKS
 
 TAXA_HEADER = ("class_name", *RANKS, "common")

@@ -14,8 +14,8 @@ from etils import epath
 from bioclip_jax.cli import embed_taxa
 from bioclip_jax.data import array_record, eval_sources, shard_index
 from bioclip_jax.data.pipeline import make_train_dataset
-from bioclip_jax.data.synthetic import make_synthetic
 from bioclip_jax.data.tar_source import TarShardSource
+from bioclip_jax.synthetic.dataset import make_synthetic
 from gcs_server import gcs_bucket  # noqa: F401
 from test_pipeline import assert_batches_equal, take
 

@@ -297,7 +297,7 @@ def test_readme_classify_with_the_model_you_just_trained(tmp_path, monkeypatch, 
     import shlex
     from pathlib import Path
 
-    from bioclip_jax.data.synthetic import make_synthetic
+    from bioclip_jax.synthetic.dataset import make_synthetic
     from workdir_helpers import trained_workdir
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()

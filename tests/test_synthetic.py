@@ -18,10 +18,10 @@ import pytest
 from PIL import Image
 
 from bioclip_jax.cli import make_synthetic as cli
-from bioclip_jax.data.synthetic import CATALOG_COLUMNS, TAXA_COLUMNS, make_synthetic
-from bioclip_jax.data.synthetic_images import render
-from bioclip_jax.data.synthetic_names import EPITHETS
-from bioclip_jax.data.synthetic_tree import build_species
+from bioclip_jax.synthetic.dataset import CATALOG_COLUMNS, TAXA_COLUMNS, make_synthetic
+from bioclip_jax.synthetic.images import render
+from bioclip_jax.synthetic.names import EPITHETS
+from bioclip_jax.synthetic.tree import build_species
 from bioclip_jax.taxonomy import Taxon, sample_captions
 
 MEMBERS = {

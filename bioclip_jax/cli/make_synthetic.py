@@ -10,8 +10,8 @@ import argparse
 import os
 import sys
 
-from bioclip_jax.data.generic_captions import write_generic_captions
-from bioclip_jax.data.synthetic import make_synthetic
+from bioclip_jax.synthetic.dataset import make_synthetic
+from bioclip_jax.synthetic.generic_captions import write_generic_captions
 
 _PARALLEL_FROM = 2000  # images; below this, starting worker processes costs more than it saves
 

@@ -36,7 +36,7 @@ def with_synthetic_data(config: ml_collections.ConfigDict, workdir) -> ml_collec
     """
     if config.data.train_shards:
         return config
-    from bioclip_jax.data.synthetic import make_synthetic  # noqa: PLC0415
+    from bioclip_jax.synthetic.dataset import make_synthetic  # noqa: PLC0415
     syn = config.data.synthetic
     if not paths.is_remote(workdir):
         root, writer = os.path.join(os.fspath(workdir), SYNTHETIC_DIR), jax.process_index() == 0

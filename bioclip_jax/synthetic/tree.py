@@ -2,7 +2,7 @@
 
 The tree is grown top-down: genera are spread over kingdoms, then split into phyla,
 classes, orders and families; each node draws its name and the visual traits of its
-rank (see synthetic_images), and children inherit the rest. Species are genus x
+rank (see images.py), and children inherit the rest. Species are genus x
 epithet, epithets balanced over the whole tree so that every trait is seen on many
 genera. Held-out species are chosen so that zero-shot is possible only through the
 taxonomy: each keeps training relatives in its genus and its epithet stays in
@@ -17,8 +17,8 @@ import math
 
 import numpy as np
 
-from bioclip_jax.data.synthetic_images import PATTERNS, Looks
-from bioclip_jax.data.synthetic_names import EPITHET_TRAITS, KINGDOMS, NameGenerator, common_name
+from bioclip_jax.synthetic.images import PATTERNS, Looks
+from bioclip_jax.synthetic.names import EPITHET_TRAITS, KINGDOMS, NameGenerator, common_name
 from bioclip_jax.taxonomy import Taxon
 
 SPECIES_PER_GENUS = 5  # on average; at least 2 so that a genus can lose one to the held-out set

@@ -47,7 +47,7 @@ class Looks:
     pattern: str
     pattern_rgb: tuple[float, float, float]
     pattern_scale: float
-    trait: str  # the epithet's trait, see synthetic_names.EPITHET_TRAITS
+    trait: str  # the epithet's trait, see names.EPITHET_TRAITS
 
 
 def encode_jpeg(pixels: np.ndarray, quality: int = 90) -> bytes:

@@ -28,10 +28,10 @@ from typing import Iterator
 import numpy as np
 from tqdm import tqdm
 
-from bioclip_jax.data.synthetic_images import encode_jpeg, render
-from bioclip_jax.data.synthetic_names import EPITHET_TRAITS
-from bioclip_jax.data.synthetic_tree import SyntheticSpecies, build_species
 from bioclip_jax.data.tar_writer import ShardWriter
+from bioclip_jax.synthetic.images import encode_jpeg, render
+from bioclip_jax.synthetic.names import EPITHET_TRAITS
+from bioclip_jax.synthetic.tree import SyntheticSpecies, build_species
 from bioclip_jax.taxonomy import Taxon, sample_captions
 
 CATALOG_COLUMNS = (

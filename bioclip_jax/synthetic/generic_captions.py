@@ -12,8 +12,8 @@ import shutil
 
 import numpy as np
 
-from bioclip_jax.data.synthetic_images import encode_jpeg
 from bioclip_jax.data.tar_writer import ShardWriter
+from bioclip_jax.synthetic.images import encode_jpeg
 
 COLOURS = {"red": (200, 40, 40), "green": (40, 160, 60), "blue": (40, 70, 200), "yellow": (230, 210, 40),
            "black": (20, 20, 20), "white": (240, 240, 240)}
