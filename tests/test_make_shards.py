@@ -11,10 +11,10 @@ import pytest
 from PIL import Image
 
 from bioclip_jax.cli import main as cli
-from bioclip_jax.data import collection as collection_lib
 from bioclip_jax.data.eval_sources import open_eval_data
 from bioclip_jax.data.shard_index import INDEX_SUFFIX
 from bioclip_jax.data.tar_source import TarShardSource
+from bioclip_jax.ingest import collection as collection_lib
 from bioclip_jax.taxonomy import CAPTION_FILES, NAME_FILES, Taxon, sample_captions
 from collection_helpers import TAXA_HEADER, png_bytes, write_collection, write_taxa
 
