@@ -30,13 +30,11 @@ from tqdm import tqdm
 from bioclip_jax.taxonomy.templates import OPENAI_IMAGENET_TEMPLATES, fill_templates
 from bioclip_jax.models.clip import CLIP, l2_normalize, used_text_length
 from bioclip_jax.parallel import sharding as sharding_lib
-from bioclip_jax.pretrained import create_model, image_transform
-from bioclip_jax.sources import SOURCES_HELP
+from bioclip_jax.pretrained import image_transform
 from bioclip_jax.tokenizer import get_tokenizer
 from bioclip_jax.transforms import normalize
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-RANDOM_MODEL = "random"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,15 +73,6 @@ def list_image_files(paths: Sequence[str]) -> list[str]:
         else:
             raise FileNotFoundError(f"image path not found: {path}")
     return files
-
-
-def load_model(pretrained: str | None, model_name: str | None = None, *, seed: int = 0) -> CLIP:
-    """The model a command line asked for; `random` gives a seeded random model (for tests)."""
-    if pretrained in (None, ""):
-        raise ValueError(f"no model given: pass --pretrained=SRC ({SOURCES_HELP})")
-    if pretrained == RANDOM_MODEL:
-        return create_model(model_name or "ViT-B-16", None, seed=seed)
-    return create_model(model_name, pretrained, seed=seed)
 
 
 @dataclasses.dataclass

@@ -1,7 +1,7 @@
 """Building models from a name and a `pretrained=` source, the same way everywhere.
 
 Accepted sources:
-  None                             random initialisation (seeded)
+  None or "random"                 random initialisation (seeded) of `model_name`
   hf-hub:ORG/NAME[@REVISION]       an open_clip model repo on the Hugging Face Hub, through
                                    huggingface_hub's cache (HF_HOME, HF_HUB_OFFLINE, token)
   local-dir:PATH or PATH/          an open_clip hf-hub folder (open_clip_config.json + weights)
@@ -25,8 +25,11 @@ from bioclip_jax.convert import names, state_dict_io
 from bioclip_jax.models.clip import CLIP, abstract_model, build_model
 from bioclip_jax.models.config import CLIPConfig, from_open_clip, get_model_config, to_open_clip
 from bioclip_jax.models.params import assign_params, flat_params, param_shapes
-from bioclip_jax.sources import LOCAL_DIR, is_source
+from bioclip_jax.sources import LOCAL_DIR, RANDOM, is_source
 from bioclip_jax.transforms import ImageTransform, PreprocessConfig
+
+DEFAULT_ARCHITECTURE = "ViT-B-16"
+
 
 @dataclasses.dataclass
 class Loaded:
@@ -84,10 +87,13 @@ def load_source(pretrained: str, model_name: str | None = None, *, step: int | N
     return Loaded(config, preprocess, params, weights)
 
 
-def create_model(model_name: str | None = "ViT-B-16", pretrained: str | None = None, *, seed: int = 0,
+def create_model(model_name: str | None = DEFAULT_ARCHITECTURE, pretrained: str | None = None, *, seed: int = 0,
                  dtype=jnp.float32, remat: bool | str = False, attention: str = "auto",
                  step: int | None = None) -> CLIP:
-    """open_clip-style constructor. The architecture comes from the source when it has one.
+    """open_clip-style constructor, the one every command and the library build models with.
+
+    The architecture comes from the source when it has one; `pretrained=None` or "random" gives
+    seeded random weights of `model_name` (default ViT-B-16).
 
     `step` picks a checkpoint when `pretrained` is a training workdir (default: the latest).
     As in open_clip, `model_name` may itself be a source (`hf-hub:ORG/NAME`, `local-dir:PATH`).
@@ -97,10 +103,10 @@ def create_model(model_name: str | None = "ViT-B-16", pretrained: str | None = N
         if pretrained is not None and pretrained != model_name:
             raise ValueError(f"model {model_name} already names its weights; drop pretrained={pretrained}")
         model_name, pretrained = None, model_name
-    if pretrained is None:
+    if pretrained in (None, RANDOM):
         if step is not None:
             raise ValueError(f"step={step} needs pretrained= a training workdir")
-        config = get_model_config(model_name)
+        config = get_model_config(model_name or DEFAULT_ARCHITECTURE)
         model = build_model(config, seed=seed, dtype=dtype, remat=remat, attention=attention)
         model.preprocess = PreprocessConfig(size=config.vision.image_size)
         model.source = None

@@ -8,6 +8,7 @@ from __future__ import annotations
 from bioclip_jax import hub
 
 LOCAL_DIR = "local-dir:"
+RANDOM = "random"  # seeded random weights of an architecture name
 
 SOURCES_HELP = ("model source: hf-hub:ORG/NAME[@REVISION] (Hugging Face Hub, cached), local-dir:PATH "
                 "(open_clip folder), a .safetensors/.bin state dict, a bioclip_jax model directory or "

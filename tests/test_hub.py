@@ -87,12 +87,15 @@ def test_every_command_accepts_the_same_sources(cache, exported):
     def args(pretrained=None, model=None):
         return argparse.Namespace(pretrained=pretrained, model=model, seed=0)
 
-    _same_params(common.load_model(args("hf-hub:someorg/tiny-clip")), exported[1])
-    _same_params(common.load_model(args(model="hf-hub:someorg/tiny-clip")), exported[1])
-    assert common.load_model(args("random", "ViT-Tiny-8")).config.vision.patch_size == 8
-    assert common.load_model(args(model="ViT-Tiny-8")).source is None  # documented: random weights
+    def load(args):
+        return bioclip_jax.create_model(*common.model_source(args.pretrained, args.model), seed=args.seed)
+
+    _same_params(load(args("hf-hub:someorg/tiny-clip")), exported[1])
+    _same_params(load(args(model="hf-hub:someorg/tiny-clip")), exported[1])
+    assert load(args("random", "ViT-Tiny-8")).config.vision.patch_size == 8
+    assert load(args(model="ViT-Tiny-8")).source is None  # documented: random weights
     with pytest.raises(ValueError, match="--pretrained"):
-        common.load_model(args())
+        load(args())
     parser = argparse.ArgumentParser()
     common.add_model_args(parser)
     assert "hf-hub:ORG/NAME" in parser.format_help() and "'random'" in parser.format_help()

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 import bioclip_jax
-from bioclip_jax.cli import embed_taxa, predict
+from bioclip_jax import hub
+from bioclip_jax.cli import common, embed_taxa, predict
 from bioclip_jax.taxonomy.templates import OPENAI_IMAGENET_TEMPLATES
 from bioclip_jax.taxonomy import Taxon, class_name
 from hub_helpers import add_model_folder, add_repo, offline_env
@@ -225,10 +226,11 @@ def test_default_model_custom_labels_and_bins(setup, hub_home, monkeypatch, caps
 
 def test_squashed_preprocessing_only_for_the_tree_of_life_models(setup, hub_home, monkeypatch):
     offline_env(monkeypatch, hub_home)
-    import argparse
 
     def loaded(**kwargs):
-        return predict.load_model(argparse.Namespace(**{"pretrained": None, "model": None, "seed": 0, **kwargs}))
+        args = {"pretrained": None, "model": None, **kwargs}
+        source = common.model_source(args["pretrained"], args["model"], default=hub.DEFAULT_MODEL)
+        return predict.pybioclip_preprocessing(bioclip_jax.create_model(*source))
 
     assert loaded().preprocess.resize_mode == "squash"
     assert loaded(model="hf-hub:imageomics/bioclip-2").preprocess.resize_mode == "squash"

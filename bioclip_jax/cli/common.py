@@ -9,7 +9,7 @@ import importlib.util
 import os
 from collections.abc import Sequence
 
-from bioclip_jax.sources import SOURCES_HELP, is_source
+from bioclip_jax.sources import RANDOM, SOURCES_HELP, is_source
 
 
 def add_model_args(parser: argparse.ArgumentParser, required: bool = False) -> None:
@@ -21,22 +21,19 @@ def add_model_args(parser: argparse.ArgumentParser, required: bool = False) -> N
     parser.add_argument("--seed", type=int, default=0, help="seed for random initialisation")
 
 
-def resolve_source(pretrained: str | None, model: str | None, default: str | None = None) -> str | None:
-    """The source a command line names: --pretrained, else a --model that is a source, else
-    'random' for a bare architecture name, else `default`."""
+def model_source(pretrained: str | None, model: str | None, default: str | None = None) -> tuple[str | None, str]:
+    """(architecture name, source) for `create_model` from a command line's --pretrained/--model:
+    --pretrained, else a --model that is a source, else 'random' weights of a bare architecture
+    name, else `default`."""
     if pretrained:
-        return pretrained
+        return (None if is_source(model) else model), pretrained
     if is_source(model):
-        return model
-    return "random" if model else default
-
-
-def load_model(args: argparse.Namespace, default: str | None = None):
-    """The model of --pretrained/--model; every command accepts the same sources (SOURCES_HELP)."""
-    from bioclip_jax.inference import load_model as load  # noqa: PLC0415 - keep --help fast
-
-    source = resolve_source(args.pretrained, args.model, default)
-    return load(source, None if is_source(args.model) else args.model, seed=getattr(args, "seed", 0))
+        return None, model
+    if model:
+        return model, RANDOM
+    if default:
+        return None, default
+    raise ValueError(f"no model given: pass --pretrained=SRC ({SOURCES_HELP})")
 
 
 def run_cli(body, argv) -> int:

@@ -14,7 +14,7 @@ import sys
 
 import numpy as np
 
-from bioclip_jax.cli.common import add_model_args, run_cli
+from bioclip_jax.cli.common import add_model_args, model_source, run_cli
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -109,8 +109,8 @@ def _run(argv) -> int:
     args = _parser().parse_args(argv)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    from bioclip_jax.cli.common import load_model  # noqa: PLC0415
-    model = load_model(args)
+    from bioclip_jax.pretrained import create_model  # noqa: PLC0415 - jax: keep --help fast
+    model = create_model(*model_source(args.pretrained, args.model), seed=args.seed)
     rows = embed_images(model, args.images, args) if args.images else embed_texts(model, args.text_file, args)
     print(f"wrote {rows} embeddings to {args.out} (row names in {_keys_path(args.out)})")
     return 0

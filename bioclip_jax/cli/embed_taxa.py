@@ -34,6 +34,7 @@ from bioclip_jax.cli import common
 from bioclip_jax.inference import TextEmbedder
 from bioclip_jax.models.clip import CLIP
 from bioclip_jax.paths import is_remote
+from bioclip_jax.pretrained import create_model
 from bioclip_jax.taxonomy import RANKS, TEXT_TYPES, Taxon, check_text_type, class_name
 
 EMBEDDINGS_FILE = "txt_emb_species.npy"
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         taxa, skipped = read_catalog_taxa(args.taxa, progress=args.progress)
         if skipped:
             print(f"{args.taxa}: {skipped} rows without genus and species epithet skipped", file=sys.stderr)
-        model = common.load_model(args)
+        model = create_model(*common.model_source(args.pretrained, args.model), seed=args.seed)
         start = time.perf_counter()
         path = write_taxa_embeddings(model, taxa, args.out, args.text_type, templates=args.templates,
                                      batch_size=args.batch_size, progress=args.progress)

@@ -46,6 +46,7 @@ from bioclip_jax.data import shard_index
 from bioclip_jax.inference import ImageEmbedder, ImageItem, TextEmbedder, list_image_files, report_skipped
 from bioclip_jax.models.clip import CLIP
 from bioclip_jax.models.params import flat_params
+from bioclip_jax.pretrained import create_model
 from bioclip_jax.sources import SOURCES_HELP
 from bioclip_jax.taxonomy import RANKS, TEXT_TYPES, Taxon
 
@@ -364,10 +365,9 @@ def build_labels(model: CLIP, args, names: list[str] | None = None) -> Labels:
     return tree_of_life_labels(features, taxa, args.rank, args.min_prob)
 
 
-def load_model(args) -> CLIP:
-    """--pretrained/--model, defaulting to pybioclip's BioCLIP 2; its two tree-of-life models are
-    preprocessed as pybioclip does, every other model as open_clip does."""
-    model = common.load_model(args, default=hub.DEFAULT_MODEL)
+def pybioclip_preprocessing(model: CLIP) -> CLIP:
+    """pybioclip's two tree-of-life models are preprocessed as pybioclip does (squashed), every other
+    model as open_clip does."""
     if hub.tree_of_life_repo(model.source):
         model.preprocess = transforms.PYBIOCLIP_TREE_OF_LIFE
     return model
@@ -392,7 +392,8 @@ def main(argv: list[str] | None = None) -> int:
             raise FileNotFoundError(f"no image files found in {', '.join(args.images)}")
         names = _class_names(args)  # label mistakes are reported before a model is fetched
         enable_compilation_cache()  # only the first run of a model and batch size compiles
-        model = load_model(args)
+        source = common.model_source(args.pretrained, args.model, default=hub.DEFAULT_MODEL)
+        model = pybioclip_preprocessing(create_model(*source, seed=args.seed))
         labels = build_labels(model, args, names)
     except (ValueError, FileNotFoundError) as error:
         print(f"predict: {error}", file=sys.stderr)

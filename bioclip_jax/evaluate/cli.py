@@ -1,4 +1,4 @@
-"""`python -m bioclip_jax.evaluate` / `bioclip-jax eval`: flags and config files -> runner.
+"""`python -m bioclip_jax.evaluate` / `bioclip-jax eval`: flags and config files -> evaluate.runner.
 
     python -m bioclip_jax.evaluate --pretrained=local-dir:bioclip --data=folder:rare_species \\
         --tasks=zero_shot,few_shot --text_type=taxon_com --shots=1,5 --trials=5 --out=results.json
@@ -13,7 +13,7 @@ they go to ./results.json unless --out says where. Earlier results at that place
 and the command says so.
 
 A config file defines `get_config(arg=None)` returning a ConfigDict whose fields are
-those of `runner.default_config()`; flags given on the command line win over the file,
+those of `evaluate.config.default_config()`; flags given on the command line win over the file,
 and `--config.FIELD=VALUE` changes any field. --pretrained, --workdir and --out may be
 gs:// paths.
 """
@@ -26,10 +26,15 @@ import sys
 
 import ml_collections
 
-from bioclip_jax.cli.common import read_config_file
+from bioclip_jax.cli.common import model_source, read_config_file
 from bioclip_jax.sources import SOURCES_HELP
+from bioclip_jax.checkpoint import model_dir
 from bioclip_jax.evaluate import runner
-from bioclip_jax.inference import load_model
+from bioclip_jax.evaluate.config import TASKS, check_config, default_config
+from bioclip_jax.evaluate.datasets import dataset_specs, recorded_held_out
+from bioclip_jax.evaluate.results_files import workdir_results_path
+from bioclip_jax.evaluate.watch import watch
+from bioclip_jax.pretrained import create_model
 
 # flag -> (config field, argparse keyword arguments)
 _FLAGS = {
@@ -44,7 +49,7 @@ _FLAGS = {
     "name": dict(help="dataset name in the results (default: from --data)"),
     "taxa": dict(help="taxa.csv giving classes a taxonomy (kingdom..species, common[, class_name])"),
     "label_key": dict(help="label member of shards (default scientific_name.txt)"),
-    "tasks": dict(help=f"comma list of {', '.join(runner.TASKS)} (default zero_shot,few_shot)"),
+    "tasks": dict(help=f"comma list of {', '.join(TASKS)} (default zero_shot,few_shot)"),
     "text_type": dict(help="class names for zero-shot: com, sci, sci_com, taxon, taxon_com, ...; a comma "
                            "list scores each (default: with --workdir the run's eval.text_type, else taxon_com)"),
     "templates": dict(help="prompt templates: openai (80, default) or single"),
@@ -77,9 +82,9 @@ def build_parser(prog: str = "bioclip-jax eval") -> argparse.ArgumentParser:
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
-    """runner.default_config() updated by PATH.py's get_config(ARG)."""
+    """default_config() updated by PATH.py's get_config(ARG)."""
     path, loaded = read_config_file(spec, "_bioclip_eval_config")
-    config = runner.default_config()
+    config = default_config()
     for key, value in dict(loaded).items():
         _set(config, key, value, path)
     return config
@@ -112,7 +117,7 @@ def _parse_value(text: str):
 def build_config(argv: list[str] | None) -> ml_collections.ConfigDict:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    config = load_config_file(args.config) if args.config else runner.default_config()
+    config = load_config_file(args.config) if args.config else default_config()
     for flag in [*_FLAGS, "plot", "tfds_download", "progress"]:
         value = getattr(args, flag)
         if value is None:
@@ -134,22 +139,23 @@ def build_config(argv: list[str] | None) -> ml_collections.ConfigDict:
 def main(argv: list[str] | None = None) -> int:
     try:
         config = build_config(argv)
-        runner.check_config(config)
+        check_config(config)
         if config.workdir and not config.data and not config.datasets:
-            config.datasets = [runner.recorded_held_out(config.workdir)]
-        runner.dataset_specs(config)
+            config.datasets = [recorded_held_out(config.workdir)]
+        dataset_specs(config)
         if config.workdir and config.watch:
-            runner.watch(config.workdir, config)
+            watch(config.workdir, config)
             return 0
         if config.workdir:
-            steps = runner.finished_steps(config.workdir)
+            steps = model_dir.finished_steps(config.workdir)
             step = steps[-1] if steps else None
-            model = load_model(config.workdir, config.model or None)
-            records = runner.evaluate(model, config, config.out or runner.workdir_results_path(config.workdir, step),
+            model = create_model(*model_source(config.workdir, config.model or None))
+            records = runner.evaluate(model, config, config.out or workdir_results_path(config.workdir, step),
                                       source=config.workdir, step=step)
         else:
-            model = load_model(config.pretrained or None, config.model or None)
-            records = runner.evaluate(model, config)
+            architecture, source = model_source(config.pretrained or None, config.model or None)
+            model = create_model(architecture, source)
+            records = runner.evaluate(model, config, source=source)
     except (ValueError, FileNotFoundError) as error:
         print(f"eval: {error}", file=sys.stderr)
         return 2
