@@ -35,6 +35,7 @@ import traceback
 import numpy as np
 
 import _timing
+from bioclip_jax import paths
 
 OUT_OF_MEMORY = ("RESOURCE_EXHAUSTED", "out of memory", "OutOfMemoryError", "Out of memory")
 BATCH_MULTIPLE = 64
@@ -227,9 +228,7 @@ def run_open_clip(args) -> dict:
 
 def save(results: dict, path: str) -> None:
     """The record so far, rewritten after every setting: a run cut short by its time limit keeps what it measured."""
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=1)
-    os.replace(path + ".tmp", path)
+    paths.write_atomically(path, json.dumps(results, indent=1))
 
 
 def _line(entry: dict) -> str:

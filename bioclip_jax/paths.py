@@ -5,7 +5,8 @@ same code reads and writes a local folder or a bucket (gcsfs underneath). What d
 - Only local paths are made absolute: `os.path.abspath("gs://b/x")` is a local
   folder "gs:" in the working directory.
 - A bucket object cannot be appended to or renamed cheaply, but an upload appears
-  whole or not at all; locally a file is written beside its target and renamed.
+  whole or not at all; locally a file is written beside its target, under a name of its
+  own, and renamed (`atomic_local_file`, `write_atomically`).
 - A line log (metrics.jsonl, config_history.jsonl) is one file locally, appended to. In a
   bucket each appended line is an object of its own under `<name>.d/` (one writer never
   rewrites another's lines), and `read_lines` merges them in the order they were written.
@@ -24,6 +25,7 @@ import fcntl
 import json
 import os
 import pathlib
+import socket
 import tempfile
 import time
 import uuid
@@ -54,17 +56,43 @@ def uncached(path: PathLike) -> epath.Path:
     return path
 
 
-def write_atomically(path: PathLike, data: bytes | str) -> None:
-    """Writes the whole file so that a reader never sees half of it (and honours the umask)."""
+def _temporary_name(path: PathLike) -> epath.Path:
+    """A name beside `path` that no other writer uses: hosts (and processes on one host) that write
+    the same file at once each get their own, so none renames or overwrites another's half-written file."""
     path = epath.Path(path)
-    payload = data.encode("utf-8") if isinstance(data, str) else data
+    return path.parent / f".{path.name}.{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp"
+
+
+@contextlib.contextmanager
+def atomic_local_file(path: PathLike) -> Iterator[str]:
+    """A local file name to write `path` through, for writers that need a file name of their own.
+
+    When the block ends without error the file becomes `path` at once: renamed onto it locally,
+    uploaded for a bucket path (an upload appears whole or not at all). On error it is removed and
+    an earlier `path` stays as it was.
+    """
+    path = epath.Path(path)
     with naming_the_file(path):
         if is_remote(path):
-            path.write_bytes(payload)  # an upload becomes visible only once complete
+            with tempfile.TemporaryDirectory(prefix="bioclip_jax_upload_") as staging:
+                staged = os.path.join(staging, path.name)
+                yield staged
+                epath.Path(staged).copy(path, overwrite=True)
             return
-        temporary = path.parent / (path.name + ".tmp")
-        temporary.write_bytes(payload)
-        os.replace(temporary, path)
+        temporary = os.fspath(_temporary_name(path))
+        try:
+            yield temporary
+            os.replace(temporary, path)
+        finally:
+            if os.path.lexists(temporary):
+                os.remove(temporary)
+
+
+def write_atomically(path: PathLike, data: bytes | str) -> None:
+    """Writes the whole file so that a reader never sees half of it (and honours the umask)."""
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    with atomic_local_file(path) as temporary, open(temporary, "xb") as handle:
+        handle.write(payload)
 
 
 @contextlib.contextmanager
@@ -167,9 +195,7 @@ def rewrite_lines(path: PathLike, keep: Callable[[str], bool], writer: str) -> i
             lines = handle.read().splitlines()
             kept = [line for line in lines if keep(line)]
             if len(kept) < len(lines):
-                temporary = path.parent / (path.name + ".tmp")
-                temporary.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-                os.replace(temporary, path)
+                write_atomically(path, "".join(line + "\n" for line in kept))
             return len(lines) - len(kept)
 
 

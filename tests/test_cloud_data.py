@@ -40,14 +40,14 @@ def _public_bucket(synthetic, tmp_path, monkeypatch):
     """The shards sit in a read-only bucket, as TreeOfLife-10M would; and no test may leave a local
     directory named "gs:" behind (what a gs:// path handled as a local one creates)."""
     _, remote = synthetic
-    write = shard_index.write_text_atomically
+    write = shard_index.write_atomically
 
     def refuse(target, text):
         if os.fspath(target).startswith(f"{remote}/train/"):
             raise PermissionError(13, "read-only bucket", os.fspath(target))
         write(target, text)
 
-    monkeypatch.setattr(shard_index, "write_text_atomically", refuse)
+    monkeypatch.setattr(shard_index, "write_atomically", refuse)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv(shard_index.CACHE_DIR_ENV, str(tmp_path / "index_cache"))
     yield

@@ -151,14 +151,14 @@ def test_index_scan_skips_payloads(tmp_path, cache_dir, monkeypatch):
 
 def test_read_only_data_dir_uses_cache_dir(tmp_path, cache_dir, monkeypatch):
     (path,) = write_shards(tmp_path / "data", 4, 10)
-    real_write = shard_index.write_text_atomically
+    real_write = shard_index.write_atomically
 
     def refuse_data_dir(target, text):
         if os.fspath(target).startswith(str(tmp_path / "data")):
             raise PermissionError(13, "Read-only file system", os.fspath(target))
         real_write(target, text)
 
-    monkeypatch.setattr(shard_index, "write_text_atomically", refuse_data_dir)
+    monkeypatch.setattr(shard_index, "write_atomically", refuse_data_dir)
     assert len(TarShardSource(path)) == 4
     assert not os.path.exists(path + shard_index.INDEX_SUFFIX)
     cached = list(cache_dir.glob(f"*{shard_index.INDEX_SUFFIX}"))

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import struct
-import tempfile
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
@@ -28,7 +27,7 @@ from grain import sources
 
 from bioclip_jax.data import shard_index
 from bioclip_jax.data.tar_source import ERROR, UNREADABLE_SHARD, error_sample
-from bioclip_jax.paths import is_remote
+from bioclip_jax.paths import atomic_local_file, is_remote
 
 RECORD_MAGIC = b"BCJS"
 FILE_NAME = "shard-{:06d}.array_record"
@@ -85,22 +84,14 @@ class ConversionReport:
 
 
 def _write_file(path: epath.Path, records: Iterable[bytes]) -> None:
-    """Appears under its name only once complete; the C++ writer needs a local file, so a
-    gs:// target is written to a local temporary file and uploaded."""
-    if is_remote(path):
-        with tempfile.TemporaryDirectory(prefix="bioclip_jax_convert_") as local:
-            staged = epath.Path(local) / path.name
-            _write_file(staged, records)
-            staged.copy(path, overwrite=True)
-        return
-    temporary = path.parent / f".{path.name}.tmp"
-    writer = array_record_module.ArrayRecordWriter(os.fspath(temporary), WRITER_OPTIONS)
-    try:
-        for record in records:
-            writer.write(record)
-    finally:
-        writer.close()
-    temporary.rename(path)
+    """Appears under its name only once complete (the C++ writer needs a local file, also for gs://)."""
+    with atomic_local_file(path) as temporary:
+        writer = array_record_module.ArrayRecordWriter(temporary, WRITER_OPTIONS)
+        try:
+            for record in records:
+                writer.write(record)
+        finally:
+            writer.close()
 
 
 def convert_to_array_record(source: Sequence[dict[str, Any]], out_dir: str, records_per_file: int = 10_000,

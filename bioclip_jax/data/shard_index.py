@@ -27,14 +27,13 @@ import json
 import os
 import re
 import tarfile
-import uuid
 from typing import Sequence
 
 import fsspec
 import numpy as np
 from etils import epath
 
-from bioclip_jax.paths import is_remote
+from bioclip_jax.paths import is_remote, write_atomically
 
 INDEX_SUFFIX = ".idx.json"
 INDEX_FORMAT = "bioclip_jax.shard_index"
@@ -418,20 +417,6 @@ def _read_cached(candidate: epath.Path, path: str, size: int, mtime: float) -> S
     return index if (index.size, index.mtime) == (size, mtime) else None
 
 
-def write_text_atomically(target: epath.Path, text: str) -> None:
-    """Write-then-rename, so that concurrent hosts never read half an index.
-
-    A cloud object appears whole when its upload ends, so there it is written directly.
-    """
-    if is_remote(target):
-        target.write_text(text)
-        return
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.parent / f".{target.name}.{uuid.uuid4().hex[:12]}.tmp"
-    temporary.write_text(text)
-    temporary.rename(target)
-
-
 def load_or_build_index(path: str, cache_dir: str | None = None) -> ShardIndex:
     """The cached index if still valid (same size and mtime), else a fresh scan, cached."""
     try:
@@ -447,7 +432,9 @@ def load_or_build_index(path: str, cache_dir: str | None = None) -> ShardIndex:
     if index.problem is None:
         for candidate in candidates:
             try:
-                write_text_atomically(candidate, index.to_json())
+                if not is_remote(candidate):
+                    candidate.parent.mkdir(parents=True, exist_ok=True)
+                write_atomically(candidate, index.to_json())  # concurrent hosts never read half an index
                 break
             except Exception:  # read-only data directory (any filesystem's error): try the cache dir
                 continue

@@ -9,10 +9,13 @@ never leaves a half-written shard under its final name.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import tarfile
 from typing import Mapping
+
+from bioclip_jax.paths import atomic_local_file
 
 SHARD_NAME = "shard-{:06d}.tar"
 
@@ -28,7 +31,7 @@ class ShardWriter:
         self.shard_index = start_index
         self.shard_paths: list[str] = []
         self._tar: tarfile.TarFile | None = None
-        self._tmp_path = ""
+        self._shard_file = contextlib.ExitStack()  # closing it puts the finished shard under its name
         self._in_shard = 0
         os.makedirs(out_dir, exist_ok=True)
 
@@ -60,15 +63,15 @@ class ShardWriter:
 
     def _open(self) -> None:
         final = os.path.join(self.out_dir, SHARD_NAME.format(self.shard_index))
-        self._tmp_path = final + ".tmp"
-        self._tar = tarfile.open(self._tmp_path, "w", format=tarfile.USTAR_FORMAT)
+        temporary = self._shard_file.enter_context(atomic_local_file(final))
+        self._tar = tarfile.open(temporary, "w", format=tarfile.USTAR_FORMAT)
         self._in_shard = 0
 
     def _close_shard(self) -> None:
         assert self._tar is not None
         self._tar.close()
+        self._shard_file.close()
         final = os.path.join(self.out_dir, SHARD_NAME.format(self.shard_index))
-        os.replace(self._tmp_path, final)
         self.shard_paths.append(final)
         self._tar = None
         self.shard_index += 1

@@ -25,6 +25,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from bioclip_jax import paths
 from bioclip_jax.taxonomy.text_types import TEXT_TYPE_MEANINGS
 
 # Top-5 accuracy is shown from this many classes on: with 5 or fewer it is always 100%, and up to 20
@@ -58,9 +59,8 @@ def write_json(records: Iterable[Record], path: str, about: dict | None = None) 
     """results.json: `about` (model, templates, text types, datasets) and the records."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8") as handle:
-        json.dump({**(about or {}), "records": [r.to_json() for r in records]}, handle, indent=1)
-    os.replace(path + ".tmp", path)
+    content = {**(about or {}), "records": [r.to_json() for r in records]}
+    paths.write_atomically(path, json.dumps(content, indent=1))
 
 
 def read_about(path: str) -> dict:
