@@ -21,14 +21,13 @@ import json
 import logging
 import mmap
 import os
-import uuid
 from typing import Sequence
 
 import numpy as np
 
 from bioclip_jax.data import shard_index
 from bioclip_jax.data.shard_index import ShardIndex
-from bioclip_jax.paths import is_remote
+from bioclip_jax.paths import atomic_local_file, is_remote, write_atomically
 
 FORMAT = "bioclip_jax.source_index"
 VERSION = 1
@@ -88,24 +87,16 @@ def open_mapped(meta_path: str) -> list[ShardIndex]:
 
 
 def _write(directory: str, key: str, indexes: Sequence[ShardIndex]) -> str:
-    """Writes `<key>.bin` then `<key>.json`, each under a temporary name first; returns the JSON's path."""
+    """Writes `<key>.bin` then `<key>.json`, each appearing whole; returns the JSON's path."""
     os.makedirs(directory, exist_ok=True)
     base = os.path.join(directory, key)
-    temporary = f"{base}.{uuid.uuid4().hex[:12]}.tmp"
     meta = {"format": FORMAT, "version": VERSION, "shards": [
         {"path": ix.path, "size": ix.size, "mtime": ix.mtime, "count": len(ix), "num_members": ix.num_members,
          "truncated_sample": ix.truncated_sample, "truncated_key": ix.truncated_key} for ix in indexes]}
-    try:
-        with open(temporary, "wb") as f:
-            for index in indexes:
-                f.write(np.stack([index.starts, index.ends], axis=1).astype(_PAIR).tobytes())
-        os.replace(temporary, base + ".bin")
-        with open(temporary, "w", encoding="utf-8") as f:
-            json.dump(meta, f)
-        os.replace(temporary, base + ".json")
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    with atomic_local_file(base + ".bin") as temporary, open(temporary, "wb") as f:
+        for index in indexes:
+            f.write(np.stack([index.starts, index.ends], axis=1).astype(_PAIR).tobytes())
+    write_atomically(base + ".json", json.dumps(meta))
     return base + ".json"
 
 
