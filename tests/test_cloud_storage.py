@@ -22,7 +22,8 @@ from bioclip_jax.checkpoint import model_dir
 from bioclip_jax.cli import main as cli
 from bioclip_jax.convert import state_dict_io
 from bioclip_jax.evaluate import cli as eval_cli
-from bioclip_jax.evaluate import results, runner
+from bioclip_jax.evaluate import results
+from bioclip_jax.evaluate.watch import log_step
 from bioclip_jax.models.params import flat_params
 from bioclip_jax.pretrained import model_metadata
 from bioclip_jax.train.metrics import MetricsWriter, drop_after, read_metrics
@@ -143,7 +144,7 @@ def test_metrics_in_bucket_and_drop_after(gcs_dir):
     writer = MetricsWriter(gcs_dir, total_steps=10)
     for step in (1, 2, 3, 4):
         writer.write(step, {"loss": 1.0 / step})
-    runner.log_step(gcs_dir, 4, [results.summarise("set", "zero_shot_top1", [0.5])])
+    log_step(gcs_dir, 4, [results.summarise("set", "zero_shot_top1", [0.5])])
     assert [r["step"] for r in read_metrics(gcs_dir)] == [1, 2, 3, 4, 4]
     parts = list((epath.Path(gcs_dir) / "metrics.jsonl.d").iterdir())
     assert len(parts) == 5 and not (epath.Path(gcs_dir) / "metrics.jsonl").exists()
@@ -172,7 +173,7 @@ def test_drop_after_keeps_the_watch_rows_of_a_local_log(tmp_path):
     writer = MetricsWriter(tmp_path, total_steps=10)
     for step in (1, 2, 3):
         writer.write(step, {"loss": 1.0 / step})
-    runner.log_step(tmp_path, 3, [results.summarise("set", "zero_shot_top1", [0.5])])
+    log_step(tmp_path, 3, [results.summarise("set", "zero_shot_top1", [0.5])])
     assert drop_after(tmp_path, 1) == 2
     assert [(r["step"], "loss" in r) for r in read_metrics(tmp_path)] == [(1, True), (3, False)]
 

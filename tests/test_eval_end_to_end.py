@@ -79,7 +79,7 @@ def test_folder_zero_and_few_shot_with_per_rank(colour_folder, tmp_path, capsys)
 def test_config_file_overrides_and_missing_dataset(colour_folder, tmp_path, capsys):
     config = tmp_path / "suite.py"
     config.write_text(
-        "from bioclip_jax.evaluate.runner import default_config\n"
+        "from bioclip_jax.evaluate.config import default_config\n"
         "def get_config(arg=None):\n"
         "    c = default_config()\n"
         "    c.tasks = 'few_shot'\n"

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from bioclip_jax.evaluate import few_shot, per_rank, plots, results, templates, zero_shot
-from bioclip_jax.taxonomy import Taxon
+from bioclip_jax.evaluate import few_shot, per_rank, plots, results, zero_shot
+from bioclip_jax.taxonomy import Taxon, templates
 
 
 def _clusters(num_classes=4, per_class=8, dim=16, noise=0.05, seed=0):

@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from bioclip_jax.checkpoint.model_dir import CONFIG_JSON
 from bioclip_jax.cli.common import read_config_file
 from bioclip_jax.train import run_identity
 from bioclip_jax.train.config_base import base_config
@@ -64,26 +65,26 @@ def test_a_field_missing_from_the_saved_config_is_a_change():
 
 def test_allowed_change_is_accepted_and_recorded_with_its_history(tmp_path):
     first = smoke()
-    (tmp_path / run_identity.CONFIG_JSON).write_text(first.to_json_best_effort(indent=2))
+    (tmp_path / CONFIG_JSON).write_text(first.to_json_best_effort(indent=2))
     second = smoke()
     second.optimizer.lr = 3e-4
-    saved = json.loads((tmp_path / run_identity.CONFIG_JSON).read_text())
+    saved = json.loads((tmp_path / CONFIG_JSON).read_text())
     changes = run_identity.check_resumed_config(saved, second, allow_changes=True)
     run_identity.record_config_change(tmp_path, second, changes, step=3)
 
     third = smoke()
     third.optimizer.lr = 3e-4
     third.data.batch_size = 32
-    saved = json.loads((tmp_path / run_identity.CONFIG_JSON).read_text())
+    saved = json.loads((tmp_path / CONFIG_JSON).read_text())
     changes = run_identity.check_resumed_config(saved, third, allow_changes=True)
     assert [c.field for c in changes] == ["data.batch_size"]  # compared with the config in force, not the first
     run_identity.record_config_change(tmp_path, third, changes, step=5)
 
-    assert json.loads((tmp_path / run_identity.CONFIG_JSON).read_text()) == saved_as_trainer_writes_it(third)
+    assert json.loads((tmp_path / CONFIG_JSON).read_text()) == saved_as_trainer_writes_it(third)
     history = run_identity.read_config_history(tmp_path)
     assert [(h["step"], h["changes"]) for h in history] == [
         (3, {"optimizer.lr": [0.001, 0.0003]}), (5, {"data.batch_size": [16, 32]})]
-    run_identity.check_resumed_config(json.loads((tmp_path / run_identity.CONFIG_JSON).read_text()), third, False)
+    run_identity.check_resumed_config(json.loads((tmp_path / CONFIG_JSON).read_text()), third, False)
 
 
 def test_allow_list_names_real_fields():

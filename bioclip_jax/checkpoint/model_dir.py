@@ -25,6 +25,7 @@ MODEL_JSON = "bioclip_jax_model.json"
 PARAMS_DIR = "params"
 CHECKPOINTS_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
+CONFIG_JSON = "config.json"  # a training run's config as the trainer recorded it (train/run_identity.py)
 
 
 def path_to_key(path: tuple) -> str:

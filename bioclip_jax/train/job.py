@@ -18,13 +18,13 @@ from etils import epath
 
 from bioclip_jax import paths
 from bioclip_jax.checkpoint import model_dir
+from bioclip_jax.evaluate import results_files
 from bioclip_jax.train.exit_codes import DONE_FILE
 from bioclip_jax.train.loop import train
 from bioclip_jax.train.periodic_eval import HeldOutEval, eval_fn_from_config
 
 SYNTHETIC_DIR = "synthetic"
 EXPORT_DIR = "open_clip"
-RESULTS_FILE = "results.json"  # results.md and results.png go beside it
 
 
 def with_synthetic_data(config: ml_collections.ConfigDict, workdir) -> ml_collections.ConfigDict:
@@ -98,9 +98,8 @@ def write_results(eval_fn: HeldOutEval | None, workdir, config: ml_collections.C
     """WORKDIR/results.{json,md,png} from the final held-out evaluation, as the eval binary writes them."""
     if eval_fn is None or eval_fn.last_step != config.total_steps:
         return []
-    from bioclip_jax.evaluate import runner  # noqa: PLC0415
     about = eval_fn.about(os.fspath(workdir), config.model.name)
-    return runner.write_results(eval_fn.last_records, os.fspath(epath.Path(workdir) / RESULTS_FILE), about)
+    return results_files.write_results(eval_fn.last_records, os.fspath(epath.Path(workdir) / results_files.RESULTS_JSON), about)
 
 
 def mark_done(workdir, step: int) -> None:

@@ -30,6 +30,7 @@ from etils import epath
 from bioclip_jax import paths
 from bioclip_jax.compilation_cache import enable_compilation_cache
 from bioclip_jax.checkpoint import model_dir
+from bioclip_jax.checkpoint.model_dir import CONFIG_JSON
 from bioclip_jax.data.pipeline import SKIP_REASONS, SkipBudget, make_train_dataset, read_options
 from bioclip_jax.data.replay import (PROJECTOR_KEY, REPLAY_KEYS, REPLAY_PROJECTOR_KEY, ReplayMixer,
                                      make_replay_dataset, replay_enabled)
@@ -49,7 +50,6 @@ from bioclip_jax.train.workdir import check_workdir
 from bioclip_jax.transforms import PreprocessConfig
 
 EvalFn = Callable[..., dict]  # (model, step, mesh) -> metrics
-CONFIG_JSON = run_identity.CONFIG_JSON
 
 
 def initial_params(config: ml_collections.ConfigDict) -> tuple[dict, PreprocessConfig]:

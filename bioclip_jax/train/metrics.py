@@ -5,7 +5,7 @@ local file, or in a bucket (gs://...) one object per line under metrics.jsonl.d/
 tagged with its writer, merged by `read_metrics`. A resumed run drops only the training's
 own rows past its checkpoint (it logs those steps again), never the watch's: in a bucket
 the training's objects say "train" in their name; locally, a watch row carries the time
-it was written (evaluate/runner.log_step), which a training row does not.
+it was written (evaluate/watch.log_step), which a training row does not.
 """
 
 from __future__ import annotations

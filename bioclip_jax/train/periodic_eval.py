@@ -3,7 +3,7 @@
 The held-out folder has one directory per species and (usually) a taxa.csv, so each
 score comes per rank too. Several text types can be scored (`eval.text_type` is a
 comma list): `com` shows whether common-name queries work, `taxon_com` is how the
-paper scores BioCLIP. The scoring is the eval binary's (evaluate/runner.py): zero-shot
+paper scores BioCLIP. The scoring is the eval binary's (evaluate/scoring.py): zero-shot
 with the OpenAI templates, SimpleShot few-shot at k = 1 and 5 over 5 trials.
 
 Each evaluation returns the scalars the loop logs to metrics.jsonl, prints one line on
@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import jax
 
-from bioclip_jax.evaluate import runner
+from bioclip_jax.evaluate.config import default_config
+from bioclip_jax.evaluate.datasets import HELD_OUT_NAME, describe_dataset, open_dataset
 from bioclip_jax.evaluate.results import Record
+from bioclip_jax.evaluate.results_files import results_about
+from bioclip_jax.evaluate.scoring import embed_dataset, score
 
 
 def text_types(config) -> list[str]:
@@ -26,23 +29,23 @@ class HeldOutEval:
     """(model, step, mesh) -> {"eval/<text type>/<metric>": value, "eval/<k>_shot_top1...": value}."""
 
     def __init__(self, config):
-        spec = {"name": runner.HELD_OUT_NAME, "data": f"folder:{config.eval.held_out_dir}",
+        spec = {"name": HELD_OUT_NAME, "data": f"folder:{config.eval.held_out_dir}",
                 "taxa": config.eval.taxa_file or ""}
-        self.eval_config = runner.default_config()
+        self.eval_config = default_config()
         self.eval_config.tasks = "zero_shot,few_shot"
         self.eval_config.text_type = ",".join(text_types(config))
         self.eval_config.batch_size = config.eval.batch_size
         self.eval_config.progress = False
         self.eval_config.workers = 2
-        self.data = runner.open_dataset(spec, self.eval_config)
-        self.dataset = runner.describe_dataset(self.data, spec)
+        self.data = open_dataset(spec, self.eval_config)
+        self.dataset = describe_dataset(self.data, spec)
         self.last_step: int | None = None
         self.last_records: list[Record] = []
 
     def __call__(self, model, step: int, mesh=None) -> dict:
         """Scores `model`; with the training `mesh`, on its (sharded, multi-process) parameters as they are."""
-        embedded = runner.embed_dataset(model, self.data, self.eval_config, mesh=mesh)
-        records = runner.score(model, embedded, self.eval_config, mesh=mesh)
+        embedded = embed_dataset(model, self.data, self.eval_config, mesh=mesh)
+        records = score(model, embedded, self.eval_config, mesh=mesh)
         self.last_step, self.last_records = step, records
         metrics = {"eval/chance_top1": 100.0 / len(self.data.classes)}
         for record in records:
@@ -54,7 +57,7 @@ class HeldOutEval:
 
     def about(self, source: str, architecture: str | None = None) -> dict:
         """The header of the results files of the last evaluation."""
-        return runner.results_about(self.eval_config, [self.dataset], source, self.last_step, architecture)
+        return results_about(self.eval_config, [self.dataset], source, self.last_step, architecture)
 
 
 def summary_line(step: int, records: list[Record], chance: float) -> str:
@@ -62,7 +65,7 @@ def summary_line(step: int, records: list[Record], chance: float) -> str:
     zero = [f"{r.text_type} {r.mean:.1f}%" for r in records if r.metric == "zero_shot_top1"]
     shots = [f"{r.metric.split('_')[0]}-shot {r.mean:.1f}%" for r in records
              if r.metric.endswith("_shot_top1") and r.metric[0].isdigit()]
-    dataset = records[0].dataset if records else runner.HELD_OUT_NAME
+    dataset = records[0].dataset if records else HELD_OUT_NAME
     parts = [f"zero-shot top-1 {' '.join(zero)}"] if zero else []
     parts += [" ".join(shots)] if shots else []
     return f"eval step {step} {dataset}: {' | '.join(parts)} (chance {chance:.1f}%)"

@@ -40,8 +40,8 @@ import ml_collections
 from etils import epath
 
 from bioclip_jax import paths
+from bioclip_jax.checkpoint.model_dir import CONFIG_JSON
 
-CONFIG_JSON = "config.json"
 HISTORY_JSONL = "config_history.jsonl"
 ALLOWED_CHANGES = (
     "total_steps", "log_every_steps", "device_peak_tflops", "hardware.*", "eval.*",

@@ -26,7 +26,7 @@ scores BioCLIP with taxon_com names and CLIP/OpenCLIP with common names.
 
 import os
 
-from bioclip_jax.evaluate.runner import default_config
+from bioclip_jax.evaluate.config import default_config
 
 TASKS = ("birds525", "plankton", "insects", "insects2", "plantnet", "fungi", "plantvillage",
          "medicinal_leaf", "plantdoc", "rare_species")
