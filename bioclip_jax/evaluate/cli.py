@@ -29,12 +29,7 @@ import ml_collections
 from bioclip_jax.cli.common import model_source, read_config_file
 from bioclip_jax.sources import SOURCES_HELP
 from bioclip_jax.checkpoint import model_dir
-from bioclip_jax.checkpoint import model_dir
 from bioclip_jax.evaluate import runner
-from bioclip_jax.evaluate.config import TASKS, check_config, default_config
-from bioclip_jax.evaluate.datasets import dataset_specs, recorded_held_out
-from bioclip_jax.evaluate.results_files import workdir_results_path
-from bioclip_jax.evaluate.watch import watch
 from bioclip_jax.evaluate.config import TASKS, check_config, default_config
 from bioclip_jax.evaluate.datasets import dataset_specs, recorded_held_out
 from bioclip_jax.evaluate.results_files import workdir_results_path
