@@ -101,13 +101,13 @@ def synthetic_array_records(directory: str, records: int, per_file: int) -> list
     """ArrayRecord files as `convert-shards` writes them (one record per chunk), of 64-byte records."""
     from array_record.python import array_record_module  # noqa: PLC0415
 
-    from bioclip_jax.data import array_record  # noqa: PLC0415
+    from bioclip_jax.ingest.convert import FILE_NAME, WRITER_OPTIONS  # noqa: PLC0415
 
     os.makedirs(directory, exist_ok=True)
     paths = []
     for number in range(-(-records // per_file)):
-        path = os.path.join(directory, array_record.FILE_NAME.format(number))
-        writer = array_record_module.ArrayRecordWriter(path, array_record.WRITER_OPTIONS)
+        path = os.path.join(directory, FILE_NAME.format(number))
+        writer = array_record_module.ArrayRecordWriter(path, WRITER_OPTIONS)
         for _ in range(min(per_file, records - number * per_file)):
             writer.write(b"x" * 64)
         writer.close()

@@ -15,6 +15,7 @@ from bioclip_jax.cli import embed_taxa
 from bioclip_jax.data import array_record, eval_sources, shard_index
 from bioclip_jax.data.pipeline import make_train_dataset
 from bioclip_jax.data.tar_source import TarShardSource
+from bioclip_jax.ingest.convert import convert_to_array_record
 from bioclip_jax.synthetic.dataset import make_synthetic
 from gcs_server import gcs_bucket  # noqa: F401
 from test_pipeline import assert_batches_equal, take
@@ -126,7 +127,7 @@ def test_eval_folder_shards_and_taxa_files_from_gs(synthetic):
 def test_array_record_conversion_to_gs(synthetic):
     local, remote = synthetic
     out = f"{remote}/array_record"
-    report = array_record.convert_to_array_record(TarShardSource(str(local / "train")), out, records_per_file=20)
+    report = convert_to_array_record(TarShardSource(str(local / "train")), out, records_per_file=20)
     assert report.paths == [f"{out}/shard-{i:06d}.array_record" for i in range(2)]
     assert sorted(path.name for path in epath.Path(out).iterdir()) == ["shard-000000.array_record",
                                                                        "shard-000001.array_record"]

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bioclip_jax.data import array_record, decode, pipeline
+from bioclip_jax.data import decode, pipeline
 from bioclip_jax.data.pipeline import SKIP_REASONS, BadDataError, SkipBudget, make_train_dataset
 from bioclip_jax.data.tar_source import TarShardSource
+from bioclip_jax.ingest.convert import convert_to_array_record
 from bioclip_jax.tokenizer import get_tokenizer
 from test_shard_source import tiny_jpeg, write_shards
 
@@ -117,7 +118,7 @@ def test_worker_process_gives_the_same_batches(shards):
 
 
 def test_array_record_copy_gives_the_same_batches(shards, tmp_path):
-    array_record.convert_to_array_record(TarShardSource(shards), str(tmp_path / "ar"), records_per_file=10)
+    convert_to_array_record(TarShardSource(shards), str(tmp_path / "ar"), records_per_file=10)
     from_tar = take(iter(dataset(shards)), 4)
     from_records = take(iter(dataset(str(tmp_path / "ar" / "*.array_record"))), 4)
     assert_batches_equal(from_records, from_tar)

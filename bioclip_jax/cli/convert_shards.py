@@ -15,7 +15,7 @@ import sys
 import tqdm
 
 from bioclip_jax.cli.common import run_cli
-from bioclip_jax.data.array_record import convert_to_array_record
+from bioclip_jax.ingest.convert import convert_to_array_record
 from bioclip_jax.data.tar_source import TarShardSource
 
 
