@@ -1,9 +1,8 @@
-"""Mesh construction and logical-axis sharding of parameters, optimiser state and batches."""
+"""Mesh construction and logical-axis sharding of parameters, the train state's optimiser state and batches."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 from jax.sharding import NamedSharding
@@ -15,9 +14,10 @@ from bioclip_jax.parallel import (
     host_batch_to_global,
     logical_to_mesh_spec,
     make_mesh,
-    optimizer_state_shardings,
     state_shardings,
 )
+from bioclip_jax.train import state as state_lib
+from train_helpers import smoke_config
 
 
 def test_make_mesh_fills_the_rest_and_names_axes():
@@ -51,9 +51,9 @@ def test_logical_names_map_to_mesh_axes_and_drop_what_does_not_fit():
     # A mesh axis is used at most once per array.
     assert logical_to_mesh_spec(("embed", "embed"), LOGICAL_RULES, mesh, (8, 8)) == P("fsdp")
     assert logical_to_mesh_spec(("position", "head_dim"), LOGICAL_RULES, mesh, (8, 8)) == P()
-    # Axes of size 1 are left out; rules read from a config may be lists.
-    config_rules = [["embed", ["fsdp", "tensor"]], ["mlp", "data"]]
-    assert logical_to_mesh_spec(("embed", "mlp"), config_rules, make_mesh(2, 4), (8, 8)) == P("fsdp", "data")
+    # Axes of size 1 are left out; rules may be given as lists.
+    list_rules = [["embed", ["fsdp", "tensor"]], ["mlp", "data"]]
+    assert logical_to_mesh_spec(("embed", "mlp"), list_rules, make_mesh(2, 4), (8, 8)) == P("fsdp", "data")
     with pytest.raises(ValueError, match="'embd' has no sharding rule"):
         logical_to_mesh_spec(("embd",), LOGICAL_RULES, mesh, (8,))
 
@@ -95,26 +95,33 @@ def test_state_shardings_follow_param_metadata():
     np.testing.assert_allclose(params["fc"].value, _init_params()["fc"].value, rtol=1e-6)
 
 
-def test_optimizer_state_mirrors_parameter_shardings():
+@pytest.mark.parametrize("accumulate_mode", ["global_negatives", "independent_microbatches"])
+def test_optimizer_state_mirrors_parameter_shardings(accumulate_mode):
+    """The train state's layout: Adam's moments (and MultiSteps' accumulated gradients) are sharded
+    like their parameters, counters replicated; the optimiser initialises straight into it."""
+    config = smoke_config("", optimizer__accumulate_mode=accumulate_mode, optimizer__accumulate_steps=2)
     mesh = make_mesh(2, 2, 2)
-    abstract_params = _abstract_params()
-    tx = optax.MultiSteps(optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3)), every_k_schedule=2)
-    abstract_state = jax.eval_shape(tx.init, abstract_params)
-    shardings = optimizer_state_shardings(abstract_state, abstract_params, mesh)
+    layout = state_lib.state_layout(config, state_lib.model_skeleton(config), mesh)
+    params = layout.shardings["params"]
+    sharded = {name for name, sharding in params.items() if sharding.spec != P()}
+    assert "visual.transformer.blocks.mlp.fc" in sharded
 
-    adam = shardings.inner_opt_state[1][0]
-    fc_spec = P("fsdp", "tensor")
-    for tree in (adam.mu, adam.nu, shardings.acc_grads):
-        assert tree["fc"].value.spec == fc_spec
-        assert tree["token_embedding"].value.spec == P("tensor", "fsdp")
-        assert tree["logit_scale"].value.spec == P()
-    assert adam.count.spec == P() and shardings.mini_step.spec == P()
-    sharded_leaves = [s for s in jax.tree.leaves(shardings) if s.spec != P()]
-    assert len(sharded_leaves) == 3 * 3  # fc, fc_bias, token_embedding in mu, nu, acc_grads
+    copies: dict[str, int] = {}
+    for path, sharding in jax.tree_util.tree_leaves_with_path(layout.shardings["opt_state"]):
+        name = getattr(path[-1], "key", None)
+        if name in params:
+            assert sharding == params[name], jax.tree_util.keystr(path)
+            copies[name] = copies.get(name, 0) + 1
+        else:
+            assert sharding.spec == P(), jax.tree_util.keystr(path)
+    per_parameter = 3 if accumulate_mode == "independent_microbatches" else 2  # mu, nu (, acc_grads)
+    assert {name: copies.get(name) for name in sharded} == {name: per_parameter for name in sharded}
 
-    params = jax.jit(_init_params, out_shardings=state_shardings(abstract_params, mesh))()
-    opt_state = jax.jit(tx.init, out_shardings=shardings)(params)
-    assert opt_state.acc_grads["fc"].value.sharding.spec == fc_spec
+    abstract = jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype), layout.abstract["params"])
+    opt_state = jax.jit(layout.optimizer.init, out_shardings=layout.shardings["opt_state"])(abstract)
+    mu = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(opt_state)
+          if getattr(path[-1], "key", None) == "visual.transformer.blocks.mlp.fc"][0]
+    assert mu.sharding == params["visual.transformer.blocks.mlp.fc"]
 
 
 def test_host_batch_becomes_a_global_batch_sharded_array():

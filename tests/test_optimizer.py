@@ -16,8 +16,7 @@ from bioclip_jax.convert import names
 from bioclip_jax.models.clip import abstract_model
 from bioclip_jax.models.config import get_model_config
 from bioclip_jax.models.params import param_shapes
-from bioclip_jax.parallel.sharding import key_path_names
-from bioclip_jax.train.optimizer import make_optimizer, make_schedule, weight_decay_mask
+from bioclip_jax.train.optimizer import key_path_names, make_optimizer, make_schedule, weight_decay_mask
 
 TOTAL_STEPS, WARMUP, LR = 50, 10, 1e-3
 

@@ -7,7 +7,6 @@ from bioclip_jax.parallel.sharding import (
     batch_sharding,
     host_batch_to_global,
     logical_to_mesh_spec,
-    optimizer_state_shardings,
     state_shardings,
 )
 
@@ -19,6 +18,5 @@ __all__ = [
     "host_batch_to_global",
     "logical_to_mesh_spec",
     "make_mesh",
-    "optimizer_state_shardings",
     "state_shardings",
 ]

@@ -1,7 +1,7 @@
-"""Logical axis names -> mesh axes -> `NamedSharding`s, for parameters, optimiser state and batches.
+"""Logical axis names -> mesh axes -> `NamedSharding`s, for parameters, batches and activations.
 
 Modules speak only logical names ("embed", "mlp", ...), stored on each `nnx.Param` as
-`out_sharding` metadata. The rules here (data, overridable from the config) decide
+`out_sharding` metadata. Rules (`LOGICAL_RULES` unless a caller passes its own) decide
 which mesh axes each name is split over; a mesh axis that does not divide a dimension,
 or that an earlier dimension already uses, is dropped, so every rule set gives a valid
 sharding for every shape (at worst, replication).
@@ -45,7 +45,7 @@ def _as_axis_tuple(mesh_axes: MeshAxes) -> tuple[str, ...]:
 
 
 def rules_as_dict(rules: Rules | Iterable[Sequence[Any]]) -> dict[str, tuple[str, ...]]:
-    """Normalises (name, axes) pairs, e.g. lists read from a ConfigDict, to {name: (axes...)}."""
+    """Normalises (name, axes) pairs, tuples or lists, to {name: (axes...)}."""
     table: dict[str, tuple[str, ...]] = {}
     for entry in rules:
         if len(entry) != 2 or not isinstance(entry[0], str):
@@ -110,61 +110,6 @@ def state_shardings(abstract_state: Any, mesh: Mesh, rules: Rules = LOGICAL_RULE
         return NamedSharding(mesh, logical_to_mesh_spec(logical_spec, rules, mesh, leaf.shape))
 
     return jax.tree.map(to_sharding, logical_specs, abstract_state, is_leaf=lambda x: x is None)
-
-
-def key_path_names(path: tuple) -> tuple:
-    """Key path -> plain names, without the `.value` step of NNX Variables.
-
-    Dropping `.value` makes paths of an NNX State, of its pure-dict form and of optax
-    states built from either comparable.
-    """
-    names = []
-    for key in path:
-        if isinstance(key, jax.tree_util.DictKey):
-            names.append(key.key)
-        elif isinstance(key, jax.tree_util.GetAttrKey):
-            if key.name != "value":
-                names.append(key.name)
-        elif isinstance(key, jax.tree_util.SequenceKey):
-            names.append(key.idx)
-        elif isinstance(key, jax.tree_util.FlattenedIndexKey):
-            names.append(key.key)
-        else:
-            names.append(str(key))
-    return tuple(names)
-
-
-def optimizer_state_shardings(
-    abstract_opt_state: Any,
-    abstract_params: Any,
-    mesh: Mesh,
-    rules: Rules = LOGICAL_RULES,
-) -> Any:
-    """Shardings for a pure optax state: leaves that mirror a parameter get its sharding.
-
-    optax states hold per-parameter trees (Adam's mu/nu, MultiSteps' accumulated
-    gradients) under prefixes such as `[0].mu`. A leaf whose key path ends with a
-    parameter's path and has the same shape is sharded like that parameter; everything
-    else (step counts, scalars) is replicated.
-    """
-    param_shardings = state_shardings(abstract_params, mesh, rules)
-    by_path: dict[tuple, tuple[tuple[int, ...], NamedSharding]] = {}
-    for (path, leaf), sharding in zip(
-        jax.tree_util.tree_leaves_with_path(abstract_params),
-        jax.tree.leaves(param_shardings),
-    ):
-        by_path[key_path_names(path)] = (tuple(leaf.shape), sharding)
-    replicated = NamedSharding(mesh, PartitionSpec())
-
-    def to_sharding(path, leaf):
-        names = key_path_names(path)
-        for start in range(len(names)):
-            match = by_path.get(names[start:])
-            if match is not None and match[0] == tuple(np.shape(leaf)):
-                return match[1]
-        return replicated
-
-    return jax.tree_util.tree_map_with_path(to_sharding, abstract_opt_state)
 
 
 def batch_axes(mesh: Mesh, rules: Rules = LOGICAL_RULES) -> tuple[str, ...]:

@@ -29,7 +29,6 @@ import ml_collections
 import optax
 
 from bioclip_jax.models.layers import STACKED_BLOCKS
-from bioclip_jax.parallel.sharding import key_path_names
 
 OPTIMIZERS = ("adamw",)
 SCHEDULES = ("cosine", "constant", "const-cooldown")
@@ -45,6 +44,28 @@ def _config_value(section: ml_collections.ConfigDict, key: str, default: Any, wh
     if section is None:
         raise ValueError(f"config has no '{where}' section.")
     return section.get(key, default) if hasattr(section, "get") else getattr(section, key, default)
+
+
+def key_path_names(path: tuple) -> tuple:
+    """Key path -> plain names, without the `.value` step of NNX Variables.
+
+    Dropping `.value` makes paths of an NNX State, of its pure-dict form and of optax
+    states built from either comparable.
+    """
+    names = []
+    for key in path:
+        if isinstance(key, jax.tree_util.DictKey):
+            names.append(key.key)
+        elif isinstance(key, jax.tree_util.GetAttrKey):
+            if key.name != "value":
+                names.append(key.name)
+        elif isinstance(key, jax.tree_util.SequenceKey):
+            names.append(key.idx)
+        elif isinstance(key, jax.tree_util.FlattenedIndexKey):
+            names.append(key.key)
+        else:
+            names.append(str(key))
+    return tuple(names)
 
 
 def _path_name(path: tuple) -> str:

@@ -103,13 +103,15 @@ def state_layout(config: ml_collections.ConfigDict, skeleton: ModelSkeleton, mes
     abstract = {"params": abstract_params, "opt_state": abstract_opt,
                 "step": jax.ShapeDtypeStruct((), jnp.int32)}
     shardings = {"params": p_shardings,
-                 "opt_state": _mirror_param_shardings(abstract_opt, abstract_params, p_shardings, mesh),
+                 "opt_state": optimizer_state_shardings(abstract_opt, abstract_params, p_shardings, mesh),
                  "step": NamedSharding(mesh, PartitionSpec())}
     return StateLayout(abstract, shardings, optimizer)
 
 
-def _mirror_param_shardings(abstract_opt, abstract_params, p_shardings, mesh: Mesh):
-    """Optimiser leaves that mirror a parameter (Adam mu/nu, accumulators) get its sharding."""
+def optimizer_state_shardings(abstract_opt: Any, abstract_params: dict, p_shardings: dict[str, NamedSharding],
+                              mesh: Mesh) -> Any:
+    """Optimiser leaves that mirror a parameter (Adam mu/nu, MultiSteps' accumulated gradients) get
+    its sharding; the rest (step counts, scalars) is replicated."""
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def pick(path, leaf):
