@@ -40,6 +40,7 @@ import uuid
 from etils import epath
 
 from bioclip_jax import paths
+from bioclip_jax.checkpoint import faults
 
 LOCK_FILE = "LOCK"
 UNREADABLE = "unreadable"  # the key of what `_read` makes of a lock file that holds no lock
@@ -58,9 +59,20 @@ def _reason(error: BaseException) -> str:
 
 
 def check_workdir(workdir) -> epath.Path:
-    """WORKDIR as an epath.Path, created if missing; raises ValueError or OSError with one sentence."""
+    """WORKDIR as an epath.Path, created if missing; raises ValueError or OSError with one sentence.
+
+    A bucket whose server does not answer makes gcsfs retry for half a minute and then raise
+    its own "Cannot connect ..."; the sentence names the workdir, and the storage deadline
+    (checkpoint.faults) bounds the wait.
+    """
     path = epath.Path(workdir)
-    if path.exists() and not path.is_dir():
+    try:
+        is_file = faults.with_deadline(lambda: path.exists() and not path.is_dir(), faults.timeout_s(),
+                                       f"reaching workdir {path}")
+    except Exception as error:  # noqa: BLE001 - an unreachable server, DNS, credentials: one message
+        raise OSError(f"cannot reach workdir {path} ({_reason(error)}): check the path, the network and "
+                      f"the credentials") from None
+    if is_file:
         raise ValueError(f"workdir {path} is a file, not a directory: give a directory "
                          f"(a new one is created) or the workdir of an earlier run")
     probe = path / f".write-probe-{uuid.uuid4().hex}"
