@@ -14,9 +14,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import functools
-import io
 import math
-import os
 import sys
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -24,55 +22,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from PIL import Image
 from tqdm import tqdm
 
-from bioclip_jax.taxonomy.templates import OPENAI_IMAGENET_TEMPLATES, fill_templates
+from bioclip_jax.data.image_items import ImageItem
 from bioclip_jax.models.clip import CLIP, l2_normalize, used_text_length
 from bioclip_jax.parallel import sharding as sharding_lib
 from bioclip_jax.pretrained import image_transform
+from bioclip_jax.taxonomy.templates import OPENAI_IMAGENET_TEMPLATES, fill_templates
 from bioclip_jax.tokenizer import get_tokenizer
 from bioclip_jax.transforms import normalize
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-
-
-@dataclasses.dataclass(frozen=True)
-class ImageItem:
-    """One image to embed: a key for reports, how to open it, and an optional label.
-
-    `open()` returns a PIL image, or an (image, label) pair for sources that read the
-    label in the same record as the image (the pair's label replaces `label`).
-    """
-
-    key: str
-    open: Callable[[], Any]
-    label: Any = None
-
-
-def file_item(path: str, label: Any = None) -> ImageItem:
-    return ImageItem(path, functools.partial(Image.open, path), label)
-
-
-def bytes_item(key: str, data: bytes, label: Any = None) -> ImageItem:
-    return ImageItem(key, lambda: Image.open(io.BytesIO(data)), label)
-
-
-def list_image_files(paths: Sequence[str]) -> list[str]:
-    """Files as given plus image files found (recursively, sorted) under directories."""
-    files: list[str] = []
-    for path in paths:
-        if os.path.isdir(path):
-            found = []
-            for root, dirs, names in os.walk(path):
-                dirs.sort()
-                found += [os.path.join(root, n) for n in sorted(names) if n.lower().endswith(IMAGE_EXTENSIONS)]
-            files += found
-        elif os.path.exists(path):
-            files.append(path)
-        else:
-            raise FileNotFoundError(f"image path not found: {path}")
-    return files
 
 
 @dataclasses.dataclass
@@ -206,8 +166,6 @@ class ImageEmbedder:
         """Mesh mode: global batch k holds items [k*G, (k+1)*G); process p decodes its rows
         [p*L, (p+1)*L) of it. Which rows were readable, and their labels, are gathered, so
         every process yields the same features and items."""
-        from jax.experimental import multihost_utils  # noqa: PLC0415
-
         global_rows = self.batch_size
         local_rows = global_rows // jax.process_count()
         first_row = jax.process_index() * local_rows

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from etils import epath
 
-from bioclip_jax.cli import embed_taxa
+from bioclip_jax import taxa_embeddings
 from bioclip_jax.data import array_record, eval_sources, shard_index
 from bioclip_jax.data.pipeline import make_train_dataset
 from bioclip_jax.data.tar_source import TarShardSource
@@ -120,8 +120,8 @@ def test_eval_folder_shards_and_taxa_files_from_gs(synthetic):
     assert shards.classes == reference.classes and shards.has_taxonomy
     assert [(i.key, i.label) for i in shards.items()] == [(i.key, i.label) for i in reference.items()]
 
-    taxa, skipped = embed_taxa.read_catalog_taxa(f"{remote}/catalog.csv")
-    assert (taxa, skipped) == embed_taxa.read_catalog_taxa(str(local / "catalog.csv")) and len(taxa) == 12
+    taxa, skipped = taxa_embeddings.read_catalog_taxa(f"{remote}/catalog.csv")
+    assert (taxa, skipped) == taxa_embeddings.read_catalog_taxa(str(local / "catalog.csv")) and len(taxa) == 12
 
 
 def test_array_record_conversion_to_gs(synthetic):

@@ -21,7 +21,7 @@ from bioclip_jax import create_model, export_open_clip, save_model
 from bioclip_jax.checkpoint import model_dir
 from bioclip_jax.cli import main as cli
 from bioclip_jax.convert import state_dict_io
-from bioclip_jax.evaluate import cli as eval_cli
+from bioclip_jax.cli import eval as eval_cli
 from bioclip_jax.evaluate import results
 from bioclip_jax.evaluate.watch import log_step
 from bioclip_jax.models.params import flat_params

@@ -9,7 +9,8 @@ from PIL import Image
 
 import bioclip_jax
 from bioclip_jax.checkpoint import model_dir
-from bioclip_jax.evaluate import cli, results
+from bioclip_jax.cli import eval as cli
+from bioclip_jax.evaluate import results
 from bioclip_jax.models.params import flat_params
 from bioclip_jax.pretrained import model_metadata
 

@@ -7,6 +7,7 @@ from PIL import Image
 
 import bioclip_jax
 from bioclip_jax import inference
+from bioclip_jax.data import image_items
 from bioclip_jax.taxonomy.templates import fill_templates
 
 
@@ -44,7 +45,7 @@ def test_image_stream_matches_eager_encode_and_skips_bad_files(model, image_file
     good, bad = image_files
     files = good[:3] + [bad[0]] + good[3:] + [bad[1]]
     embedder = inference.ImageEmbedder(model, batch_size=4, workers=2, progress=False)
-    out = embedder.embed_all([inference.file_item(p, label=i) for i, p in enumerate(files)])
+    out = embedder.embed_all([image_items.file_item(p, label=i) for i, p in enumerate(files)])
     assert out.keys == good  # order kept, unreadable files left out
     assert out.labels == [0, 1, 2, 4, 5, 6]
     assert [s.key for s in out.skipped] == bad
@@ -60,7 +61,7 @@ def test_stream_reads_a_bounded_window_ahead(model, image_files):
     def items():
         for i in range(40):
             opened.append(i)
-            yield inference.file_item(good[i % len(good)])
+            yield image_items.file_item(good[i % len(good)])
 
     embedder = inference.ImageEmbedder(model, batch_size=4, workers=2, prefetch=2, progress=False)
     seen = 0
@@ -77,7 +78,7 @@ def test_data_parallel_over_two_devices_gives_same_features(model, image_files):
     good, _ = image_files
     embedder = inference.ImageEmbedder(model, batch_size=3, workers=2, progress=False, devices=jax.devices()[:2])
     assert embedder.batch_size == 4  # rounded up to a multiple of the device count
-    out = embedder.embed_all(inference.file_item(p) for p in good)
+    out = embedder.embed_all(image_items.file_item(p) for p in good)
     np.testing.assert_allclose(out.features, _reference(model, good), atol=2e-5)
 
 
@@ -103,10 +104,10 @@ def test_list_image_files(tmp_path):
     (tmp_path / "b").mkdir()
     for name in ("b/2.JPG", "b/1.png", "b/notes.txt", "a.jpeg"):
         (tmp_path / name).write_bytes(b"")
-    files = inference.list_image_files([str(tmp_path / "b"), str(tmp_path / "a.jpeg")])
+    files = image_items.list_image_files([str(tmp_path / "b"), str(tmp_path / "a.jpeg")])
     assert files == [str(tmp_path / "b/1.png"), str(tmp_path / "b/2.JPG"), str(tmp_path / "a.jpeg")]
     with pytest.raises(FileNotFoundError, match="image path not found"):
-        inference.list_image_files([str(tmp_path / "missing.jpg")])
+        image_items.list_image_files([str(tmp_path / "missing.jpg")])
 
 
 def test_sixteen_bit_images_are_scaled_before_embedding(model, tmp_path):
@@ -116,5 +117,5 @@ def test_sixteen_bit_images_are_scaled_before_embedding(model, tmp_path):
     Image.fromarray(ramp).save(deep)
     Image.fromarray(np.round(ramp / 257.0).astype(np.uint8)).save(shallow)
     embedder = inference.ImageEmbedder(model, batch_size=2, workers=1, progress=False)
-    out = embedder.embed_all([inference.file_item(str(deep)), inference.file_item(str(shallow))])
+    out = embedder.embed_all([image_items.file_item(str(deep)), image_items.file_item(str(shallow))])
     np.testing.assert_allclose(out.features[0], out.features[1], atol=1e-5)

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 import bioclip_jax
-from bioclip_jax import hub
+from bioclip_jax import hub, taxa_embeddings
 from bioclip_jax.cli import common, embed_taxa, predict
 from bioclip_jax.taxonomy.templates import OPENAI_IMAGENET_TEMPLATES
 from bioclip_jax.taxonomy import Taxon, class_name
@@ -255,7 +255,7 @@ def test_custom_taxa_are_embedded_once_and_cached(setup, capsys, tmp_path, monke
     code, first, err = _run(capsys, argv)
     assert code == 0 and "embedding the taxa" in err and str(tmp_path / "cache") in err
     calls = []
-    monkeypatch.setattr(embed_taxa, "write_taxa_embeddings", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(taxa_embeddings, "write_taxa_embeddings", lambda *a, **k: calls.append(a))
     code, second, err = _run(capsys, argv)
     assert code == 0 and first == second and not calls and "embedding" not in err
     code, _, err = _run(capsys, argv + ["--text-type", "sci"])  # another text type: another entry

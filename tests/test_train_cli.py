@@ -13,7 +13,7 @@ from etils import epath
 from gcs_server import gcs_bucket, gcs_dir  # noqa: F401 - fixtures
 from train_helpers import shards  # noqa: F401 - fixture
 
-from bioclip_jax.train import __main__ as train_main
+from bioclip_jax.cli import train as train_main
 from bioclip_jax.train import exit_codes
 from bioclip_jax.train.workdir import LOCK_FILE, WorkdirInUseError, WorkdirLock, check_workdir
 

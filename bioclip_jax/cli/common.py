@@ -7,6 +7,7 @@ import ast
 import difflib
 import importlib.util
 import os
+import sys
 from collections.abc import Sequence
 
 from bioclip_jax.sources import RANDOM, SOURCES_HELP, is_source
@@ -41,7 +42,6 @@ def run_cli(body, argv) -> int:
     try:
         return int(body(argv) or 0)
     except (FileNotFoundError, ValueError, ImportError) as err:
-        import sys  # noqa: PLC0415
         print(f"error: {err}", file=sys.stderr)
         return 1
 

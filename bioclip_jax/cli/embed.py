@@ -13,8 +13,11 @@ import os
 import sys
 
 import numpy as np
+from tqdm import tqdm
 
 from bioclip_jax.cli.common import add_model_args, model_source, run_cli
+from bioclip_jax.data.image_items import file_item, list_image_files
+from bioclip_jax.tokenizer import get_tokenizer
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -68,7 +71,7 @@ def _keys_path(out: str) -> str:
 
 
 def embed_images(model, paths, args) -> int:
-    from bioclip_jax.inference import ImageEmbedder, file_item, list_image_files, report_skipped  # noqa: PLC0415
+    from bioclip_jax.inference import ImageEmbedder, report_skipped  # noqa: PLC0415 - jax: keep --help fast
     files = list_image_files(paths)
     if not files:
         raise FileNotFoundError(f"no image files under {' '.join(paths)}")
@@ -85,9 +88,6 @@ def embed_images(model, paths, args) -> int:
 
 
 def embed_texts(model, text_file: str, args) -> int:
-    from tqdm import tqdm  # noqa: PLC0415
-
-    from bioclip_jax.tokenizer import get_tokenizer  # noqa: PLC0415
     with open(text_file, encoding="utf-8") as f:
         texts = [line.rstrip("\n") for line in f]
     if not texts:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from etils import epath
+
 from bioclip_jax.cli.common import run_cli
 
 
@@ -25,18 +27,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run(argv) -> int:
     args = _parser().parse_args(argv)
-    from etils import epath  # noqa: PLC0415 - keep --help fast
-
-    from bioclip_jax.checkpoint import model_dir  # noqa: PLC0415
-    from bioclip_jax.pretrained import create_model, export_open_clip  # noqa: PLC0415
+    from bioclip_jax.checkpoint import model_dir  # noqa: PLC0415 - orbax: keep --help fast
+    from bioclip_jax.data.replay import REPLAY_PROJECTOR_KEY  # noqa: PLC0415 - grain: keep --help fast
+    from bioclip_jax.pretrained import create_model, export_open_clip  # noqa: PLC0415 - jax: keep --help fast
     step = args.step
     is_workdir = (model_dir.is_model_dir(args.checkpoint)
                   and not (epath.Path(args.checkpoint) / model_dir.PARAMS_DIR).is_dir())
     if step is None and is_workdir:
         steps = model_dir.finished_steps(args.checkpoint)
         step = steps[-1] if steps else None  # the one create_model picks: the latest finished step
-    from bioclip_jax.data.replay import REPLAY_PROJECTOR_KEY  # noqa: PLC0415
-
     model = create_model(args.model, args.checkpoint, step=step)
     export_open_clip(model, args.out)
     of = f"step {step} of {args.checkpoint}" if step is not None else args.checkpoint

@@ -23,7 +23,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run(argv) -> int:
     args = _parser().parse_args(argv)
-    from bioclip_jax.pretrained import create_model, save_model  # noqa: PLC0415
+    from bioclip_jax.pretrained import create_model, save_model  # noqa: PLC0415 - jax: keep --help fast
     model = create_model(args.model, args.pretrained)
     save_model(model, args.out)
     print(f"wrote bioclip_jax checkpoint {args.out}")

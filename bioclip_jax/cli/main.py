@@ -12,8 +12,8 @@ from typing import NoReturn
 
 # command -> (module with `main(argv) -> int`, one-line help)
 COMMANDS = {
-    "train": ("bioclip_jax.train.__main__", "train a CLIP on tree-of-life shards (ml_collections config)"),
-    "eval": ("bioclip_jax.evaluate.__main__", "zero-shot / few-shot / per-rank evaluation"),
+    "train": ("bioclip_jax.cli.train", "train a CLIP on tree-of-life shards (ml_collections config)"),
+    "eval": ("bioclip_jax.cli.eval", "zero-shot / few-shot / per-rank evaluation"),
     "predict": ("bioclip_jax.cli.predict", "classify images with custom labels or the tree of life"),
     "embed": ("bioclip_jax.cli.embed", "write image or text embeddings to .npy"),
     "embed-taxa": ("bioclip_jax.cli.embed_taxa", "text embeddings for every taxon of a catalog"),

@@ -20,7 +20,7 @@ no labels its tree-of-life embeddings come from the dataset repo pybioclip pairs
 (hub.TREE_OF_LIFE), through the Hugging Face cache. These two models are preprocessed as
 pybioclip does (the whole image squashed to 224 x 224); any other model gets open_clip's
 transform. Custom taxa (--taxa CSV without --taxa-embeddings) are embedded once per model,
-catalog and text type, and kept under taxa_cache_dir().
+catalog and text type, and kept under taxa_embeddings.taxa_cache_dir().
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import argparse
 import csv
 import dataclasses
 import functools
-import hashlib
 import json
 import os
 import sys
@@ -39,13 +38,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bioclip_jax import hub, transforms
-from bioclip_jax.compilation_cache import enable_compilation_cache, user_cache_dir
-from bioclip_jax.cli import common, embed_taxa
+from bioclip_jax import hub, taxa_embeddings, transforms
+from bioclip_jax.compilation_cache import enable_compilation_cache
+from bioclip_jax.cli import common
 from bioclip_jax.data import shard_index
-from bioclip_jax.inference import ImageEmbedder, ImageItem, TextEmbedder, list_image_files, report_skipped
+from bioclip_jax.data.image_items import ImageItem, list_image_files
+from bioclip_jax.inference import ImageEmbedder, TextEmbedder, report_skipped
 from bioclip_jax.models.clip import CLIP
-from bioclip_jax.models.params import flat_params
 from bioclip_jax.pretrained import create_model
 from bioclip_jax.sources import SOURCES_HELP
 from bioclip_jax.taxonomy import RANKS, TEXT_TYPES, Taxon
@@ -154,48 +153,25 @@ def subset_mask(taxa: Sequence[Taxon], rank: str, values: set[str], where: str) 
     return np.asarray([n in values for n in names])
 
 
-def taxa_cache_dir() -> str:
-    """Where custom taxa embeddings are kept, one folder per (text tower, catalog, text type)."""
-    return os.path.join(user_cache_dir(), "taxa_embeddings")
-
-
-def _text_tower_digest(model: CLIP) -> str:
-    """Fingerprint of everything a text embedding depends on (the text tower's weights)."""
-    digest = hashlib.sha256()
-    for path, value in sorted(flat_params(model).items(), key=lambda kv: str(kv[0])):
-        if "visual" in str(path[0]) or "vision" in str(path[0]):
-            continue
-        digest.update(str(path).encode())
-        digest.update(np.ascontiguousarray(np.asarray(value)).tobytes())
-    return digest.hexdigest()[:16]
-
-
-def cached_taxa_folder(model: CLIP, taxa_csv: str, text_type: str) -> str:
-    """The cache folder of one (model, taxa file, text type)."""
-    with shard_index.as_path(taxa_csv).open("rb") as handle:
-        catalog = hashlib.sha256(handle.read()).hexdigest()[:16]
-    return os.path.join(taxa_cache_dir(), f"{_text_tower_digest(model)}-{catalog}-{text_type}")
-
-
 def load_tree_of_life(model: CLIP, args) -> tuple[np.ndarray, list[Taxon]]:
     """[N, D] species embeddings and taxa: --taxa-embeddings, else --taxa (embedded once and
     cached), else the tree-of-life dataset repo pybioclip pairs with the model."""
     directory = args.taxa_embeddings
     if not directory and args.taxa:
-        directory = cached_taxa_folder(model, args.taxa, args.text_type)
-        if not embed_taxa.has_taxa_embeddings(directory):
+        directory = taxa_embeddings.cached_taxa_folder(model, args.taxa, args.text_type)
+        if not taxa_embeddings.has_taxa_embeddings(directory):
             print(f"predict: embedding the taxa of {args.taxa} once; kept in {directory}", file=sys.stderr)
     if not directory and hub.tree_of_life_repo(model.source):
         directory = hub.tree_of_life_folder(hub.tree_of_life_repo(model.source))
-    have_files = embed_taxa.has_taxa_embeddings(directory)
+    have_files = taxa_embeddings.has_taxa_embeddings(directory)
     if not have_files and not args.taxa:
         raise ValueError("tree-of-life prediction needs --taxa-embeddings DIR (from `bioclip-jax embed-taxa`) "
                          f"or --taxa CSV with this model (only {' and '.join(hub.TREE_OF_LIFE)} come with "
                          "embeddings); for your own labels pass --cls")
     if not have_files:
-        taxa, _ = embed_taxa.read_catalog_taxa(args.taxa)
-        embed_taxa.write_taxa_embeddings(model, taxa, directory, args.text_type, progress=args.progress)
-    matrix, taxa = embed_taxa.load_taxa_embeddings(directory)
+        taxa, _ = taxa_embeddings.read_catalog_taxa(args.taxa)
+        taxa_embeddings.write_taxa_embeddings(model, taxa, directory, args.text_type, progress=args.progress)
+    matrix, taxa = taxa_embeddings.load_taxa_embeddings(directory)
     features = np.ascontiguousarray(np.asarray(matrix, np.float32).T)
     if features.shape[1] != model.config.embed_dim:
         raise ValueError(f"taxa embeddings have dimension {features.shape[1]} but the model embeds into "

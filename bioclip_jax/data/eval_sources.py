@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from bioclip_jax.data import shard_index
-from bioclip_jax.inference import IMAGE_EXTENSIONS, ImageItem, bytes_item, file_item
+from bioclip_jax.data.image_items import IMAGE_EXTENSIONS, ImageItem, bytes_item, file_item
 from bioclip_jax.paths import is_remote
 from bioclip_jax.taxonomy import Taxon
 

@@ -1,0 +1,54 @@
+"""Images to embed, as the embedders take them: a key, how to open the image, and a label.
+
+Shared by the evaluation sources and the command-line tools, which list image files the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import io
+import os
+from typing import Any, Callable, Sequence
+
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageItem:
+    """One image to embed: a key for reports, how to open it, and an optional label.
+
+    `open()` returns a PIL image, or an (image, label) pair for sources that read the
+    label in the same record as the image (the pair's label replaces `label`).
+    """
+
+    key: str
+    open: Callable[[], Any]
+    label: Any = None
+
+
+def file_item(path: str, label: Any = None) -> ImageItem:
+    return ImageItem(path, functools.partial(Image.open, path), label)
+
+
+def bytes_item(key: str, data: bytes, label: Any = None) -> ImageItem:
+    return ImageItem(key, lambda: Image.open(io.BytesIO(data)), label)
+
+
+def list_image_files(paths: Sequence[str]) -> list[str]:
+    """Files as given plus image files found (recursively, sorted) under directories."""
+    files: list[str] = []
+    for path in paths:
+        if os.path.isdir(path):
+            found = []
+            for root, dirs, names in os.walk(path):
+                dirs.sort()
+                found += [os.path.join(root, n) for n in sorted(names) if n.lower().endswith(IMAGE_EXTENSIONS)]
+            files += found
+        elif os.path.exists(path):
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"image path not found: {path}")
+    return files
