@@ -87,7 +87,7 @@ def synthetic_shards(directory: str, samples: int, shards: int, image_size: int)
 
 
 def expand(pattern: str) -> list[str]:
-    from bioclip_jax.data.shard_index import expand_shard_pattern  # noqa: PLC0415
+    from bioclip_jax.data.shard_patterns import expand_shard_pattern  # noqa: PLC0415
 
     paths = expand_shard_pattern(pattern)
     missing = [p for p in paths if not os.path.isfile(p)]

@@ -138,12 +138,12 @@ def growth(before: dict[str, int]) -> dict[str, int]:
 def child(mode: str, pattern: str, pickled: str) -> dict:
     """One fresh process: open the source (or unpickle it as a worker), report memory."""
     from grain import sources  # noqa: PLC0415, F401 - imported before the baseline, as a worker has it
-    from bioclip_jax.data import shard_index, source_index, tar_source  # noqa: PLC0415
+    from bioclip_jax.data import index_cache, shard_patterns, source_index, tar_source  # noqa: PLC0415
 
     if mode.startswith("in_memory"):  # the code before source_index: every shard index in this process
         source_index.load_source_index = lambda paths, cache_dir=None, num_threads=8: (
-            shard_index.index_shards(paths, cache_dir, num_threads), None)
-    paths = shard_index.expand_shard_pattern(pattern)
+            index_cache.index_shards(paths, cache_dir, num_threads), None)
+    paths = shard_patterns.expand_shard_pattern(pattern)
     before = rss()
     if mode.startswith("array_record"):
         return array_record_child(mode, paths, before)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import io
 import json
 import os
 import pathlib
@@ -44,6 +45,22 @@ def is_remote(path: PathLike) -> bool:
 def absolute(path: PathLike) -> epath.Path:
     """Local paths made absolute (Orbax wants that); bucket URLs kept as they are."""
     return epath.Path(path) if is_remote(path) else epath.Path(os.path.abspath(path))
+
+
+def expand_user(path: PathLike) -> str:
+    """A user-given path as text, `~` expanded for local paths only."""
+    text = os.fspath(path)
+    return text if is_remote(text) else os.path.expanduser(text)
+
+
+def as_path(path: PathLike) -> epath.Path:
+    """An epath for a user-given path: local or `gs://bucket/...`."""
+    return epath.Path(expand_user(path))
+
+
+def open_text(path: PathLike) -> io.TextIOWrapper:
+    """A UTF-8 text file on any filesystem, newlines left as they are (what the csv module wants)."""
+    return io.TextIOWrapper(as_path(path).open("rb"), encoding="utf-8", newline="")
 
 
 def uncached(path: PathLike) -> epath.Path:

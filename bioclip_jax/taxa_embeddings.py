@@ -27,11 +27,10 @@ import numpy as np
 from tqdm import tqdm
 
 from bioclip_jax.compilation_cache import user_cache_dir
-from bioclip_jax.data import shard_index
 from bioclip_jax.inference import TextEmbedder
 from bioclip_jax.models.clip import CLIP
 from bioclip_jax.models.params import flat_params
-from bioclip_jax.paths import is_remote
+from bioclip_jax.paths import as_path, expand_user, is_remote, open_text
 from bioclip_jax.taxonomy import RANKS, Taxon, check_text_type, class_name
 from bioclip_jax.taxonomy.templates import get_templates
 
@@ -46,12 +45,12 @@ def read_catalog_taxa(path: str, progress: bool = False) -> tuple[list[Taxon], i
     missing common name. Rows repeating an already seen spelling are not parsed again, so a
     10M-row catalog.csv costs about one pass of the CSV reader. `path` may be local or gs://.
     """
-    if not shard_index.as_path(path).is_file():
+    if not as_path(path).is_file():
         raise FileNotFoundError(f"taxa catalog not found: {path}")
     found: dict[tuple, Taxon] = {}
     seen: dict[tuple, tuple | None] = {}  # raw spelling of the ranks -> normalised key (None: unusable)
     skipped = 0
-    with shard_index.open_text(path) as handle:
+    with open_text(path) as handle:
         reader = csv.DictReader(handle)
         header = {c.strip().lower(): c for c in reader.fieldnames or []}
         if not {"genus", "species"} <= set(header):
@@ -128,22 +127,22 @@ def write_taxa_embeddings(model: CLIP, taxa: Sequence[Taxon], out_dir: str, text
 
 
 def has_taxa_embeddings(directory: str | None) -> bool:
-    return bool(directory) and (shard_index.as_path(directory) / EMBEDDINGS_FILE).is_file()
+    return bool(directory) and (as_path(directory) / EMBEDDINGS_FILE).is_file()
 
 
 def load_taxa_embeddings(directory: str) -> tuple[np.ndarray, list[Taxon]]:
     """([D, N] embeddings, N taxa) from an embed-taxa (or pybioclip) folder, local (memory-mapped) or gs://."""
     npy_path, json_path = os.path.join(directory, EMBEDDINGS_FILE), os.path.join(directory, NAMES_FILE)
     for path in (npy_path, json_path):
-        if not shard_index.as_path(path).is_file():
+        if not as_path(path).is_file():
             raise FileNotFoundError(f"{path} not found; build it with: "
                                     f"bioclip-jax embed-taxa --taxa CSV --out {directory}")
     if is_remote(npy_path):
-        with shard_index.as_path(npy_path).open("rb") as handle:
+        with as_path(npy_path).open("rb") as handle:
             matrix = np.load(handle)
     else:
-        matrix = np.load(shard_index.expand_user(npy_path), mmap_mode="r")
-    with shard_index.open_text(json_path) as handle:
+        matrix = np.load(expand_user(npy_path), mmap_mode="r")
+    with open_text(json_path) as handle:
         entries = json.load(handle)
     if matrix.ndim != 2 or matrix.shape[1] != len(entries):
         raise ValueError(f"{npy_path} has shape {list(matrix.shape)} but {json_path} names {len(entries)} taxa; "
@@ -169,6 +168,6 @@ def _text_tower_digest(model: CLIP) -> str:
 
 def cached_taxa_folder(model: CLIP, taxa_csv: str, text_type: str) -> str:
     """The cache folder of one (model, taxa file, text type)."""
-    with shard_index.as_path(taxa_csv).open("rb") as handle:
+    with as_path(taxa_csv).open("rb") as handle:
         catalog = hashlib.sha256(handle.read()).hexdigest()[:16]
     return os.path.join(taxa_cache_dir(), f"{_text_tower_digest(model)}-{catalog}-{text_type}")

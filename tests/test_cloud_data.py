@@ -12,7 +12,7 @@ import pytest
 from etils import epath
 
 from bioclip_jax import taxa_embeddings
-from bioclip_jax.data import array_record, eval_sources, shard_index
+from bioclip_jax.data import array_record, eval_sources, index_cache, shard_index
 from bioclip_jax.data.pipeline import make_train_dataset
 from bioclip_jax.data.tar_source import TarShardSource
 from bioclip_jax.ingest.convert import convert_to_array_record
@@ -41,16 +41,16 @@ def _public_bucket(synthetic, tmp_path, monkeypatch):
     """The shards sit in a read-only bucket, as TreeOfLife-10M would; and no test may leave a local
     directory named "gs:" behind (what a gs:// path handled as a local one creates)."""
     _, remote = synthetic
-    write = shard_index.write_atomically
+    write = index_cache.write_atomically
 
     def refuse(target, text):
         if os.fspath(target).startswith(f"{remote}/train/"):
             raise PermissionError(13, "read-only bucket", os.fspath(target))
         write(target, text)
 
-    monkeypatch.setattr(shard_index, "write_atomically", refuse)
+    monkeypatch.setattr(index_cache, "write_atomically", refuse)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv(shard_index.CACHE_DIR_ENV, str(tmp_path / "index_cache"))
+    monkeypatch.setenv(index_cache.CACHE_DIR_ENV, str(tmp_path / "index_cache"))
     yield
     assert not os.path.exists(tmp_path / "gs:")
 
@@ -68,7 +68,7 @@ def test_train_batches_from_gs_equal_local_ones(synthetic, tmp_path, monkeypatch
     assert all(name.endswith(shard_index.INDEX_SUFFIX) for name in cached)
     assert not list(epath.Path(remote, "train").glob(f"*{shard_index.INDEX_SUFFIX}"))
 
-    monkeypatch.setattr(shard_index, "build_shard_index", lambda path: pytest.fail(f"{path} indexed again"))
+    monkeypatch.setattr(index_cache, "build_shard_index", lambda path: pytest.fail(f"{path} indexed again"))
     again = make_train_dataset(f"{remote}/train/shard-*.tar", cache_dir=cache, worker_count=1, **options)
     iterator = iter(again)  # a Grain worker process gets the pickled source and reopens the shards
     try:

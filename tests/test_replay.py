@@ -12,8 +12,8 @@ from bioclip_jax.cli import make_synthetic as make_synthetic_cli
 from bioclip_jax.checkpoint import model_dir
 from bioclip_jax.data.pipeline import make_train_dataset
 from bioclip_jax.data.replay import PROJECTOR_KEY, REPLAY_PROJECTOR_KEY, ReplayMixer, make_replay_dataset
+from bioclip_jax.data.shard_patterns import expand_shard_pattern
 from bioclip_jax.data.tar_source import TarShardSource
-from bioclip_jax.data.shard_index import expand_shard_pattern
 from bioclip_jax.parallel.mesh import make_mesh
 from bioclip_jax.tokenizer import get_tokenizer
 from bioclip_jax.train import state as state_lib

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bioclip_jax.data import shard_index, source_index
-from bioclip_jax.data.shard_index import ShardNotFoundError, expand_braces, expand_shard_pattern
+from bioclip_jax.data import index_cache, shard_index, source_index, tar_headers
+from bioclip_jax.data.braces import expand_braces
+from bioclip_jax.data.shard_patterns import ShardNotFoundError, expand_shard_pattern
 from bioclip_jax.data.tar_source import ERROR, TarShardSource
 from bioclip_jax.data.tar_writer import ShardWriter
 from bioclip_jax.taxonomy import Taxon, sample_captions
@@ -59,7 +60,7 @@ def read_members(path: str) -> dict[str, dict[str, bytes]]:
 @pytest.fixture
 def cache_dir(tmp_path, monkeypatch):
     directory = tmp_path / "index_cache"
-    monkeypatch.setenv(shard_index.CACHE_DIR_ENV, str(directory))
+    monkeypatch.setenv(index_cache.CACHE_DIR_ENV, str(directory))
     return directory
 
 
@@ -124,7 +125,7 @@ def test_index_cached_beside_shard_and_rebuilt_when_stale(tmp_path, cache_dir, m
     assert os.path.exists(cached)
     scans = []
     real_build = shard_index.build_shard_index
-    monkeypatch.setattr(shard_index, "build_shard_index", lambda p: scans.append(p) or real_build(p))
+    monkeypatch.setattr(index_cache, "build_shard_index", lambda p: scans.append(p) or real_build(p))
     assert len(TarShardSource(path)) == 3
     assert scans == []  # served from the cache
     write_shards(tmp_path, 5, 10)  # same name, new content: size and mtime change
@@ -151,20 +152,20 @@ def test_index_scan_skips_payloads(tmp_path, cache_dir, monkeypatch):
 
 def test_read_only_data_dir_uses_cache_dir(tmp_path, cache_dir, monkeypatch):
     (path,) = write_shards(tmp_path / "data", 4, 10)
-    real_write = shard_index.write_atomically
+    real_write = index_cache.write_atomically
 
     def refuse_data_dir(target, text):
         if os.fspath(target).startswith(str(tmp_path / "data")):
             raise PermissionError(13, "Read-only file system", os.fspath(target))
         real_write(target, text)
 
-    monkeypatch.setattr(shard_index, "write_atomically", refuse_data_dir)
+    monkeypatch.setattr(index_cache, "write_atomically", refuse_data_dir)
     assert len(TarShardSource(path)) == 4
     assert not os.path.exists(path + shard_index.INDEX_SUFFIX)
     cached = list(cache_dir.glob(f"*{shard_index.INDEX_SUFFIX}"))
     assert len(cached) == 1 and cached[0].name.startswith("shard-000000.tar.")
     shutil.rmtree(source_index.index_directory(str(cache_dir)))  # the per-shard cache alone must serve it
-    monkeypatch.setattr(shard_index, "build_shard_index", lambda p: pytest.fail("index rebuilt"))
+    monkeypatch.setattr(index_cache, "build_shard_index", lambda p: pytest.fail("index rebuilt"))
     assert len(TarShardSource(path)) == 4
 
 
@@ -188,6 +189,24 @@ def test_long_names_and_extended_headers(tmp_path, cache_dir, tar_format):
     assert [source[i]["__key__"] for i in range(len(source))] == keys
     for i, key in enumerate(keys):
         assert {k: v for k, v in source[i].items() if not k.startswith("__")} == sample_files(i)
+
+
+@pytest.mark.parametrize("tar_format", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT])
+def test_ustar_fields_read_as_tarfile_reads_them(tar_format):
+    """The fast reader's named header fields (name, prefix, size, type, checksum) agree with tarfile's."""
+    names = ["s00000.jpg", "s00000.taxon.txt", "s00001.jpg"]
+    if tar_format == tarfile.USTAR_FORMAT:
+        names.append("d" * 120 + "/s00002.jpg")  # split over the prefix and name fields
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tar_format) as archive:
+        for size, name in enumerate(names):
+            info = tarfile.TarInfo(name)
+            info.size = 700 * size
+            archive.addfile(info, io.BytesIO(bytes(info.size)))
+    blob = buffer.getvalue()
+    fast = list(tar_headers.plain_members(io.BytesIO(blob), len(blob)))
+    assert fast == list(tar_headers.tarfile_members(io.BytesIO(blob)))
+    assert [(name, size) for _, name, _, size, _ in fast] == [(name, 700 * i) for i, name in enumerate(names)]
 
 
 def test_source_pickles_and_reopens(tmp_path, cache_dir):
@@ -222,7 +241,7 @@ def test_tar_cut_at_member_boundary_is_flagged(tmp_path, cache_dir):
     with tarfile.open(path) as archive:
         last = archive.getmembers()[-1]
     with open(path, "r+b") as f:
-        f.truncate(shard_index._padded(last.offset_data + last.size))  # drop the end-of-archive blocks
+        f.truncate(tar_headers.padded(last.offset_data + last.size))  # drop the end-of-archive blocks
     source = TarShardSource(path)
     assert len(source) == 3 and source[2][ERROR] == "truncated_tar"
     assert source[1]["__key__"] == "s00001" and ERROR not in source[1]

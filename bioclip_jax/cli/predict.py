@@ -41,10 +41,10 @@ import numpy as np
 from bioclip_jax import hub, taxa_embeddings, transforms
 from bioclip_jax.compilation_cache import enable_compilation_cache
 from bioclip_jax.cli import common
-from bioclip_jax.data import shard_index
 from bioclip_jax.data.image_items import ImageItem, list_image_files
 from bioclip_jax.inference import ImageEmbedder, TextEmbedder, report_skipped
 from bioclip_jax.models.clip import CLIP
+from bioclip_jax.paths import as_path, open_text
 from bioclip_jax.pretrained import create_model
 from bioclip_jax.sources import SOURCES_HELP
 from bioclip_jax.taxonomy import RANKS, TEXT_TYPES, Taxon
@@ -79,9 +79,9 @@ def binned_labels(model: CLIP, class_to_bin: dict[str, str], batch_size: int) ->
 
 def read_bins(path: str) -> dict[str, str]:
     """class -> bin from pybioclip's bins CSV (header row; first column the class, second its bin)."""
-    if not shard_index.as_path(path).is_file():
+    if not as_path(path).is_file():
         raise FileNotFoundError(f"bins file not found: {path}")
-    with shard_index.open_text(path) as handle:
+    with open_text(path) as handle:
         rows = [r for r in csv.reader(handle) if any(c.strip() for c in r)]
     if not rows or len(rows[0]) < 2:
         raise ValueError(f"{path} must have a header and two columns: class, bin")
@@ -128,9 +128,9 @@ def tree_of_life_labels(features: np.ndarray, taxa: Sequence[Taxon], rank: str, 
 
 def read_subset(path: str) -> tuple[str, set[str]]:
     """(rank, values) from a CSV (local or gs://) whose first column is named by a rank, as pybioclip's --subset."""
-    if not shard_index.as_path(path).is_file():
+    if not as_path(path).is_file():
         raise FileNotFoundError(f"subset file not found: {path}")
-    with shard_index.open_text(path) as handle:
+    with open_text(path) as handle:
         rows = list(csv.reader(handle))
     if not rows or not rows[0]:
         raise ValueError(f"{path} is empty; its first column must be named one of {', '.join(RANKS)}")
@@ -304,11 +304,11 @@ def _class_names(args) -> list[str] | None:
     if args.cls is not None and not args.cls.strip():
         raise ValueError("--cls is empty: give comma-separated labels or a file with one label per line "
                          "(or leave --cls out to predict over the tree of life)")
-    if args.cls_file and not shard_index.as_path(args.cls_file).is_file():
+    if args.cls_file and not as_path(args.cls_file).is_file():
         raise FileNotFoundError(f"label file not found: {args.cls_file}")
-    source = args.cls_file or (args.cls if args.cls and shard_index.as_path(args.cls).is_file() else None)
+    source = args.cls_file or (args.cls if args.cls and as_path(args.cls).is_file() else None)
     if source:
-        with shard_index.open_text(source) as handle:
+        with open_text(source) as handle:
             names = [line.strip() for line in handle]
     elif args.cls:
         if _looks_like_path(args.cls):

@@ -22,7 +22,7 @@ import numpy as np
 from array_record.python import array_record_module
 from grain import sources
 
-from bioclip_jax.data import shard_index
+from bioclip_jax.data.shard_patterns import expand_shard_pattern
 from bioclip_jax.data.tar_source import UNREADABLE_SHARD, error_sample
 from bioclip_jax.paths import is_remote
 
@@ -74,7 +74,7 @@ class ArrayRecordSampleSource:
     """Random access over converted files with the `TarShardSource` sample dicts."""
 
     def __init__(self, shards: str | Sequence[str]):
-        self.shard_paths = shard_index.expand_shard_pattern(shards)
+        self.shard_paths = expand_shard_pattern(shards)
         remote = [path for path in self.shard_paths if is_remote(path)]
         if remote:
             raise ValueError(f"ArrayRecord files are read from local paths only, not {remote[0]}: mount the "

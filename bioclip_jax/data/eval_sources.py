@@ -28,9 +28,9 @@ from typing import Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from bioclip_jax.data import shard_index
 from bioclip_jax.data.image_items import IMAGE_EXTENSIONS, ImageItem, bytes_item, file_item
-from bioclip_jax.paths import is_remote
+from bioclip_jax.data.shard_patterns import expand_shard_pattern
+from bioclip_jax.paths import as_path, expand_user, is_remote, open_text
 from bioclip_jax.taxonomy import Taxon
 
 TAXA_FILE = "taxa.csv"
@@ -68,8 +68,8 @@ class EvalData:
 
 class FolderData(EvalData):
     def __init__(self, root: str, name: str | None = None):
-        root = shard_index.expand_user(root)
-        if not shard_index.as_path(root).is_dir():
+        root = expand_user(root)
+        if not as_path(root).is_dir():
             raise FileNotFoundError(f"image folder not found: {root}")
         self.root = root
         self.name = name or os.path.basename(os.path.normpath(root))
@@ -77,7 +77,7 @@ class FolderData(EvalData):
         self.classes = []
         for entry in sorted(_names(root)):
             directory = os.path.join(root, entry)
-            if entry.startswith(".") or not shard_index.as_path(directory).is_dir():
+            if entry.startswith(".") or not as_path(directory).is_dir():
                 continue
             images = _image_files(directory)
             if not images:
@@ -98,7 +98,7 @@ class FolderData(EvalData):
 def _names(directory: str) -> list[str]:
     """Entries of a local or gs:// directory (os.listdir where it can: 10x faster on big folders)."""
     if is_remote(directory):
-        return [path.name for path in shard_index.as_path(directory).iterdir()]
+        return [path.name for path in as_path(directory).iterdir()]
     return os.listdir(directory)
 
 
@@ -113,7 +113,7 @@ def _image_files(directory: str) -> list[str]:
             continue
         if name.lower().endswith(IMAGE_EXTENSIONS):
             found.append(path)
-        elif shard_index.as_path(path).is_dir():
+        elif as_path(path).is_dir():
             found += _image_files(path)
     return sorted(found)
 
@@ -126,7 +126,7 @@ def _image_file_item(path: str, label: int) -> ImageItem:
 
 
 def _open_remote_image(path: str) -> Image.Image:
-    return Image.open(io.BytesIO(shard_index.as_path(path).read_bytes()))
+    return Image.open(io.BytesIO(as_path(path).read_bytes()))
 
 
 class TfdsData(EvalData):
@@ -183,7 +183,7 @@ class ShardData(EvalData):
     """Webdataset shards read front to back; a first pass over the tar headers finds the labels."""
 
     def __init__(self, pattern: str, label_key: str = DEFAULT_LABEL_KEY, name: str | None = None):
-        self.paths = shard_index.expand_shard_pattern(pattern)
+        self.paths = expand_shard_pattern(pattern)
         self.label_key = label_key.lstrip(".")
         self.name = name or os.path.basename(os.path.dirname(self.paths[0])) or "shards"
         labels = [label for _, label in self._labels()]
@@ -223,7 +223,7 @@ def _tar_samples(path: str, wanted: set[str], image_keys: Sequence[str]) -> Iter
     """(key, {ext: bytes}) per sample, reading only `wanted` members; a damaged tail ends the shard."""
     current_key, members = None, {}
     try:
-        with shard_index.as_path(path).open("rb") as fileobj, tarfile.open(fileobj=fileobj, mode="r:*") as tar:
+        with as_path(path).open("rb") as fileobj, tarfile.open(fileobj=fileobj, mode="r:*") as tar:
             for info in tar:
                 if not info.isfile():
                     continue
@@ -255,10 +255,10 @@ def name_key(name: str) -> str:
 
 def read_taxa_lookup(path: str) -> dict[str, Taxon]:
     """Name -> Taxon from a taxa.csv (local or gs://); keys are `class_name`, scientific and taxonomic names."""
-    if not shard_index.as_path(path).is_file():
+    if not as_path(path).is_file():
         raise FileNotFoundError(f"taxa file not found: {path}")
     lookup: dict[str, Taxon] = {}
-    with shard_index.open_text(path) as handle:
+    with open_text(path) as handle:
         reader = csv.DictReader(handle)
         columns = {c.strip().lower() for c in reader.fieldnames or []}
         if not columns & {"genus", "species", "kingdom"}:
@@ -312,7 +312,7 @@ def attach_taxa(data: EvalData, taxa_csv: str) -> int:
 
 
 def default_taxa_file(root: str) -> str | None:
-    folder = shard_index.as_path(root)
+    folder = as_path(root)
     for candidate in (folder / TAXA_FILE, folder.parent / TAXA_FILE):
         if candidate.is_file():
             return os.fspath(candidate)
@@ -324,7 +324,7 @@ def open_eval_data(spec: str, *, name: str | None = None, taxa: str | None = Non
                    tfds_download: bool = False) -> EvalData:
     """Opens `folder:PATH`, `tfds:NAME[:SPLIT]` or `shards:PATTERN` (a bare directory, also gs://, means folder:)."""
     kind, _, target = spec.partition(":")
-    if kind not in SOURCE_KINDS and shard_index.as_path(spec).is_dir():
+    if kind not in SOURCE_KINDS and as_path(spec).is_dir():
         kind, target = "folder", spec
     if kind == "folder":
         data: EvalData = FolderData(target, name)

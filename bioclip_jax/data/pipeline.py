@@ -25,8 +25,9 @@ from typing import Any, Callable, Mapping
 import grain
 import numpy as np
 
-from bioclip_jax.data import batching, decode, shard_index
+from bioclip_jax.data import batching, decode
 from bioclip_jax.data.array_record import ArrayRecordSampleSource
+from bioclip_jax.data.shard_patterns import expand_shard_pattern
 from bioclip_jax.data.tar_source import DETAIL, ERROR, TarShardSource
 from bioclip_jax.taxonomy import CAPTION_FILES, TextTypeSampler
 from bioclip_jax.tokenizer import get_tokenizer
@@ -71,7 +72,7 @@ def open_sample_source(shards: Any, cache_dir: str | None = None):
         from bioclip_jax.data.tfds_source import open_tfds_source  # noqa: PLC0415 (optional dependency)
 
         return open_tfds_source(shards[len(TFDS_PREFIX):])
-    paths = shard_index.expand_shard_pattern(shards)
+    paths = expand_shard_pattern(shards)
     converted = [path.endswith(".array_record") for path in paths]
     if all(converted):
         return ArrayRecordSampleSource(paths)
@@ -284,7 +285,7 @@ class SkipBudget:
             raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
         self.max_bad_fraction = max_bad_fraction
         if isinstance(shards, str):  # a TFDS dataset has no shard files to name
-            self.shards = [] if shards.startswith(TFDS_PREFIX) else shard_index.expand_shard_pattern(shards)
+            self.shards = [] if shards.startswith(TFDS_PREFIX) else expand_shard_pattern(shards)
         else:
             self.shards = list(shards or [])
         self.window_samples = window_samples

@@ -26,8 +26,9 @@ from typing import Sequence
 import numpy as np
 
 from bioclip_jax.data import shard_index
+from bioclip_jax.data.index_cache import default_cache_dir, index_shards
 from bioclip_jax.data.shard_index import ShardIndex
-from bioclip_jax.paths import atomic_local_file, is_remote, write_atomically
+from bioclip_jax.paths import atomic_local_file, expand_user, is_remote, write_atomically
 
 FORMAT = "bioclip_jax.source_index"
 VERSION = 1
@@ -39,8 +40,8 @@ log = logging.getLogger(__name__)
 
 def index_directory(cache_dir: str | None) -> str:
     """Where joined indexes go: the index cache directory if it is local, else the default local one."""
-    base = cache_dir if cache_dir and not is_remote(cache_dir) else shard_index.default_cache_dir()
-    return os.path.join(shard_index.expand_user(base), SUBDIRECTORY)
+    base = cache_dir if cache_dir and not is_remote(cache_dir) else default_cache_dir()
+    return os.path.join(expand_user(base), SUBDIRECTORY)
 
 
 def _stats(paths: Sequence[str], num_threads: int) -> list[tuple[int, float] | None]:
@@ -112,7 +113,7 @@ def load_source_index(paths: Sequence[str], cache_dir: str | None = None,
             return open_mapped(meta_path), meta_path
         except (OSError, ValueError, KeyError) as error:
             log.warning("rebuilding the source index %s: %s", meta_path, error)
-    indexes = shard_index.index_shards(paths, cache_dir, num_threads)
+    indexes = index_shards(paths, cache_dir, num_threads)
     if key is None or any(index.problem for index in indexes):
         return indexes, None
     try:

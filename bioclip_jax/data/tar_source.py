@@ -25,6 +25,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from bioclip_jax.data import shard_index, source_index
+from bioclip_jax.data.shard_patterns import expand_shard_pattern
+from bioclip_jax.data.tar_headers import members_of
 
 ERROR = "__error__"
 DETAIL = "__detail__"
@@ -112,7 +114,7 @@ class ShardFiles:
 
 def parse_sample(blob: bytes, key: str | None = None) -> tuple[str, dict[str, bytes]]:
     """Members of one sample's byte range -> (key, {extension: payload})."""
-    listing = shard_index.members_of(io.BytesIO(blob), len(blob), expect_end_block=False)
+    listing = members_of(io.BytesIO(blob), len(blob), expect_end_block=False)
     members: dict[str, bytes] = {}
     for _, name, start, size, is_file in listing:
         split = shard_index.split_member_name(name) if is_file else None
@@ -134,7 +136,7 @@ class TarShardSource:
 
     def __init__(self, shards: str | Sequence[str], *, cache_dir: str | None = None,
                  index_threads: int = 8, max_open_files: int = 256):
-        self.shard_paths = shard_index.expand_shard_pattern(shards)
+        self.shard_paths = expand_shard_pattern(shards)
         self.indexes, self._index_file = source_index.load_source_index(self.shard_paths, cache_dir, index_threads)
         counts = np.array([len(index) for index in self.indexes], dtype=np.int64)
         self._first = np.concatenate([[0], np.cumsum(counts)])

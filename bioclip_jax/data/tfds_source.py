@@ -30,10 +30,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from bioclip_jax.data import shard_index
 from bioclip_jax.data.eval_sources import name_key as taxa_key
 from bioclip_jax.data.eval_sources import tfds_keys, read_taxa_lookup
 from bioclip_jax.data.tar_source import UNREADABLE_SHARD, error_sample
+from bioclip_jax.paths import as_path, open_text
 from bioclip_jax.taxonomy import RANKS, Taxon, sample_captions
 
 DEFAULT_SPLIT = "train"
@@ -68,7 +68,7 @@ def taxon_from_label(label: str) -> Taxon:
 
 def read_inat_categories(path: str) -> dict[str, Taxon]:
     """Scientific-name key -> Taxon from an iNat21 annotation JSON's `categories`."""
-    with shard_index.open_text(path) as handle:
+    with open_text(path) as handle:
         categories = json.load(handle).get("categories")
     if not isinstance(categories, list):
         raise ValueError(f"{path} has no 'categories' list (expected an iNat21 train.json or train_mini.json)")
@@ -82,7 +82,7 @@ def read_inat_categories(path: str) -> dict[str, Taxon]:
 
 def read_taxa(path: str) -> dict[str, Taxon]:
     """Name key -> Taxon from an iNat21 JSON or a taxa.csv (matched as eval folders are)."""
-    if not shard_index.as_path(path).is_file():
+    if not as_path(path).is_file():
         raise FileNotFoundError(f"taxa file not found: {path}")
     return read_inat_categories(path) if path.endswith(".json") else read_taxa_lookup(path)
 

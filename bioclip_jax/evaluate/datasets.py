@@ -11,9 +11,9 @@ import os
 from etils import epath
 
 from bioclip_jax.checkpoint.model_dir import CONFIG_JSON
-from bioclip_jax.data import shard_index
 from bioclip_jax.data.eval_sources import TAXA_FILE, EvalData, open_eval_data
 from bioclip_jax.evaluate.config import recorded_eval
+from bioclip_jax.paths import as_path
 
 HELD_OUT_NAME = "held_out"  # the name a training run's held-out species go by in its results
 GENERIC_FOLDER_NAMES = ("images", "imgs")  # such a folder is named after its parent (held_out/images -> held_out)
@@ -41,7 +41,7 @@ def recorded_held_out(workdir) -> dict:
     folder = recorded.get("held_out_dir")
     if not folder:
         raise ValueError(f"the run in {workdir} recorded no held-out set (eval.held_out_dir): pass --data=...")
-    if not shard_index.as_path(folder).is_dir():
+    if not as_path(folder).is_dir():
         raise FileNotFoundError(f"the held-out folder recorded by {workdir}/{CONFIG_JSON} is gone: {folder}; "
                                 f"pass --data=folder:PATH")
     return {"name": HELD_OUT_NAME, "data": f"folder:{folder}", "taxa": recorded.get("taxa_file") or "",
@@ -75,7 +75,7 @@ def _taxa_file(data: EvalData, spec: dict) -> str | None:
     if spec.get("taxa"):
         return _absolute(spec["taxa"])
     root = getattr(data, "root", None) or os.path.dirname((getattr(data, "paths", None) or [""])[0])
-    for folder in (shard_index.as_path(root), shard_index.as_path(root).parent) if root else ():
+    for folder in (as_path(root), as_path(root).parent) if root else ():
         if (folder / TAXA_FILE).is_file():
             return _absolute(os.fspath(folder / TAXA_FILE))
     return None

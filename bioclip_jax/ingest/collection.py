@@ -28,11 +28,12 @@ import os
 import numpy as np
 from PIL import Image, ImageOps
 
-from bioclip_jax.data import decode, shard_index
+from bioclip_jax.data import decode
 from bioclip_jax.data.eval_sources import FolderData, checked_rows, read_taxa_lookup
 # The eval folders' rules (where a taxa.csv is found, how class names match it), so both agree.
 from bioclip_jax.data.eval_sources import default_taxa_file
 from bioclip_jax.data.eval_sources import name_key as taxa_key
+from bioclip_jax.paths import as_path, open_text
 from bioclip_jax.taxonomy import Taxon
 
 PATH_COLUMNS = ("filepath", "file_path", "path", "image", "image_path", "img", "filename", "file")
@@ -106,13 +107,13 @@ def _path_column(fieldnames: list[str], csv_path: str) -> str:
 
 def read_table_collection(csv_path: str, image_root: str | None = None) -> Collection:
     """One row per image: a path column plus kingdom .. species, common (see the module docstring)."""
-    if not shard_index.as_path(csv_path).is_file():
+    if not as_path(csv_path).is_file():
         raise FileNotFoundError(f"image table not found: {csv_path}")
     image_root = image_root or os.path.dirname(os.path.abspath(csv_path))
     classes: list[CollectionClass] = []
     index_of: dict[tuple, int] = {}
     images, skipped = [], []
-    with shard_index.open_text(csv_path) as handle:
+    with open_text(csv_path) as handle:
         reader = csv.DictReader(handle)
         path_column = _path_column(list(reader.fieldnames or []), csv_path)
         if not {c.strip().lower() for c in reader.fieldnames} & {"kingdom", "genus", "species"}:
@@ -164,7 +165,7 @@ def drop_duplicates(collection: Collection, threads: int = 4) -> Collection:
     """
     def digest(image: LabelledImage) -> bytes | None:
         try:
-            return hashlib.sha256(shard_index.as_path(image.path).read_bytes()).digest()
+            return hashlib.sha256(as_path(image.path).read_bytes()).digest()
         except OSError:
             return None
 
@@ -227,7 +228,7 @@ def training_jpeg(path: str, resize: int = 0) -> bytes:
     rotation (training decodes ignore EXIF) and, with `resize`, images whose shorter side is
     longer than `resize` pixels are re-encoded (quality 95, bicubic downscale).
     """
-    data = shard_index.as_path(path).read_bytes()
+    data = as_path(path).read_bytes()
     try:
         decode.decode_and_crop(data, _CHECK_SIZE, np.random.default_rng(0))  # reads every scan
     except decode.ImageDecodeError:

@@ -13,10 +13,9 @@ from typing import Any, Callable, Iterable, Sequence
 from array_record.python import array_record_module
 from etils import epath
 
-from bioclip_jax.data import shard_index
 from bioclip_jax.data.array_record import encode_sample
 from bioclip_jax.data.tar_source import ERROR
-from bioclip_jax.paths import atomic_local_file, is_remote
+from bioclip_jax.paths import as_path, atomic_local_file, is_remote
 
 FILE_NAME = "shard-{:06d}.array_record"
 WRITER_OPTIONS = "group_size:1"  # one record per chunk: what Grain's random access wants
@@ -50,7 +49,7 @@ def convert_to_array_record(source: Sequence[dict[str, Any]], out_dir: str, reco
     """
     if records_per_file <= 0:
         raise ValueError(f"records_per_file must be positive, got {records_per_file}")
-    out = shard_index.as_path(out_dir)
+    out = as_path(out_dir)
     if not is_remote(out):  # gs:// has no directories to make
         out.mkdir(parents=True, exist_ok=True)
     dropped: dict[str, int] = {}
