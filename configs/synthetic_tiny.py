@@ -10,9 +10,11 @@ from bioclip_jax.train.config_base import base_config, sized
 def get_config(arg=None):
     c = base_config()
     c.model.name = "ViT-Tiny-8"
-    c.total_steps = 300
+    # 12,800 pairs (1.8 epochs) in 200 updates of 64: more, smaller updates learn more from the same pairs
+    # (benchmarks/README.md, "The main job", has the measurements).
+    c.total_steps = 200
     c.log_every_steps = 25
-    c.data.batch_size = 128
+    c.data.batch_size = 64
     c.data.text_type = "random"
     c.data.text_tokens = 48  # the longest synthetic caption of the random pool is 43 tokens
     c.optimizer.lr = 1e-3
@@ -20,7 +22,7 @@ def get_config(arg=None):
     c.schedule.warmup_steps = 30
     c.checkpoint.every_steps = 100
     c.checkpoint.keep = 2
-    c.eval.every_steps = 100
+    c.eval.every_steps = 100  # one evaluation half-way, then the final one
     c.eval.batch_size = 128
     c.eval.text_type = "taxon_com,sci,com"
     return sized(c, arg, {
