@@ -46,6 +46,7 @@ OPT_STATE = "opt_state"
 DATA = "data"
 META = "meta"
 UNREADABLE_DIR = "checkpoints_unreadable"
+LISTING_DEADLINE_S = 60.0  # for the last-good listing that ends a failure message
 
 
 class CheckpointError(OSError):
@@ -141,7 +142,16 @@ class TrainCheckpointer:
                                f"{self.last_good_message()}")
 
     def last_good_message(self) -> str:
-        steps = finished_steps(self.directory.parent)  # committed on storage, not a save in flight
+        """Where a rerun resumes from, read from storage: a save in flight is not committed. The storage
+        may be what failed (a bucket outage), so the listing has a short deadline and its failure is
+        said, rather than replacing the message this sentence ends."""
+        try:
+            steps = faults.with_deadline(lambda: finished_steps(self.directory.parent),
+                                         min(LISTING_DEADLINE_S, faults.timeout_s()),
+                                         f"listing the checkpoints in {self.directory}")
+        except Exception as error:  # noqa: BLE001 - whatever the listing met, the run's own message stands
+            return (f"The checkpoints cannot be listed now ({_first_line(error)}); a rerun resumes from the "
+                    f"newest one in {self.directory} that reads cleanly.")
         if not steps:
             return f"There is no earlier checkpoint in {self.directory}."
         return f"The last good checkpoint is step {steps[-1]} in {self.directory}; rerunning resumes from it."
