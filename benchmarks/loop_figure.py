@@ -29,22 +29,20 @@ import time
 
 import _timing
 
+from bioclip_jax.config_fields import OVERRIDE_PREFIX, apply_overrides, read_config_file
+
 TARGET = 0.97
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 
 def _config(shards: str, model: str, batch: int, steps: int, window: int, cache_dir: str, fields: dict | None = None):
-    from bioclip_jax.cli.common import _set_field, read_config_file  # noqa: PLC0415
-
     _, config = read_config_file(os.path.join(REPO, "configs", "synthetic_tiny.py"), "synthetic_tiny")
     config.data.train_shards, config.model.name, config.data.batch_size = shards, model, batch
     config.total_steps, config.log_every_steps = steps, window
     config.checkpoint.every_steps, config.eval.every_steps = 10 * steps, 0
     config.schedule.warmup_steps = 1
     config.compilation_cache_dir = cache_dir  # later rounds load the step instead of compiling it
-    for name, text in (fields or {}).items():  # typed as on the training command line
-        _set_field(config, name, text)
-    return config
+    return apply_overrides(config, [f"{OVERRIDE_PREFIX}{name}={text}" for name, text in (fields or {}).items()])
 
 
 def _loop_windows(config, workdir: str) -> list[float]:

@@ -14,10 +14,9 @@ import os
 
 import bioclip_jax
 from bioclip_jax.cli import main as cli
-from bioclip_jax.cli.common import read_config_file
+from bioclip_jax.config_fields import override, read_config_file
 from bioclip_jax.cli import eval as eval_cli
 from bioclip_jax.pretrained import export_open_clip
-from bioclip_jax.train.config_base import override
 from bioclip_jax.train.job import run_job
 from collection_helpers import write_collection
 

@@ -139,7 +139,7 @@ def test_cli_in_a_fresh_process_simulates_the_devices_it_is_asked_for():
     (["--mesh", "data=two"], "axis=size"),
     (["--mesh", "pipeline=2"], "axis=size"),
     (["--device-memory", "80 parsecs"], "memory size"),
-    (["--config.optimizer.lrr=1"], "no field 'optimizer.lrr'"),
+    (["--config.optimizer.lrr=1"], "unknown config field 'optimizer.lrr'"),
     (["--devices", "64"], "fresh process"),
     (["--mesh", "fsdp=3"], "does not divide"),
 ])

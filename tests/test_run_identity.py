@@ -7,7 +7,7 @@ import os
 import pytest
 
 from bioclip_jax.checkpoint.model_dir import CONFIG_JSON
-from bioclip_jax.cli.common import read_config_file
+from bioclip_jax.config_fields import read_config_file
 from bioclip_jax.train import run_identity
 from bioclip_jax.train.config_base import base_config
 

@@ -7,9 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from bioclip_jax.cli.common import read_config_file
+from bioclip_jax.config_fields import override, read_config_file
 from bioclip_jax.synthetic.dataset import make_synthetic
-from bioclip_jax.train.config_base import override
 from bioclip_jax.train.loop import train
 from bioclip_jax.train.metrics import read_metrics
 

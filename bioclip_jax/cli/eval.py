@@ -21,20 +21,20 @@ gs:// paths.
 from __future__ import annotations
 
 import argparse
-import ast
 import sys
 
 import ml_collections
 
-from bioclip_jax.cli.common import model_source, read_config_file
-from bioclip_jax.sources import SOURCES_HELP
 from bioclip_jax.checkpoint import model_dir
+from bioclip_jax.cli.common import model_source
+from bioclip_jax.config_fields import OVERRIDE_PREFIX, apply_overrides, override, read_config_file, set_field
 from bioclip_jax.evaluate import runner
 from bioclip_jax.evaluate.config import TASKS, check_config, default_config
 from bioclip_jax.evaluate.datasets import dataset_specs, recorded_held_out
 from bioclip_jax.evaluate.results_files import workdir_results_path
 from bioclip_jax.evaluate.watch import watch
 from bioclip_jax.pretrained import create_model
+from bioclip_jax.sources import SOURCES_HELP
 
 # flag -> (config field, argparse keyword arguments)
 _FLAGS = {
@@ -84,34 +84,7 @@ def build_parser(prog: str = "bioclip-jax eval") -> argparse.ArgumentParser:
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
     """default_config() updated by PATH.py's get_config(ARG)."""
     path, loaded = read_config_file(spec, "_bioclip_eval_config")
-    config = default_config()
-    for key, value in dict(loaded).items():
-        _set(config, key, value, path)
-    return config
-
-
-def _set(config: ml_collections.ConfigDict, key: str, value, where: str) -> None:
-    *parents, leaf = key.split(".")
-    node = config
-    for part in parents:
-        node = node[part]
-    if leaf not in node:
-        raise ValueError(f"{where}: unknown config field {key!r}; known: {', '.join(sorted(config.keys()))}")
-    if isinstance(value, ml_collections.ConfigDict):
-        value = value.to_dict()
-    if isinstance(node[leaf], tuple) and isinstance(value, (list, int)):
-        value = tuple(value) if isinstance(value, list) else (value,)
-    try:
-        node[leaf] = value
-    except TypeError as error:
-        raise ValueError(f"{where}: config field {key!r} cannot be set to {value!r} ({error})") from error
-
-
-def _parse_value(text: str):
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
+    return override(default_config(), dict(loaded), where=path)
 
 
 def build_config(argv: list[str] | None) -> ml_collections.ConfigDict:
@@ -124,16 +97,11 @@ def build_config(argv: list[str] | None) -> ml_collections.ConfigDict:
             continue
         if flag == "shots":
             value = tuple(int(k) for k in str(value).split(",") if k.strip())
-        _set(config, flag, value, "command line")
+        set_field(config, flag, value, f"--{flag}")
     for item in rest:
-        if not item.startswith("--config.") or "=" not in item:
+        if not item.startswith(OVERRIDE_PREFIX) or "=" not in item:
             parser.error(f"unrecognised argument {item!r}")
-        key, _, text = item[len("--config."):].partition("=")
-        value = _parse_value(text)
-        if key == "shots" and isinstance(value, int):
-            value = (value,)
-        _set(config, key, value, "command line")
-    return config
+    return apply_overrides(config, rest)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from bioclip_jax.config_fields import override
+
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -20,9 +22,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.remat = "none"                # backward-pass recomputation of each transformer block: none | full |
                                     # minimal (recompute all but the weight matmuls) | save:NAME,... |
                                     # a jax.checkpoint_policies name (bioclip_jax/models/remat.py)
-    c.attention = "auto"            # attention kernel: auto (cuDNN on a GPU in bf16/fp16 where it runs, XLA
-                                    # einsums otherwise, head-major einsums on CPU) | xla | cudnn | head_major
-    c.compilation_cache_dir = "auto"  # persistent XLA compilation cache: auto (a user cache) | a path | "" off
+    c.attention = "auto"            # attention kernel: auto (cuDNN on a GPU in bf16/fp16 where cuDNN runs the
+                                    # towers' shapes, xla einsums on other GPUs and on TPUs, head-major einsums
+                                    # on CPU) | xla | cudnn | head_major (bioclip_jax/models/attention.py)
+    c.compilation_cache_dir = "auto"  # persistent XLA compilation cache: auto (the folder JAX was given, e.g.
+                                      # JAX_COMPILATION_CACHE_DIR, else $BIOCLIP_JAX_CACHE/xla or
+                                      # ~/.cache/bioclip_jax/xla) | a path (local or gs://) | "" off
     c.scan_layers = True            # run transformer blocks in a lax.scan (faster backward, quicker compile)
 
     c.model = ml_collections.ConfigDict()
@@ -108,15 +113,4 @@ def sized(config: ml_collections.ConfigDict, arg: str | None, sizes: dict) -> ml
         return config
     if arg not in sizes:
         raise ValueError(f"unknown config argument {arg!r}; choose one of {sorted(sizes)}")
-    return override(config, sizes[arg])
-
-
-def override(config: ml_collections.ConfigDict, values: dict) -> ml_collections.ConfigDict:
-    """Sets fields named by dotted paths ({"data.batch_size": 64, ...}) in place; returns the config."""
-    for dotted, value in values.items():
-        node = config
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    return config
+    return override(config, sizes[arg], where=f"config size {arg!r}")
