@@ -1,4 +1,5 @@
-"""A gs:// workdir whose server does not answer at start-up: one sentence naming the workdir."""
+"""A gs:// workdir whose server is down, or takes connections and never answers, at start-up: one
+sentence naming the workdir or its lock, within the storage deadline."""
 
 import json
 import os
@@ -7,24 +8,37 @@ import subprocess
 import sys
 import time
 
+DEADLINE_S = "4"
 CHECK = "from bioclip_jax.train.workdir import check_workdir; check_workdir('gs://bioclip-test/run')"
+LOCK = "from bioclip_jax.train.workdir import WorkdirLock\nwith WorkdirLock('gs://bioclip-test/run'):\n    pass"
 
 
-def _closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]  # nothing listens once the socket is closed
+def _run_against(url: str, code: str) -> tuple[str, float]:
+    """The last line a Python process running `code` printed with gcsfs pointed at `url`, and its seconds."""
+    env = dict(os.environ, STORAGE_EMULATOR_HOST=url, FSSPEC_GCS=json.dumps({"token": "anon"}),
+               GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false", EPATH_USE_TF="false", NO_GCE_CHECK="true",
+               BIOCLIP_JAX_STORAGE_TIMEOUT_S=DEADLINE_S)
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0, result.stdout
+    return result.stderr.strip().splitlines()[-1], time.monotonic() - start
 
 
 def test_a_bucket_server_that_is_down_names_the_workdir_within_the_storage_deadline():
     """The old code let gcsfs's own "Cannot connect to host ..." through after its half-minute of retries."""
-    url = f"http://127.0.0.1:{_closed_port()}"
-    env = dict(os.environ, STORAGE_EMULATOR_HOST=url, FSSPEC_GCS=json.dumps({"token": "anon"}),
-               GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false", EPATH_USE_TF="false", NO_GCE_CHECK="true",
-               BIOCLIP_JAX_STORAGE_TIMEOUT_S="4")
-    start = time.monotonic()
-    result = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("OSError: cannot reach workdir gs://bioclip-test/run ("), result.stderr
-    assert time.monotonic() - start < 25, "the storage deadline (4 s) did not bound the wait"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{probe.getsockname()[1]}"  # nothing listens once the socket is closed
+    last, seconds = _run_against(url, CHECK)
+    assert last.startswith("OSError: cannot reach workdir gs://bioclip-test/run ("), last
+    assert seconds < 25, "the storage deadline did not bound the wait"
+
+
+def test_a_bucket_server_that_never_answers_stops_taking_the_lock_at_the_deadline():
+    """The old code waited on gcsfs for as long as the server kept the connection open."""
+    with socket.socket() as silent:  # accepts connections (the kernel's backlog) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        last, seconds = _run_against(f"http://127.0.0.1:{silent.getsockname()[1]}", LOCK)
+    assert "taking the lock gs://bioclip-test/run/LOCK did not finish within 4 s" in last, last
+    assert seconds < 25

@@ -63,7 +63,7 @@ def check_workdir(workdir) -> epath.Path:
 
     A bucket whose server does not answer makes gcsfs retry for half a minute and then raise
     its own "Cannot connect ..."; the sentence names the workdir, and the storage deadline
-    (checkpoint.faults) bounds the wait.
+    (checkpoint.faults) bounds each storage call here, as it does the lock's.
     """
     path = epath.Path(workdir)
     try:
@@ -76,10 +76,14 @@ def check_workdir(workdir) -> epath.Path:
         raise ValueError(f"workdir {path} is a file, not a directory: give a directory "
                          f"(a new one is created) or the workdir of an earlier run")
     probe = path / f".write-probe-{uuid.uuid4().hex}"
-    try:
+
+    def write_probe() -> None:
         path.mkdir(parents=True, exist_ok=True)
         probe.write_text("")
         probe.unlink()
+
+    try:
+        faults.with_deadline(write_probe, faults.timeout_s(), f"writing a probe file into workdir {path}")
     except Exception as error:  # noqa: BLE001 - read-only mount, permissions, bucket ACL: one message
         raise OSError(f"cannot write to workdir {path} ({_reason(error)}): give a writable directory, "
                       f"or fix its permissions or mount") from None
@@ -131,6 +135,9 @@ class WorkdirLock:
         self.holder = this_holder()
 
     def __enter__(self) -> "WorkdirLock":
+        return faults.with_deadline(self._take, faults.timeout_s(), f"taking the lock {self.path}")
+
+    def _take(self) -> "WorkdirLock":
         for _ in range(3):  # a takeover races another job at most a couple of times
             if self._create():
                 return self
@@ -148,11 +155,14 @@ class WorkdirLock:
 
     def __exit__(self, *exc) -> None:
         try:
-            if self._read() == self.holder:  # never remove a lock another job took over
-                self.path.unlink(missing_ok=True)
+            faults.with_deadline(self._release, faults.timeout_s(), f"removing the lock {self.path}")
         except Exception as error:  # noqa: BLE001 - never hide the run's own outcome behind this
             print(f"warning: could not remove the lock {self.path} ({_reason(error)}); delete it before the "
                   f"next run", file=sys.stderr, flush=True)
+
+    def _release(self) -> None:
+        if self._read() == self.holder:  # never remove a lock another job took over
+            self.path.unlink(missing_ok=True)
 
     def _create(self) -> bool:
         text = json.dumps(self.holder)
