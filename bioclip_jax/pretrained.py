@@ -54,9 +54,9 @@ def _config_for(model_name: str | None, source: str) -> CLIPConfig:
     return get_model_config(model_name)
 
 
-def _described(meta: dict) -> tuple[CLIPConfig, PreprocessConfig]:
-    """Architecture and preprocessing from {"model_cfg": ..., "preprocess_cfg": ...}."""
-    config = from_open_clip(meta["model_cfg"])
+def _described(meta: dict, source: str) -> tuple[CLIPConfig, PreprocessConfig]:
+    """Architecture and preprocessing from {"model_cfg": ..., "preprocess_cfg": ...} (read from `source`)."""
+    config = from_open_clip(meta["model_cfg"], source)
     return config, PreprocessConfig.from_open_clip(meta.get("preprocess_cfg", {}), config.vision.image_size)
 
 
@@ -68,12 +68,12 @@ def load_source(pretrained: str, model_name: str | None = None, *, step: int | N
     path = _strip_schema(str(pretrained))
     is_dir = epath.Path(path).is_dir()
     if is_dir and model_dir.is_model_dir(path):
-        config, preprocess = _described(model_dir.read_model_json(path))
+        config, preprocess = _described(model_dir.read_model_json(path), path)
         return Loaded(config, preprocess, model_dir.load_params(path, step), path)
     if step is not None:
         raise ValueError(f"step={step} applies to a bioclip_jax training workdir; {pretrained} is not one")
     if is_dir:
-        config, preprocess = _described(state_dict_io.read_open_clip_config(path))
+        config, preprocess = _described(state_dict_io.read_open_clip_config(path), path)
         weights = state_dict_io.find_weights_in_dir(path)
     elif epath.Path(path).is_file():
         config = _config_for(model_name, path)

@@ -93,36 +93,51 @@ def get_model_config(name: str) -> CLIPConfig:
 
 _VISION_KEYS = {f.name for f in dataclasses.fields(VisionConfig)}
 _TEXT_KEYS = {f.name for f in dataclasses.fields(TextConfig)}
-# open_clip options that we accept only at their default value (anything else would
-# silently change the architecture).
-_VISION_DEFAULTS = {"ls_init_value": None, "patch_dropout": 0.0, "attentional_pool": False,
-                    "no_ln_pre": False, "pos_embed_type": "learnable", "final_ln_after_pool": False,
-                    "pool_type": "tok", "output_tokens": False, "timm_model_name": None}
-_TEXT_DEFAULTS = {"ls_init_value": None, "embed_cls": False, "no_causal_mask": False,
-                  "final_ln_after_pool": False, "pool_type": "argmax", "proj_bias": False,
-                  "proj_type": "linear", "output_tokens": False, "hf_model_name": None,
-                  "hf_tokenizer_name": None, "pad_id": 0}
+_TOP_KEYS = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_bias"}
+# open_clip options that change the architecture (or the tokens) unless at open_clip's default,
+# the only value bioclip_jax implements.
+_SHARED_DEFAULTS = {"ls_init_value": None, "final_ln_after_pool": False, "output_tokens": False,
+                    "act_kwargs": None, "norm_kwargs": None, "block_type": None, "qk_norm": False,
+                    "scaled_cosine_attn": False, "scale_heads": False, "scale_attn_inner": False,
+                    "scale_attn": False, "scale_fc": False}
+_VISION_DEFAULTS = {**_SHARED_DEFAULTS, "patch_dropout": 0.0, "attentional_pool": False, "no_ln_pre": False,
+                    "pos_embed_type": "learnable", "pool_type": "tok", "timm_model_name": None}
+_TEXT_DEFAULTS = {**_SHARED_DEFAULTS, "embed_cls": False, "no_causal_mask": False, "pool_type": "argmax",
+                  "proj_bias": False, "proj_type": "linear", "hf_model_name": None, "hf_tokenizer_name": None,
+                  "tokenizer_mode": None, "tokenizer_kwargs": None, "pad_id": 0}
+_TOP_DEFAULTS = {"custom_text": False, "multimodal_cfg": None, "nonscalar_logit_scale": False}
+# Harmless at any value: they configure parts that the defaults above switch off (a timm or
+# Hugging Face tower, the attentional pooler, end-of-text pooling).
+_VISION_IGNORED = {"timm_model_pretrained", "timm_pool", "timm_proj", "timm_proj_bias", "timm_drop",
+                   "timm_drop_path", "attn_pooler_queries", "attn_pooler_heads"}
+_TEXT_IGNORED = {"hf_model_pretrained", "hf_proj_type", "hf_pooler_type", "eos_id"}
 
 
-def _pick(section: str, cfg: Mapping[str, Any], keys: set[str], defaults: dict) -> dict:
+def _pick(section: str, cfg: Mapping[str, Any], keys: set[str], defaults: dict, ignored: set[str],
+          source: str) -> dict:
+    """The fields bioclip_jax builds from; any other key must be harmless, or the import is refused."""
+    where = f" in {source}" if source else ""
     out = {}
     for key, value in cfg.items():
+        name = f"{section}.{key}" if section else key
         if key in keys:
             out[key] = value
         elif key in defaults:
             if value != defaults[key]:
-                raise ValueError(
-                    f"open_clip {section}.{key}={value!r} is not supported by bioclip_jax "
-                    f"(only {defaults[key]!r})"
-                )
-        # Other keys (tokenizer hints, norm/act kwargs left at None, ...) do not change weights.
+                raise ValueError(f"open_clip {name}={value!r}{where} is not supported by bioclip_jax "
+                                 f"(only {defaults[key]!r})")
+        elif key not in ignored:
+            raise ValueError(f"open_clip {name}={value!r}{where} is unknown to bioclip_jax, which refuses "
+                             f"what might build a different model")
     return out
 
 
-def from_open_clip(model_cfg: Mapping[str, Any]) -> CLIPConfig:
-    """Builds a CLIPConfig from open_clip's `model_cfg` (as in open_clip_config.json)."""
-    vision = dict(model_cfg.get("vision_cfg", {}))
-    text = dict(model_cfg.get("text_cfg", {}))
+def from_open_clip(model_cfg: Mapping[str, Any], source: str = "") -> CLIPConfig:
+    """Builds a CLIPConfig from open_clip's `model_cfg` (as in open_clip_config.json; `source` names
+    the file in errors). A key that would build a model other than the one open_clip builds is refused."""
+    top = _pick("", model_cfg, _TOP_KEYS, _TOP_DEFAULTS, set(), source)
+    vision = dict(top.get("vision_cfg", {}))
+    text = dict(top.get("text_cfg", {}))
     if isinstance(vision.get("layers"), (list, tuple)):
         raise ValueError("ResNet image towers are not supported; bioclip_jax implements ViT towers")
     if isinstance(vision.get("image_size"), (list, tuple)):
@@ -131,11 +146,11 @@ def from_open_clip(model_cfg: Mapping[str, Any]) -> CLIPConfig:
             raise ValueError(f"non-square image_size {size} is not supported")
         vision["image_size"] = size[0]
     return CLIPConfig(
-        embed_dim=int(model_cfg["embed_dim"]),
-        vision=VisionConfig(**_pick("vision_cfg", vision, _VISION_KEYS, _VISION_DEFAULTS)),
-        text=TextConfig(**_pick("text_cfg", text, _TEXT_KEYS, _TEXT_DEFAULTS)),
-        quick_gelu=bool(model_cfg.get("quick_gelu", False)),
-        init_logit_bias=model_cfg.get("init_logit_bias"),
+        embed_dim=int(top["embed_dim"]),
+        vision=VisionConfig(**_pick("vision_cfg", vision, _VISION_KEYS, _VISION_DEFAULTS, _VISION_IGNORED, source)),
+        text=TextConfig(**_pick("text_cfg", text, _TEXT_KEYS, _TEXT_DEFAULTS, _TEXT_IGNORED, source)),
+        quick_gelu=bool(top.get("quick_gelu", False)),
+        init_logit_bias=top.get("init_logit_bias"),
     )
 
 
