@@ -48,6 +48,11 @@ def test_checkpoint_from_8_devices_restores_onto_4(shards, tmp_path):
         assert moved[step] == pytest.approx(reference[step], rel=2e-5)
 
 
+def _jpeg_count(shard: str) -> int:
+    with tarfile.open(shard) as tar:
+        return sum(name.endswith(".jpg") for name in tar.getnames())
+
+
 def test_corrupt_sample_is_skipped_and_counted(shards, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(shards, broken)
@@ -68,10 +73,13 @@ def test_corrupt_sample_is_skipped_and_counted(shards, tmp_path):
     for stale_index in glob.glob(str(broken / "*.idx.json")):
         os.remove(stale_index)
 
-    records = run(tmp_path / "run", str(broken), total_steps=12, stop_after=12)
-    assert max(losses(records)) == 12  # the run completed
+    # 5 batches of 40 read the shuffled stream of 100 samples exactly twice over: the one corrupted
+    # sample is replaced once in each pass.
+    assert sum(_jpeg_count(shard) for shard in glob.glob(str(broken / "shard-*.tar"))) == 100
+    records = run(tmp_path / "run", str(broken), total_steps=5, stop_after=5, data__batch_size=40)
+    assert max(losses(records)) == 5  # the run completed
     skipped = [r["skipped_samples"] for r in records if "skipped_samples" in r]
-    assert skipped[-1] >= 1
+    assert skipped[-1] == 2
 
 
 def test_crash_during_save_leaves_previous_checkpoint_usable(shards, tmp_path):
