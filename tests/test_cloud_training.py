@@ -2,7 +2,7 @@
 
 Orbax writes straight to the bucket (its commit protocol needs the real gs:// path), the
 resumed run continues exactly where the stopped one ended, and the job binary exports the
-finished model from the bucket.
+finished model from the bucket: open_clip loads it with the weights of the same run done locally.
 """
 
 import os
@@ -10,8 +10,10 @@ import subprocess
 import sys
 
 import open_clip
+import torch
 from etils import epath
 
+from bioclip_jax import create_model, export_open_clip
 from bioclip_jax.train.metrics import read_metrics
 from gcs_server import gcs_bucket, gcs_dir, gcs_env  # noqa: F401 - fixtures
 from train_helpers import losses, run, shards  # noqa: F401 - fixture
@@ -38,5 +40,9 @@ def test_stop_and_resume_in_a_bucket_gives_the_local_losses_and_exports(gcs_dir,
     done = subprocess.run([sys.executable, "-m", "bioclip_jax.cli.main", "export", "--checkpoint", workdir,
                            "--out", str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
-    model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{out}")
-    assert model.visual is not None
+    export_open_clip(create_model(pretrained=str(tmp_path / "local")), tmp_path / "local_exported")
+    exported = open_clip.create_model(f"local-dir:{out}").state_dict()
+    reference = open_clip.create_model(f"local-dir:{tmp_path / 'local_exported'}").state_dict()
+    assert exported.keys() == reference.keys()
+    for key, value in exported.items():
+        torch.testing.assert_close(value, reference[key], rtol=0, atol=0, msg=key)
