@@ -95,7 +95,7 @@ for ((i = 0; i < NUM_PROCESSES; i++)); do
   echo "$!" >"$LOG_DIR/process-$i.pid"
 done
 
-STOPPED=75  # bioclip_jax/train/exit_codes.py: saved a checkpoint, rerun to resume
+STOPPED=75  # bioclip_jax/exit_codes.py: saved a checkpoint, rerun to resume
 declare -A STATUS_OF=()  # process index -> exit status, once it has ended
 
 # Signals each process's group (an ended process's too: its data workers may outlive it),

@@ -92,7 +92,7 @@ def test_text_report_and_errors(tmp_path, capsys):
     for reason in SKIP_REASONS:
         assert reason in out
     assert "distinct taxa per rank (from taxonTag.txt): kingdom 1" in out
-    assert check_data.main(["--shards", str(tmp_path / "shard-{000000..000003}.tar")]) == 1
+    assert check_data.main(["--shards", str(tmp_path / "shard-{000000..000003}.tar")]) == 2  # a missing input
     assert "shard-000001.tar does not exist" in capsys.readouterr().err
     assert check_data.main(["--shards", str(tmp_path), "--text-type", "nonsense"]) == 1
     assert "unknown text type" in capsys.readouterr().err

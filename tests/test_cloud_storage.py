@@ -116,7 +116,7 @@ def bucket_workdir(gcs_dir):
 
 def test_missing_step_is_one_sentence_listing_the_steps(bucket_workdir, gcs_dir, capsys):
     assert model_dir.finished_steps(bucket_workdir) == [3, 6]
-    assert cli.main(["export", "--checkpoint", bucket_workdir, "--step", "4", "--out", f"{gcs_dir}/x"]) == 1
+    assert cli.main(["export", "--checkpoint", bucket_workdir, "--step", "4", "--out", f"{gcs_dir}/x"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "step 4" in err and "available steps: 3, 6" in err, err
     with pytest.raises(ValueError, match="training workdir"):

@@ -44,7 +44,7 @@ def test_embed_images_and_texts(tmp_path, capsys):
 
 def test_embed_errors(tmp_path, capsys):
     assert cli.main(["embed", "--model", "ViT-Tiny-8", "--images", str(tmp_path / "nope"),
-                     "--out", str(tmp_path / "x.npy")]) == 1
+                     "--out", str(tmp_path / "x.npy")]) == 2  # a missing input is a usage or input error
     assert "not found" in capsys.readouterr().err
 
 

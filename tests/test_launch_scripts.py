@@ -3,7 +3,7 @@
 Stand-ins replace what is not here: `srun`, `scontrol` and the training process for
 SLURM; gcloud is never called (--dry-run prints its commands, and the commands meant for
 a TPU worker run here, in a temporary HOME, with a stand-in train module); a stand-in
-python for the local launcher. The exit statuses are those of bioclip_jax/train/exit_codes.py.
+python for the local launcher. The exit statuses are those of bioclip_jax/exit_codes.py.
 """
 
 import os
@@ -17,7 +17,7 @@ import uuid
 
 import pytest
 
-from bioclip_jax.train import exit_codes
+from bioclip_jax import exit_codes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SBATCH = os.path.join(REPO, "launch", "slurm_gpu.sbatch")

@@ -135,7 +135,7 @@ def test_clear_errors(tmp_path, capsys):
     photos = tmp_path / "photos"
     write_collection(photos, species=2, images=2)
     os.remove(photos / "taxa.csv")
-    assert cli.main(["make-shards", "--folder", str(photos), "--out", str(tmp_path / "a"), "--no-progress"]) == 1
+    assert cli.main(["make-shards", "--folder", str(photos), "--out", str(tmp_path / "a"), "--no-progress"]) == 2
     assert "no taxa.csv in or next to" in capsys.readouterr().err
 
     write_taxa(photos / "taxa.csv", [])

@@ -200,7 +200,7 @@ def test_sigterm_to_one_process_stops_every_process_at_the_same_saved_step(shard
     import signal
     import time
 
-    from bioclip_jax.train.exit_codes import STOPPED
+    from bioclip_jax.exit_codes import STOPPED
 
     workdir, log_dir = tmp_path / "run", tmp_path / "logs"
     command = ["bash", LAUNCHER, "2", "4", "--", "--config=configs/synthetic_tiny.py:smoke", f"--workdir={workdir}",

@@ -126,7 +126,7 @@ def test_a_signal_saves_and_stops_with_the_stopped_status_and_no_export(shards, 
     import time
 
     from bioclip_jax.checkpoint.model_dir import latest_step_dir
-    from bioclip_jax.train.exit_codes import STOPPED
+    from bioclip_jax.exit_codes import STOPPED
     from bioclip_jax.train.metrics import read_metrics
 
     workdir = tmp_path / "preempted"

@@ -14,7 +14,7 @@ from gcs_server import gcs_bucket, gcs_dir  # noqa: F401 - fixtures
 from train_helpers import shards  # noqa: F401 - fixture
 
 from bioclip_jax.cli import train as train_main
-from bioclip_jax.train import exit_codes
+from bioclip_jax import exit_codes
 from bioclip_jax.train.workdir import LOCK_FILE, WorkdirInUseError, WorkdirLock, check_workdir
 
 REPO = os.path.join(os.path.dirname(__file__), "..")
@@ -80,7 +80,7 @@ def test_missing_init_weights_is_one_line_without_shutdown_noise(shards, tmp_pat
         (tmp_path / "run" / "checkpoints" / f"not-a-step-{i}").mkdir(parents=True)
     result = train_cli(CONFIG, f"--workdir={tmp_path / 'run'}", f"--config.data.train_shards={shards}",
                        "--config.init=/nope.safetensors")
-    line = one_error_line(result, exit_codes.ERROR)
+    line = one_error_line(result, exit_codes.USAGE)  # a missing file the config names is an input error
     assert "/nope.safetensors" in line
     assert "cannot schedule new futures" not in result.stderr + result.stdout
 
@@ -88,7 +88,7 @@ def test_missing_init_weights_is_one_line_without_shutdown_noise(shards, tmp_pat
 def test_a_first_run_whose_init_cannot_be_read_leaves_no_empty_folders(shards, tmp_path):
     result = train_cli(CONFIG, f"--workdir={tmp_path / 'run'}", f"--config.data.train_shards={shards}",
                        "--config.init=/nope.safetensors")
-    assert "/nope.safetensors" in one_error_line(result, exit_codes.ERROR)
+    assert "/nope.safetensors" in one_error_line(result, exit_codes.USAGE)
     left = sorted(p.name for p in (tmp_path / "run").iterdir()) if (tmp_path / "run").exists() else []
     assert "checkpoints" not in left and "tensorboard" not in left, left
 

@@ -1,11 +1,13 @@
-"""Argument conventions shared by the CLIs: model sources and config files."""
+"""What the commands share: model-source flags, config files, and how an error becomes one line and an exit status."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
+from bioclip_jax import exit_codes
 from bioclip_jax.config_fields import apply_overrides, read_config_file
 from bioclip_jax.sources import RANDOM, SOURCES_HELP, is_source
 
@@ -34,13 +36,31 @@ def model_source(pretrained: str | None, model: str | None, default: str | None 
     raise ValueError(f"no model given: pass --pretrained=SRC ({SOURCES_HELP})")
 
 
-def run_cli(body, argv) -> int:
-    """Runs a CLI body, turning the library's clear errors into one line and exit status 1."""
+class InputError(Exception):
+    """The command line, or what it names, is wrong: exit status USAGE, not ERROR."""
+
+
+@contextlib.contextmanager
+def reading_inputs() -> Iterator[None]:
+    """A ValueError raised while a command reads its arguments and inputs is a usage or input error."""
+    try:
+        yield
+    except ValueError as error:
+        raise InputError(str(error)) from error
+
+
+def exit_status(error: Exception) -> int:
+    """USAGE for a usage or input error (a missing file or source is one), ERROR for a failed run."""
+    return exit_codes.USAGE if isinstance(error, (InputError, FileNotFoundError)) else exit_codes.ERROR
+
+
+def run_cli(body, argv, command: str = "error") -> int:
+    """Runs a CLI body; the library's clear errors become one line `COMMAND: ...` and their exit status."""
     try:
         return int(body(argv) or 0)
-    except (FileNotFoundError, ValueError, ImportError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except (InputError, FileNotFoundError, ValueError, ImportError) as error:
+        print(f"{command}: {error}", file=sys.stderr)
+        return exit_status(error)
 
 
 def load_train_config(spec: str, overrides: Sequence[str] = ()):

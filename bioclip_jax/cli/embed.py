@@ -15,7 +15,7 @@ import sys
 import numpy as np
 from tqdm import tqdm
 
-from bioclip_jax.cli.common import add_model_args, model_source, run_cli
+from bioclip_jax.cli.common import add_model_args, model_source, reading_inputs, run_cli
 from bioclip_jax.data.image_items import file_item, list_image_files
 from bioclip_jax.tokenizer import get_tokenizer
 
@@ -107,10 +107,12 @@ def embed_texts(model, text_file: str, args) -> int:
 
 def _run(argv) -> int:
     args = _parser().parse_args(argv)
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    with reading_inputs():
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        source = model_source(args.pretrained, args.model)
     from bioclip_jax.pretrained import create_model  # noqa: PLC0415 - jax: keep --help fast
-    model = create_model(*model_source(args.pretrained, args.model), seed=args.seed)
+    model = create_model(*source, seed=args.seed)
     rows = embed_images(model, args.images, args) if args.images else embed_texts(model, args.text_file, args)
     print(f"wrote {rows} embeddings to {args.out} (row names in {_keys_path(args.out)})")
     return 0

@@ -11,6 +11,7 @@ import argparse
 import sys
 import time
 
+from bioclip_jax import exit_codes
 from bioclip_jax.cli import common
 from bioclip_jax.pretrained import create_model
 from bioclip_jax.taxa_embeddings import NAMES_FILE, read_catalog_taxa, write_taxa_embeddings
@@ -33,21 +34,25 @@ def build_parser(prog: str = "bioclip-jax embed-taxa") -> argparse.ArgumentParse
 
 
 def main(argv: list[str] | None = None) -> int:
+    return common.run_cli(_run, argv, "embed-taxa")
+
+
+def _run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+    with common.reading_inputs():
         taxa, skipped = read_catalog_taxa(args.taxa, progress=args.progress)
-        if skipped:
-            print(f"{args.taxa}: {skipped} rows without genus and species epithet skipped", file=sys.stderr)
-        model = create_model(*common.model_source(args.pretrained, args.model), seed=args.seed)
-        start = time.perf_counter()
-        path = write_taxa_embeddings(model, taxa, args.out, args.text_type, templates=args.templates,
-                                     batch_size=args.batch_size, progress=args.progress)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"embed-taxa: {error}", file=sys.stderr)
-        return 2
+        if not taxa:
+            raise ValueError(f"{args.taxa}: no row names a genus and a species epithet")
+        source = common.model_source(args.pretrained, args.model)
+    if skipped:
+        print(f"{args.taxa}: {skipped} rows without genus and species epithet skipped", file=sys.stderr)
+    model = create_model(*source, seed=args.seed)
+    start = time.perf_counter()
+    path = write_taxa_embeddings(model, taxa, args.out, args.text_type, templates=args.templates,
+                                 batch_size=args.batch_size, progress=args.progress)
     seconds = time.perf_counter() - start
     print(f"wrote {path} and {NAMES_FILE}: {len(taxa)} taxa in {seconds:.1f} s ({len(taxa) / seconds:.1f} names/s)")
-    return 0
+    return exit_codes.FINISHED
 
 
 if __name__ == "__main__":

@@ -25,8 +25,9 @@ import sys
 
 import ml_collections
 
+from bioclip_jax import exit_codes
 from bioclip_jax.checkpoint import model_dir
-from bioclip_jax.cli.common import model_source
+from bioclip_jax.cli.common import model_source, reading_inputs, run_cli
 from bioclip_jax.config_fields import OVERRIDE_PREFIX, apply_overrides, override, read_config_file, set_field
 from bioclip_jax.evaluate import runner
 from bioclip_jax.evaluate.config import TASKS, check_config, default_config
@@ -105,29 +106,29 @@ def build_config(argv: list[str] | None) -> ml_collections.ConfigDict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
+    return run_cli(_run, argv, "eval")
+
+
+def _run(argv: list[str] | None) -> int:
+    with reading_inputs():
         config = build_config(argv)
         check_config(config)
         if config.workdir and not config.data and not config.datasets:
             config.datasets = [recorded_held_out(config.workdir)]
         dataset_specs(config)
-        if config.workdir and config.watch:
-            watch(config.workdir, config)
-            return 0
-        if config.workdir:
-            steps = model_dir.finished_steps(config.workdir)
-            step = steps[-1] if steps else None
-            model = create_model(*model_source(config.workdir, config.model or None))
-            records = runner.evaluate(model, config, config.out or workdir_results_path(config.workdir, step),
-                                      source=config.workdir, step=step)
-        else:
-            architecture, source = model_source(config.pretrained or None, config.model or None)
-            model = create_model(architecture, source)
-            records = runner.evaluate(model, config, source=source)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"eval: {error}", file=sys.stderr)
-        return 2
+        architecture, source = model_source(config.workdir or config.pretrained or None, config.model or None)
+    if config.workdir and config.watch:
+        watch(config.workdir, config)
+        return exit_codes.FINISHED
+    model = create_model(architecture, source)
+    if config.workdir:
+        steps = model_dir.finished_steps(config.workdir)
+        step = steps[-1] if steps else None
+        records = runner.evaluate(model, config, config.out or workdir_results_path(config.workdir, step),
+                                  source=config.workdir, step=step)
+    else:
+        records = runner.evaluate(model, config, source=source)
     if not records:
         print("eval: no dataset could be evaluated", file=sys.stderr)
-        return 1
-    return 0
+        return exit_codes.ERROR
+    return exit_codes.FINISHED

@@ -10,6 +10,8 @@ import sys
 import threading
 from typing import NoReturn
 
+from bioclip_jax import exit_codes
+
 # command -> (module with `main(argv) -> int`, one-line help)
 COMMANDS = {
     "train": ("bioclip_jax.cli.train", "train a CLIP on tree-of-life shards (ml_collections config)"),
@@ -61,7 +63,7 @@ def _run(argv: list[str]) -> int:
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         print(f"bioclip-jax: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
-        return 2
+        return exit_codes.USAGE
     # huggingface_hub logs through its own handler; its records reaching the root logger too (which absl
     # configures) printed every warning twice.
     logging.getLogger("huggingface_hub").propagate = False
@@ -69,12 +71,15 @@ def _run(argv: list[str]) -> int:
     module = importlib.import_module(COMMANDS[command][0])
     try:
         return int(module.main(rest) or 0)
+    except KeyboardInterrupt:  # Ctrl-C: stop without a traceback, with the shell's status for it
+        print(f"bioclip-jax {command}: interrupted", file=sys.stderr)
+        return exit_codes.ABORTED
     except SystemExit as exit_:  # argparse exits on --help and on usage errors (after printing them)
         code = exit_.code
         if code is None or isinstance(code, int):
             return code or 0
         print(code, file=sys.stderr)  # SystemExit("message"): Python would print it, so do we
-        return 2
+        return exit_codes.USAGE
 
 
 def _without_traceback(record: logging.LogRecord) -> bool:

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bioclip_jax import hub, taxa_embeddings, transforms
+from bioclip_jax import exit_codes, hub, taxa_embeddings, transforms
 from bioclip_jax.compilation_cache import enable_compilation_cache
 from bioclip_jax.cli import common
 from bioclip_jax.data.image_items import ImageItem, list_image_files
@@ -356,9 +356,13 @@ def find_images(paths: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return common.run_cli(_run, argv, "predict")
+
+
+def _run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     args.output = None if args.output == "stdout" else args.output
-    try:
+    with common.reading_inputs():
         if (args.k is not None and args.k < 1) or args.batch_size < 1:
             raise ValueError(f"--k and --batch-size must be >= 1, got {args.k} and {args.batch_size}")
         files, missing = find_images(args.images)
@@ -367,13 +371,11 @@ def main(argv: list[str] | None = None) -> int:
         if not files:
             raise FileNotFoundError(f"no image files found in {', '.join(args.images)}")
         names = _class_names(args)  # label mistakes are reported before a model is fetched
-        enable_compilation_cache()  # only the first run of a model and batch size compiles
         source = common.model_source(args.pretrained, args.model, default=hub.DEFAULT_MODEL)
-        model = pybioclip_preprocessing(create_model(*source, seed=args.seed))
+    enable_compilation_cache()  # only the first run of a model and batch size compiles
+    model = pybioclip_preprocessing(create_model(*source, seed=args.seed))
+    with common.reading_inputs():
         labels = build_labels(model, args, names)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"predict: {error}", file=sys.stderr)
-        return 2
     k = args.k or (5 if "classification" not in labels.groups[0] else len(labels.groups))
     embedder = ImageEmbedder(model, batch_size=args.batch_size, workers=args.workers, progress=args.progress)
     predictor = Predictor(model, labels, k, embedder.batch_size)
@@ -390,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     report_skipped(embedder.skipped)
     if missing:
         print(f"predict: {len(missing)} image path(s) not found: {', '.join(missing)}", file=sys.stderr)
-    return 0 if not missing and len(embedder.skipped) < len(files) else 1
+    return exit_codes.FINISHED if not missing and len(embedder.skipped) < len(files) else exit_codes.ERROR
 
 
 if __name__ == "__main__":

@@ -9,9 +9,10 @@ time trains in a workdir (WORKDIR/LOCK; see train/workdir.py). When launched as 
 several processes (JAX_COORDINATOR_ADDRESS / SLURM / TPU pod environment),
 `jax.distributed` is initialised first.
 
-Exit statuses (train/exit_codes.py): 0 finished; 1 error, said in one line on stderr
-(`error: ...`); 2 bad arguments or config fields; 75 stopped early after saving a
-checkpoint: rerun the same command to resume.
+Exit statuses (bioclip_jax/exit_codes.py, docs/exit_statuses.md): 0 finished; 1 failed, said in
+one line on stderr (`error: ...`); 2 a usage or input error (a bad argument or config field, a
+file it names that does not exist); 75 stopped early after saving a checkpoint: rerun the same
+command to resume; 130 a second Ctrl-C, stopped without saving.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ import sys
 
 from absl import logging
 
+from bioclip_jax import exit_codes
 from bioclip_jax.cli.common import load_train_config
-from bioclip_jax.train import exit_codes
 from bioclip_jax.train.distributed import maybe_initialize_distributed
 from bioclip_jax.train.workdir import WorkdirInUseError, check_workdir, hold_workdir
 
@@ -60,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     from bioclip_jax.data.pipeline import BadDataError  # noqa: PLC0415 - grain: keep --help fast
     try:
         result = _run(config, args)
+    except FileNotFoundError as error:  # a file the config names (init weights, shards) is not there
+        return _fail(error, exit_codes.USAGE)
     except (ValueError, OSError, BadDataError, FloatingPointError, WorkdirInUseError) as error:
         return _fail(error, exit_codes.ERROR)
     except KeyboardInterrupt:  # the second Ctrl-C: the user chose not to wait for the save

@@ -19,7 +19,7 @@ from etils import epath
 from bioclip_jax import paths
 from bioclip_jax.checkpoint import model_dir
 from bioclip_jax.evaluate import results_files
-from bioclip_jax.train.exit_codes import DONE_FILE
+from bioclip_jax.exit_codes import DONE_FILE
 from bioclip_jax.train.loop import train
 from bioclip_jax.train.periodic_eval import HeldOutEval, eval_fn_from_config
 
