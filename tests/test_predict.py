@@ -17,8 +17,6 @@ from bioclip_jax.taxonomy.templates import OPENAI_IMAGENET_TEMPLATES
 from bioclip_jax.taxonomy import Taxon, class_name
 from hub_helpers import add_model_folder, add_repo, offline_env
 
-torch = pytest.importorskip("torch")
-pybioclip = pytest.importorskip("bioclip.predict")
 
 CATALOG = """split,treeoflife_id,kingdom,phylum,class,order,family,genus,species,common
 train,a1,Animalia,Chordata,Aves,Passeriformes,Corvidae,Corvus,corax,
@@ -30,6 +28,12 @@ train,a6,Plantae,Tracheophyta,Magnoliopsida,Rosales,Rosaceae,Rosa,canina,dog ros
 train,a7,Animalia,Chordata,Aves,Passeriformes,Corvidae,,,
 """
 LABELS = ["common raven", "house sparrow", "dog rose", "Corvus frugilegus"]
+
+
+@pytest.fixture(scope="module")
+def pybioclip():
+    """pybioclip's predict module: only the tests that compare with it skip where it is not installed."""
+    return pytest.importorskip("bioclip.predict")
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +49,13 @@ def setup(tmp_path_factory):
         Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).convert(mode).save(path)
         images.append(str(path))
     (root / "catalog.csv").write_text(CATALOG)
-    source = f"local-dir:{root / 'model'}"
-    reference = pybioclip.CustomLabelsClassifier(LABELS, model_str=source)
-    return {"root": root, "source": source, "images": images, "reference": reference}
+    return {"root": root, "source": f"local-dir:{root / 'model'}", "images": images}
+
+
+@pytest.fixture(scope="module")
+def reference(setup, pybioclip):
+    """pybioclip's classifier of LABELS on the exported model."""
+    return pybioclip.CustomLabelsClassifier(LABELS, model_str=setup["source"])
 
 
 def _run(capsys, argv):
@@ -56,13 +64,13 @@ def _run(capsys, argv):
     return code, captured.out, captured.err
 
 
-def test_templates_are_pybioclips():
+def test_templates_are_pybioclips(pybioclip):
     assert [t.replace("{}", "X") for t in OPENAI_IMAGENET_TEMPLATES] == \
         [t("X") for t in pybioclip.OPENA_AI_IMAGENET_TEMPLATE]
 
 
-def test_custom_labels_match_pybioclip(setup, capsys):
-    expected = setup["reference"].predict(setup["images"], k=len(LABELS), batch_size=2)
+def test_custom_labels_match_pybioclip(setup, reference, capsys):
+    expected = reference.predict(setup["images"], k=len(LABELS), batch_size=2)
     code, out, _ = _run(capsys, [*setup["images"], "--pretrained", setup["source"], "--cls", ",".join(LABELS),
                                  "--k", str(len(LABELS)), "--format", "json", "--batch-size", "2", "--no-progress"])
     assert code == 0
@@ -75,7 +83,7 @@ def test_custom_labels_match_pybioclip(setup, capsys):
     assert spread > 1e-3  # the comparison is not between near-equal numbers only
 
 
-def test_embed_taxa_is_pybioclips_embedding_of_taxon_com(setup, capsys):
+def test_embed_taxa_is_pybioclips_embedding_of_taxon_com(setup, reference, capsys):
     out_dir = setup["root"] / "tol"
     code = embed_taxa.main(["--taxa", str(setup["root"] / "catalog.csv"), "--out", str(out_dir),
                             "--pretrained", setup["source"], "--batch-size", "160", "--no-progress"])
@@ -90,35 +98,40 @@ def test_embed_taxa_is_pybioclips_embedding_of_taxon_com(setup, capsys):
     taxa = [Taxon.from_ranks(**dict(zip(("kingdom", "phylum", "class", "order", "family", "genus", "species"),
                                         ranks)), common=common) for ranks, common in names]
     texts = [class_name(t, "taxon_com") for t in taxa]
-    reference = setup["reference"]._get_txt_embeddings(texts).numpy()  # pybioclip's own label embedding
-    np.testing.assert_allclose(matrix, reference, atol=2e-5)
+    expected = reference._get_txt_embeddings(texts).numpy()  # pybioclip's own label embedding
+    np.testing.assert_allclose(matrix, expected, atol=2e-5)
 
 
-class _LocalTreeOfLife(pybioclip.TreeOfLifeClassifier):
-    """pybioclip's classifier reading an embed-taxa folder instead of the Hugging Face files."""
+@pytest.fixture(scope="module")
+def local_tree_of_life(pybioclip):
+    """pybioclip's tree-of-life classifier, reading an embed-taxa folder instead of the Hugging Face files."""
+    torch = pytest.importorskip("torch")
 
-    def __init__(self, directory, loaded, **kwargs):
-        object.__setattr__(self, "_directory", directory)  # before nn.Module.__init__, so bypass its checks
-        object.__setattr__(self, "_loaded", loaded)
-        super().__init__(**kwargs)
+    class LocalTreeOfLife(pybioclip.TreeOfLifeClassifier):
+        def __init__(self, directory, loaded, **kwargs):
+            object.__setattr__(self, "_directory", directory)  # before nn.Module.__init__, so bypass its checks
+            object.__setattr__(self, "_loaded", loaded)
+            super().__init__(**kwargs)
 
-    def load_pretrained_model(self, model_str=None, pretrained_str=None):
-        self.model_str, self.model, self.preprocess = model_str, self._loaded.model, self._loaded.preprocess
+        def load_pretrained_model(self, model_str=None, pretrained_str=None):
+            self.model_str, self.model, self.preprocess = model_str, self._loaded.model, self._loaded.preprocess
 
-    def get_txt_emb(self):
-        return torch.from_numpy(np.load(self._directory / "txt_emb_species.npy"))
+        def get_txt_emb(self):
+            return torch.from_numpy(np.load(self._directory / "txt_emb_species.npy"))
 
-    def get_txt_names(self):
-        return json.load(open(self._directory / "txt_emb_species.json"))
+        def get_txt_names(self):
+            return json.load(open(self._directory / "txt_emb_species.json"))
+
+    return LocalTreeOfLife
 
 
 @pytest.mark.parametrize("rank", ["species", "family"])
-def test_tree_of_life_matches_pybioclip(setup, capsys, rank):
+def test_tree_of_life_matches_pybioclip(setup, reference, local_tree_of_life, pybioclip, capsys, rank):
     out_dir = setup["root"] / "tol"
     if not (out_dir / "txt_emb_species.npy").exists():
         embed_taxa.main(["--taxa", str(setup["root"] / "catalog.csv"), "--out", str(out_dir),
                          "--pretrained", setup["source"], "--batch-size", "160", "--no-progress"])
-    classifier = _LocalTreeOfLife(out_dir, setup["reference"], model_str=setup["source"])
+    classifier = local_tree_of_life(out_dir, reference, model_str=setup["source"])
     expected = classifier.predict(setup["images"], pybioclip.Rank[rank.upper()], k=3)
     code, out, _ = _run(capsys, [*setup["images"], "--pretrained", setup["source"], "--taxa-embeddings",
                                  str(out_dir), "--rank", rank, "--k", "3", "--no-progress"])
@@ -193,6 +206,7 @@ def _pybioclip(env, *argv) -> list[dict]:
     return list(csv.DictReader(io.StringIO(done.stdout)))
 
 
+@pytest.mark.usefixtures("pybioclip")
 def test_default_predict_is_pybioclips(setup, hub_home, monkeypatch, capsys):
     """No model flag: `bioclip-jax predict IMAGES --rank species` == `bioclip predict IMAGES --rank species`."""
     env = offline_env(monkeypatch, hub_home)
@@ -209,6 +223,7 @@ def test_default_predict_is_pybioclips(setup, hub_home, monkeypatch, capsys):
     assert max(scores) - min(scores) > 0.05  # open_clip's centre crop instead would be off by ~0.02
 
 
+@pytest.mark.usefixtures("pybioclip")
 def test_default_model_custom_labels_and_bins(setup, hub_home, monkeypatch, capsys, tmp_path):
     env = offline_env(monkeypatch, hub_home)
     bins = tmp_path / "bins.csv"
