@@ -30,7 +30,7 @@ from bioclip_jax.compilation_cache import user_cache_dir
 from bioclip_jax.inference import TextEmbedder
 from bioclip_jax.models.clip import CLIP
 from bioclip_jax.models.params import flat_params
-from bioclip_jax.paths import as_path, expand_user, is_remote, open_text
+from bioclip_jax.paths import as_path, atomic_local_file, expand_user, is_remote, open_text, write_atomically
 from bioclip_jax.taxonomy import RANKS, Taxon, check_text_type, class_name
 from bioclip_jax.taxonomy.templates import get_templates
 
@@ -110,19 +110,17 @@ def write_taxa_embeddings(model: CLIP, taxa: Sequence[Taxon], out_dir: str, text
         raise ValueError("no taxa to embed")
     os.makedirs(out_dir, exist_ok=True)
     npy_path = os.path.join(out_dir, EMBEDDINGS_FILE)
-    partial = npy_path + ".partial.npy"
-    matrix = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32,
-                                       shape=(model.config.embed_dim, len(taxa)))
-    column = 0
-    for chunk in taxa_class_chunks(model, taxa, text_type, templates=templates, batch_size=batch_size,
-                                   progress=progress):
-        matrix[:, column:column + len(chunk)] = chunk.T
-        column += len(chunk)
-    matrix.flush()
-    del matrix
-    os.replace(partial, npy_path)
-    with open(os.path.join(out_dir, NAMES_FILE), "w", encoding="utf-8") as handle:
-        json.dump([names_entry(t) for t in taxa], handle)
+    with atomic_local_file(npy_path) as temporary:
+        matrix = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.float32,
+                                           shape=(model.config.embed_dim, len(taxa)))
+        column = 0
+        for chunk in taxa_class_chunks(model, taxa, text_type, templates=templates, batch_size=batch_size,
+                                       progress=progress):
+            matrix[:, column:column + len(chunk)] = chunk.T
+            column += len(chunk)
+        matrix.flush()
+        del matrix
+    write_atomically(os.path.join(out_dir, NAMES_FILE), json.dumps([names_entry(t) for t in taxa]))
     return npy_path
 
 
