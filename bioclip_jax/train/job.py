@@ -15,11 +15,14 @@ import time
 import jax
 import ml_collections
 from etils import epath
+from jax.experimental import multihost_utils
 
 from bioclip_jax import paths
 from bioclip_jax.checkpoint import model_dir
 from bioclip_jax.evaluate import results_files
 from bioclip_jax.exit_codes import DONE_FILE
+from bioclip_jax.pretrained import create_model, export_open_clip
+from bioclip_jax.synthetic.dataset import make_synthetic
 from bioclip_jax.train.loop import train
 from bioclip_jax.train.periodic_eval import HeldOutEval, eval_fn_from_config
 
@@ -36,7 +39,6 @@ def with_synthetic_data(config: ml_collections.ConfigDict, workdir) -> ml_collec
     """
     if config.data.train_shards:
         return config
-    from bioclip_jax.synthetic.dataset import make_synthetic  # noqa: PLC0415
     syn = config.data.synthetic
     if not paths.is_remote(workdir):
         root, writer = os.path.join(os.fspath(workdir), SYNTHETIC_DIR), jax.process_index() == 0
@@ -49,7 +51,6 @@ def with_synthetic_data(config: ml_collections.ConfigDict, workdir) -> ml_collec
                        held_out_species=syn.held_out_species, seed=syn.seed, image_size=syn.image_size,
                        overwrite=True, progress=True)
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils  # noqa: PLC0415
         multihost_utils.sync_global_devices("synthetic data written")
     config = ml_collections.ConfigDict(config.to_dict())  # unlocked copy; fields stay the same
     config.data.train_shards = os.path.join(root, "train")
@@ -80,7 +81,6 @@ def run_job(config: ml_collections.ConfigDict, workdir, stop_after: int | None =
                  allow_fresh_start=allow_fresh_start)
     if last.get("stopped") or (stop_after is not None and stop_after < config.total_steps):
         return last
-    from bioclip_jax.pretrained import create_model, export_open_clip  # noqa: PLC0415
     model = create_model(None, os.fspath(workdir))  # on every process: Orbax's restore is collective
     if jax.process_index() != 0:
         return last

@@ -113,11 +113,11 @@ class OneStepLate:
     loss, naming the held step. Throughput is measured between reads, each of which
     returns once its step is done.
 
-    `share(skipped) -> (skipped samples over all processes, whether any process was asked
-    to stop)` is the loop's exchange of counters; `read` returns that stop flag.
+    `share(skipped) -> skipped samples over all processes` is the loop's exchange of
+    counters among processes (`stopping.StopVote.exchange`).
     """
 
-    def __init__(self, writer: MetricsWriter, share: Callable[[np.ndarray], tuple[int, bool]],
+    def __init__(self, writer: MetricsWriter, share: Callable[[np.ndarray], int],
                  to_record: Callable[[Mapping[str, Any], float, int], dict], diverged_hint: Callable[[], str],
                  start_step: int):
         self._writer, self._share, self._to_record, self._diverged_hint = writer, share, to_record, diverged_hint
@@ -128,14 +128,14 @@ class OneStepLate:
     def hold(self, step: int, metrics: Any, skipped: np.ndarray) -> None:
         self._held = _Held(step, metrics, np.array(skipped, copy=True))
 
-    def read(self) -> bool:
-        """Writes the held step's record (if any); returns whether any process was asked to stop."""
+    def read(self) -> None:
+        """Writes the held step's record, if a step is held."""
         if self._held is None:
-            return False
+            return
         held, self._held = self._held, None
         metrics = jax.device_get(held.metrics)
         now = time.time()
-        skipped, stop = self._share(held.skipped)
+        skipped = self._share(held.skipped)
         seconds_per_step = (now - self._since_time) / max(held.step - self._since_step, 1)
         self._since_time, self._since_step = now, held.step
         record = self._to_record(metrics, seconds_per_step, skipped)
@@ -145,7 +145,6 @@ class OneStepLate:
             raise FloatingPointError(f"loss is {record['loss']} at step {held.step}; lower the lr or check the "
                                      f"data. {self._diverged_hint()}")
         self.last = record
-        return stop
 
     def restart_window(self, step: int) -> None:
         """Throughput from here on: time spent on something else (an eval) is not a step's."""

@@ -10,7 +10,7 @@ A stop saves a checkpoint and exits with `exit_codes.STOPPED`; it is not a finis
   names the same step everywhere). A Python SIGTERM handler would replace it, so none is
   installed; the loop asks the sync point every step, which costs no communication
   until a notice arrives. SIGINT stays a local flag that the processes share at the
-  next logging step, where they exchange counters anyway.
+  next logging step, where they exchange counters anyway (`StopVote`).
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from __future__ import annotations
 import signal
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 
 def jax_owns_sigterm() -> bool:
@@ -60,3 +62,29 @@ class StopSignals:
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
         self._previous.clear()
+
+
+class StopVote:
+    """Whether the run stops, as every process agrees: the stop signals, shared at the logging steps.
+
+    `exchange(local_skipped)` is the processes' one exchange of counters per logging step (an
+    allgather): it returns the skipped-sample counts summed over processes and takes the vote,
+    whether any process has been asked to stop. A lone process acts on its own signal at once.
+    """
+
+    def __init__(self, signals: StopSignals):
+        self.signals = signals
+        self._agreed = False
+
+    @property
+    def requested(self) -> bool:
+        return self._agreed or (jax.process_count() == 1 and self.signals.requested)
+
+    def exchange(self, local_skipped: np.ndarray) -> int:
+        if jax.process_count() == 1:
+            self._agreed |= self.signals.requested
+            return int(local_skipped.sum())
+        gathered = np.asarray(multihost_utils.process_allgather(np.append(local_skipped,
+                                                                          np.int64(self.signals.requested))))
+        self._agreed |= bool(gathered[:, -1].any())
+        return int(gathered[:, :-1].sum())
