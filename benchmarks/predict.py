@@ -63,7 +63,7 @@ def prepare(root: Path, arch: str, images: int) -> tuple[Path, list[str]]:
     bioclip_jax.export_open_clip(build_model(from_open_clip(cfg), seed=0), str(root / "model"))
     (root / "catalog.csv").write_text("kingdom,phylum,class,order,family,genus,species,common\n" +
                                       "".join(",".join(r) + "\n" for r in CATALOG_ROWS))
-    embed_taxa.main(["--taxa", str(root / "catalog.csv"), "--out", str(root / "tol"),
+    embed_taxa.main(["--taxa", str(root / "catalog.csv"), "--output", str(root / "tol"),
                      "--pretrained", f"local-dir:{root / 'model'}", "--no-progress"])
     hf_home = root / "hf_home"
     _add_repo(hf_home, "imageomics/bioclip-2", {p.name: p for p in (root / "model").iterdir()}, "model")

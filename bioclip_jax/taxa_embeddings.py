@@ -134,7 +134,7 @@ def load_taxa_embeddings(directory: str) -> tuple[np.ndarray, list[Taxon]]:
     for path in (npy_path, json_path):
         if not as_path(path).is_file():
             raise FileNotFoundError(f"{path} not found; build it with: "
-                                    f"bioclip-jax embed-taxa --taxa CSV --out {directory}")
+                                    f"bioclip-jax embed-taxa --taxa CSV --output {directory}")
     if is_remote(npy_path):
         with as_path(npy_path).open("rb") as handle:
             matrix = np.load(handle)

@@ -61,7 +61,7 @@ def test_a_damaged_checkpoint_gives_its_one_line(tmp_path):
     for data in (workdir / "checkpoints").rglob("ocdbt.process_0/d/*"):  # cut in half, as an interrupted copy
         if data.stat().st_size > 100_000:                                   # leaves the big files
             os.truncate(data, data.stat().st_size // 2)
-    done = _bioclip_jax(tmp_path, "export", "--checkpoint", workdir, "--out", tmp_path / "out")
+    done = _bioclip_jax(tmp_path, "export", "--checkpoint", workdir, "--output", tmp_path / "out")
     lines = done.stderr.splitlines()
     assert done.returncode == 1
     assert lines and lines[-1].startswith("error: ") and str(workdir) in lines[-1], done.stderr

@@ -31,11 +31,11 @@ def _missing(root, tmp):
     """Each command naming a file that does not exist."""
     nope = str(tmp / "nope")
     return {
-        "embed": ["embed", "--model", "ViT-Tiny-8", "--images", nope, "--out", f"{tmp}/x.npy"],
-        "embed-taxa": ["embed-taxa", "--taxa", f"{nope}.csv", "--out", f"{tmp}/tol", "--model", "ViT-Tiny-8"],
+        "embed": ["embed", "--model", "ViT-Tiny-8", "--images", nope, "--output", f"{tmp}/x.npy"],
+        "embed-taxa": ["embed-taxa", "--taxa", f"{nope}.csv", "--output", f"{tmp}/tol", "--model", "ViT-Tiny-8"],
         "eval": ["eval", f"--config={nope}.py"],
-        "export": ["export", "--checkpoint", nope, "--out", f"{tmp}/out"],
-        "import": ["import", "--pretrained", f"{nope}.safetensors", "--model", "ViT-Tiny-8", "--out", f"{tmp}/c"],
+        "export": ["export", "--checkpoint", nope, "--output", f"{tmp}/out"],
+        "import": ["import", "--pretrained", f"{nope}.safetensors", "--model", "ViT-Tiny-8", "--output", f"{tmp}/c"],
         "predict": ["predict", nope, "--model", "ViT-Tiny-8", "--cls", "a,b"],
         "train": ["train", f"--config={nope}.py", f"--workdir={tmp}/run"],
     }
@@ -51,11 +51,11 @@ def _damaged_model(root, tmp):
     """Each command whose model cannot be read: the work fails, the command line was right."""
     model = f"local-dir:{root / 'damaged'}"
     return {
-        "embed": ["embed", "--pretrained", model, "--images", str(root / "images"), "--out", f"{tmp}/x.npy",
+        "embed": ["embed", "--pretrained", model, "--images", str(root / "images"), "--output", f"{tmp}/x.npy",
                   "--no-progress"],
-        "embed-taxa": ["embed-taxa", "--taxa", str(root / "catalog.csv"), "--out", f"{tmp}/tol", "--pretrained", model,
+        "embed-taxa": ["embed-taxa", "--taxa", str(root / "catalog.csv"), "--output", f"{tmp}/tol", "--pretrained", model,
                        "--no-progress"],
-        "eval": ["eval", f"--pretrained={model}", f"--data=folder:{root / 'images'}", f"--out={tmp}/r.json",
+        "eval": ["eval", f"--pretrained={model}", f"--data=folder:{root / 'images'}", f"--output={tmp}/r.json",
                  "--no-progress"],
         "predict": ["predict", str(root / "images"), "--pretrained", model, "--cls", "a,b", "--no-progress"],
     }

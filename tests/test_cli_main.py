@@ -46,9 +46,9 @@ def test_export_says_which_step_it_exported(tmp_path, capsys):
     for step, seed in ((10, 1), (20, 2)):
         model_dir.save_params(str(workdir / "checkpoints" / str(step)),
                               flat_params(bioclip_jax.create_model("ViT-Tiny-8", seed=seed)))
-    assert cli.main(["export", "--checkpoint", str(workdir), "--out", str(tmp_path / "latest")]) == 0
+    assert cli.main(["export", "--checkpoint", str(workdir), "--output", str(tmp_path / "latest")]) == 0
     assert f"from step 20 of {workdir}" in capsys.readouterr().out
-    assert cli.main(["export", "--checkpoint", str(workdir), "--step", "10", "--out", str(tmp_path / "ten")]) == 0
+    assert cli.main(["export", "--checkpoint", str(workdir), "--step", "10", "--output", str(tmp_path / "ten")]) == 0
     assert f"from step 10 of {workdir}" in capsys.readouterr().out
     assert json.loads((tmp_path / "ten" / "open_clip_config.json").read_text())["model_cfg"]
 
@@ -107,7 +107,7 @@ def test_loading_a_training_workdir_says_nothing_about_orbax_metadata(tmp_path, 
     workdir = tmp_path / "run"
     tree = trained_workdir(workdir, step=10)
     caplog.set_level("WARNING")
-    assert cli.main(["export", "--checkpoint", str(workdir), "--out", str(tmp_path / "out")]) == 0
+    assert cli.main(["export", "--checkpoint", str(workdir), "--output", str(tmp_path / "out")]) == 0
     assert "from step 10" in capsys.readouterr().out
     assert model_dir.param_keys(str(workdir)) == sorted(tree)
     assert not [r.getMessage() for r in caplog.records if "Metadata file" in r.getMessage()]

@@ -30,11 +30,11 @@ def inputs(tmp_path_factory):
 def _commands(root, out):
     images = str(root / "images")
     return {
-        "embed": ["embed", "--images", images, "--out", f"{out}/e.npy", "--no-progress"],
-        "embed-taxa": ["embed-taxa", "--taxa", f"{root}/catalog.csv", "--out", f"{out}/tol", "--no-progress",
+        "embed": ["embed", "--images", images, "--output", f"{out}/e.npy", "--no-progress"],
+        "embed-taxa": ["embed-taxa", "--taxa", f"{root}/catalog.csv", "--output", f"{out}/tol", "--no-progress",
                        "--templates", "single"],
-        "eval": ["eval", f"--data=folder:{images}", "--tasks=zero_shot", "--templates=single", f"--out={out}/r.json",
-                 "--no_progress", "--no_plot"],
+        "eval": ["eval", f"--data=folder:{images}", "--tasks=zero_shot", "--templates=single", f"--output={out}/r.json",
+                 "--no-progress", "--no-plot"],
         "predict": ["predict", images, "--cls", "crow,rose", "--no-progress", "--output", f"{out}/p.csv"],
     }
 

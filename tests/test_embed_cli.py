@@ -22,7 +22,7 @@ def test_embed_images_and_texts(tmp_path, capsys):
 
     out = tmp_path / "img.npy"
     assert cli.main(["embed", "--pretrained", f"local-dir:{tmp_path / 'model'}", "--images", str(images),
-                     "--out", str(out), "--batch-size", "3", "--no-progress"]) == 0
+                     "--output", str(out), "--batch-size", "3", "--no-progress"]) == 0
     assert "broken.jpg" in capsys.readouterr().err
     features = np.load(out)
     keys = (tmp_path / "img.keys.txt").read_text().split()
@@ -34,7 +34,7 @@ def test_embed_images_and_texts(tmp_path, capsys):
     texts = ["a photo of Corvus corax.", "Bewick's wren", "", "Épervier d'Europe"] * 3
     (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n")
     assert cli.main(["embed", "--pretrained", f"local-dir:{tmp_path / 'model'}", "--text-file",
-                     str(tmp_path / "texts.txt"), "--out", str(tmp_path / "txt.npy"), "--batch-size", "5",
+                     str(tmp_path / "texts.txt"), "--output", str(tmp_path / "txt.npy"), "--batch-size", "5",
                      "--normalize", "--no-progress"]) == 0
     text_features = np.load(tmp_path / "txt.npy")
     expected = model.encode_text(get_tokenizer()(texts), normalize=True)
@@ -44,11 +44,11 @@ def test_embed_images_and_texts(tmp_path, capsys):
 
 def test_embed_errors(tmp_path, capsys):
     assert cli.main(["embed", "--model", "ViT-Tiny-8", "--images", str(tmp_path / "nope"),
-                     "--out", str(tmp_path / "x.npy")]) == 2  # a missing input is a usage or input error
+                     "--output", str(tmp_path / "x.npy")]) == 2  # a missing input is a usage or input error
     assert "not found" in capsys.readouterr().err
 
 
 def test_embed_without_a_model_says_what_to_give(tmp_path, capsys):
     """No --pretrained and no --model: a non-zero status and a message naming the flag (it used to print nothing)."""
-    assert cli.main(["embed", "--images", str(tmp_path), "--out", str(tmp_path / "x.npy")]) != 0
+    assert cli.main(["embed", "--images", str(tmp_path), "--output", str(tmp_path / "x.npy")]) != 0
     assert "--pretrained" in capsys.readouterr().err

@@ -85,7 +85,7 @@ def test_custom_labels_match_pybioclip(setup, reference, capsys):
 
 def test_embed_taxa_is_pybioclips_embedding_of_taxon_com(setup, reference, capsys):
     out_dir = setup["root"] / "tol"
-    code = embed_taxa.main(["--taxa", str(setup["root"] / "catalog.csv"), "--out", str(out_dir),
+    code = embed_taxa.main(["--taxa", str(setup["root"] / "catalog.csv"), "--output", str(out_dir),
                             "--pretrained", setup["source"], "--batch-size", "160", "--no-progress"])
     assert code == 0
     assert "names/s" in capsys.readouterr().out
@@ -129,7 +129,7 @@ def local_tree_of_life(pybioclip):
 def test_tree_of_life_matches_pybioclip(setup, reference, local_tree_of_life, pybioclip, capsys, rank):
     out_dir = setup["root"] / "tol"
     if not (out_dir / "txt_emb_species.npy").exists():
-        embed_taxa.main(["--taxa", str(setup["root"] / "catalog.csv"), "--out", str(out_dir),
+        embed_taxa.main(["--taxa", str(setup["root"] / "catalog.csv"), "--output", str(out_dir),
                          "--pretrained", setup["source"], "--batch-size", "160", "--no-progress"])
     classifier = local_tree_of_life(out_dir, reference, model_str=setup["source"])
     expected = classifier.predict(setup["images"], pybioclip.Rank[rank.upper()], k=3)
@@ -190,7 +190,7 @@ def hub_home(setup, tmp_path_factory):
     folder = setup["root"] / "model224"
     bioclip_jax.export_open_clip(build_model(from_open_clip(cfg), seed=7), str(folder))
     tol = setup["root"] / "tol_hub"
-    assert embed_taxa.main(["--taxa", str(setup["root"] / "catalog.csv"), "--out", str(tol),
+    assert embed_taxa.main(["--taxa", str(setup["root"] / "catalog.csv"), "--output", str(tol),
                             "--pretrained", f"local-dir:{folder}", "--batch-size", "160", "--no-progress"]) == 0
     add_model_folder(hf_home, "imageomics/bioclip-2", folder)
     add_repo(hf_home, "imageomics/TreeOfLife-200M",

@@ -341,7 +341,7 @@ def test_a_workdir_whose_checkpoints_all_went_aside_does_not_restart_from_zero_u
         _truncate_biggest_file(workdir / "checkpoints" / str(step))
     with pytest.raises(checkpointing.CheckpointError, match="no checkpoint .* reads cleanly"):
         run(workdir, shards, **CHECKPOINTED)
-    with pytest.raises(checkpointing.CheckpointError, match="--allow_fresh_start") as raised:
+    with pytest.raises(checkpointing.CheckpointError, match="--allow-fresh-start") as raised:
         run(workdir, shards, **CHECKPOINTED)  # the plain rerun
     assert "would start again from step 0" in str(raised.value)
     assert _steps_on_disk(workdir) == []

@@ -82,7 +82,7 @@ def test_clear_errors(tmp_path, capsys):
     with pytest.raises(ValueError, match="lacks .* open_clip key"):
         create_model("ViT-L-14", str(tmp_path / "b32.safetensors"))
 
-    assert cli.main(["export", "--checkpoint", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 1
+    assert cli.main(["export", "--checkpoint", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
     assert "not found" in capsys.readouterr().err
     assert cli.main(["no-such-command"]) == 2
 

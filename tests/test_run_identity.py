@@ -41,7 +41,7 @@ def test_changing_what_is_learned_is_refused_with_a_diff():
     assert "optimizer.lr: 0.001 -> 0.0003" in message
     assert 'model.name: "ViT-Tiny-8" -> "ViT-Tiny-8-quickgelu"' in message
     assert "total_steps" not in message
-    assert "--allow_config_change" in message and "new --workdir" in message
+    assert "--allow-config-change" in message and "new --workdir" in message
 
 
 def test_changing_how_the_run_runs_is_accepted():

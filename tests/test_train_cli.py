@@ -132,8 +132,8 @@ def fake_job(monkeypatch):
 
 def test_a_stop_exits_75_and_the_flags_reach_the_job(fake_job, tmp_path):
     fake_job.result = {"loss": 1.0, "stopped": True}
-    status = train_main.main([CONFIG, f"--workdir={tmp_path}", "--allow_config_change", "--stop_after=3",
-                              "--config.total_steps=7", "--allow_fresh_start"])
+    status = train_main.main([CONFIG, f"--workdir={tmp_path}", "--allow-config-change", "--stop-after=3",
+                              "--config.total_steps=7", "--allow-fresh-start"])
     assert status == exit_codes.STOPPED
     (call,) = fake_job.calls
     assert call["allow_config_change"] is True and call["stop_after"] == 3 and call["config"].total_steps == 7

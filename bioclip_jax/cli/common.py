@@ -8,11 +8,43 @@ import sys
 from collections.abc import Iterator, Sequence
 
 from bioclip_jax import exit_codes
-from bioclip_jax.config_fields import apply_overrides, read_config_file
+from bioclip_jax.config_fields import OVERRIDE_PREFIX, apply_overrides, read_config_file
 from bioclip_jax.sources import RANDOM, SOURCES_HELP, is_source
 
 
-def add_model_args(parser: argparse.ArgumentParser, required: bool = False) -> None:
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one spelling per flag, --kebab-case.
+
+    The old spellings (--snake_case, and those in `renamed`, such as --out for --output) are
+    still accepted for one release: each one used is read as its new spelling, with a one-line
+    note on stderr. `--config.FIELD=VALUE` overrides name config fields, not flags, and are left as they are.
+    """
+
+    def __init__(self, *args, renamed: dict[str, str] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.renamed = dict(renamed or {})
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        return super().parse_known_args([self._new_spelling(arg) for arg in args], namespace)
+
+    def _old_spellings(self) -> dict[str, str]:
+        old = {"--" + flag[2:].replace("-", "_"): flag for action in self._actions for flag in action.option_strings
+               if flag.startswith("--") and "-" in flag[2:]}
+        return {**old, **self.renamed}
+
+    def _new_spelling(self, arg: str) -> str:
+        if not arg.startswith("--") or arg.startswith(OVERRIDE_PREFIX):
+            return arg
+        flag, equals, value = arg.partition("=")
+        new = self._old_spellings().get(flag)
+        if new is None:
+            return arg
+        print(f"{self.prog}: {flag} is now spelt {new}; the old spelling goes in the next release", file=sys.stderr)
+        return new + equals + value
+
+
+def add_model_args(parser: ArgumentParser, required: bool = False) -> None:
     parser.add_argument("--pretrained", required=required, default=None,
                         help=SOURCES_HELP + "; omitted with --model NAME = random weights")
     parser.add_argument("--model", default=None,

@@ -1,4 +1,4 @@
-"""`bioclip-jax embed --pretrained SRC (--images PATH... | --text-file FILE) --out FILE.npy`.
+"""`bioclip-jax embed --pretrained SRC (--images PATH... | --text-file FILE) --output FILE.npy`.
 
 Images are streamed in fixed-size batches (bounded memory for any number of files) and
 written row by row into a memory-mapped .npy; `FILE.keys.txt` names the input of each
@@ -15,19 +15,19 @@ import sys
 import numpy as np
 from tqdm import tqdm
 
-from bioclip_jax.cli.common import add_model_args, model_source, reading_inputs, run_cli
+from bioclip_jax.cli.common import ArgumentParser, add_model_args, model_source, reading_inputs, run_cli
 from bioclip_jax.data.image_items import file_item, list_image_files
 from bioclip_jax.tokenizer import get_tokenizer
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bioclip-jax embed", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def _parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="bioclip-jax embed", description=__doc__, renamed={"--out": "--output"},
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", nargs="+", help="image files and/or directories (searched recursively)")
     source.add_argument("--text-file", help="a text file, one text per line")
-    parser.add_argument("--out", required=True, help="output .npy ([N, embed_dim] float32)")
+    parser.add_argument("--output", required=True, help="output .npy ([N, embed_dim] float32)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=8, help="image decoding threads")
     parser.add_argument("--normalize", action="store_true", help="L2-normalise the embeddings")
@@ -77,8 +77,8 @@ def embed_images(model, paths, args) -> int:
         raise FileNotFoundError(f"no image files under {' '.join(paths)}")
     embedder = ImageEmbedder(model, batch_size=args.batch_size, workers=args.workers,
                              progress=not args.no_progress, unit_length=args.normalize)
-    writer = RowWriter(args.out, len(files), model.config.embed_dim)
-    with open(_keys_path(args.out), "w", encoding="utf-8") as keys:
+    writer = RowWriter(args.output, len(files), model.config.embed_dim)
+    with open(_keys_path(args.output), "w", encoding="utf-8") as keys:
         for features, items in embedder.stream((file_item(f) for f in files), total=len(files)):
             writer.write(features)
             keys.writelines(item.key + "\n" for item in items)
@@ -93,14 +93,14 @@ def embed_texts(model, text_file: str, args) -> int:
     if not texts:
         raise ValueError(f"{text_file} holds no lines")
     tokenizer = get_tokenizer(context_length=model.config.text.context_length)
-    writer = RowWriter(args.out, len(texts), model.config.embed_dim)
+    writer = RowWriter(args.output, len(texts), model.config.embed_dim)
     for start in tqdm(range(0, len(texts), args.batch_size), unit="batch", disable=args.no_progress,
                       file=sys.stderr):
         chunk = texts[start:start + args.batch_size]
         padded = chunk + [""] * (args.batch_size - len(chunk))  # one batch shape for every chunk
         writer.write(model.encode_text(tokenizer(padded), normalize=args.normalize)[:len(chunk)])
     writer.close()
-    with open(_keys_path(args.out), "w", encoding="utf-8") as keys:
+    with open(_keys_path(args.output), "w", encoding="utf-8") as keys:
         keys.writelines(f"{i}\n" for i in range(len(texts)))
     return writer.filled
 
@@ -114,7 +114,7 @@ def _run(argv) -> int:
     from bioclip_jax.pretrained import create_model  # noqa: PLC0415 - jax: keep --help fast
     model = create_model(*source, seed=args.seed)
     rows = embed_images(model, args.images, args) if args.images else embed_texts(model, args.text_file, args)
-    print(f"wrote {rows} embeddings to {args.out} (row names in {_keys_path(args.out)})")
+    print(f"wrote {rows} embeddings to {args.output} (row names in {_keys_path(args.output)})")
     return 0
 
 

@@ -1,33 +1,32 @@
 """`python -m bioclip_jax.evaluate` / `bioclip-jax eval`: flags and config files -> evaluate.runner.
 
     python -m bioclip_jax.evaluate --pretrained=local-dir:bioclip --data=folder:rare_species \\
-        --tasks=zero_shot,few_shot --text_type=taxon_com --shots=1,5 --trials=5 --out=results.json
+        --tasks=zero_shot,few_shot --text-type=taxon_com --shots=1,5 --trials=5 --output=results.json
     python -m bioclip_jax.evaluate --config=configs/eval/bioclip_suite.py:/data/eval --pretrained=...
     python -m bioclip_jax.evaluate --workdir=runs/tiny --watch --data=folder:synthetic/held_out/images
     python -m bioclip_jax.evaluate --workdir=runs/tiny   # no --data: the held-out set the run recorded
 
 With --workdir the results go to WORKDIR/eval/<step>/results.{json,md,png} (the folder --watch
 writes too; never over the training job's own WORKDIR/results.*), and zero-shot uses the text
-types the run lists (config.json eval.text_type) unless --text_type is given. Without --workdir
-they go to ./results.json unless --out says where. Earlier results at that place are replaced,
+types the run lists (config.json eval.text_type) unless --text-type is given. Without --workdir
+they go to ./results.json unless --output says where. Earlier results at that place are replaced,
 and the command says so.
 
 A config file defines `get_config(arg=None)` returning a ConfigDict whose fields are
 those of `evaluate.config.default_config()`; flags given on the command line win over the file,
-and `--config.FIELD=VALUE` changes any field. --pretrained, --workdir and --out may be
+and `--config.FIELD=VALUE` changes any field. --pretrained, --workdir and --output may be
 gs:// paths.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import ml_collections
 
 from bioclip_jax import exit_codes
 from bioclip_jax.checkpoint import model_dir
-from bioclip_jax.cli.common import model_source, reading_inputs, run_cli
+from bioclip_jax.cli.common import ArgumentParser, model_source, reading_inputs, run_cli
 from bioclip_jax.config_fields import OVERRIDE_PREFIX, apply_overrides, override, read_config_file, set_field
 from bioclip_jax.evaluate import runner
 from bioclip_jax.evaluate.config import TASKS, check_config, default_config
@@ -37,7 +36,7 @@ from bioclip_jax.evaluate.watch import watch
 from bioclip_jax.pretrained import create_model
 from bioclip_jax.sources import SOURCES_HELP
 
-# flag -> (config field, argparse keyword arguments)
+# config field -> argparse keyword arguments of its flag (_flag)
 _FLAGS = {
     "pretrained": dict(help=SOURCES_HELP),
     "model": dict(help="architecture name for sources without one (e.g. ViT-B-16)"),
@@ -66,18 +65,21 @@ _FLAGS = {
 }
 
 
-def build_parser(prog: str = "bioclip-jax eval") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description="Zero-shot, few-shot and per-rank evaluation "
-                                     "of a CLIP model on labelled image sets.")
+def _flag(field: str) -> str:
+    """The command-line flag of a config field: --output for `out`, else the field in kebab-case."""
+    return "--" + {"out": "output"}.get(field, field).replace("_", "-")
+
+
+def build_parser(prog: str = "bioclip-jax eval") -> ArgumentParser:
+    parser = ArgumentParser(prog=prog, description="Zero-shot, few-shot and per-rank evaluation "
+                            "of a CLIP model on labelled image sets.", renamed={"--out": "--output"})
     parser.add_argument("--config", help="config file: PATH.py or PATH.py:ARG (get_config(ARG))")
-    for flag, kwargs in _FLAGS.items():
-        names = [f"--{flag}"] + ([f"--{flag.replace('_', '-')}"] if "_" in flag else [])
-        parser.add_argument(*names, dest=flag, **kwargs)
-    parser.add_argument("--no_plot", "--no-plot", dest="plot", action="store_false", default=None,
-                        help="skip the bar chart")
-    parser.add_argument("--tfds_download", "--tfds-download", action="store_true", default=None,
+    for field, kwargs in _FLAGS.items():
+        parser.add_argument(_flag(field), dest=field, **kwargs)
+    parser.add_argument("--no-plot", dest="plot", action="store_false", default=None, help="skip the bar chart")
+    parser.add_argument("--tfds-download", dest="tfds_download", action="store_true", default=None,
                         help="let TFDS download and prepare missing datasets")
-    parser.add_argument("--no_progress", "--no-progress", dest="progress", action="store_false", default=None,
+    parser.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                         help="hide progress bars")
     return parser
 
@@ -98,7 +100,7 @@ def build_config(argv: list[str] | None) -> ml_collections.ConfigDict:
             continue
         if flag == "shots":
             value = tuple(int(k) for k in str(value).split(",") if k.strip())
-        set_field(config, flag, value, f"--{flag}")
+        set_field(config, flag, value, _flag(flag))
     for item in rest:
         if not item.startswith(OVERRIDE_PREFIX) or "=" not in item:
             parser.error(f"unrecognised argument {item!r}")

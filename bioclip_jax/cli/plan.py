@@ -22,7 +22,6 @@ on one accelerator host to get that backend's own analysis for its local devices
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -31,7 +30,7 @@ import re
 import sys
 from collections.abc import Callable
 
-from bioclip_jax.cli.common import load_train_config
+from bioclip_jax.cli.common import ArgumentParser, load_train_config
 
 MESH_AXES = ("data", "fsdp", "tensor")  # the same names as bioclip_jax.parallel.mesh (imports jax)
 UNITS = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12,
@@ -518,8 +517,8 @@ def _flops(value: float) -> str:
     return f"{value:.3g} FLOP"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bioclip-jax plan", description=__doc__.split("\n\n")[1],
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="bioclip-jax plan", description=__doc__.split("\n\n")[1],
                                      epilog="Any config field: --config.FIELD=VALUE (e.g. --config.remat=full).")
     parser.add_argument("--config", required=True, help="configs/NAME.py or configs/NAME.py:ARG")
     parser.add_argument("--devices", help="simulate this many CPU devices, or 'local' for the devices present; "

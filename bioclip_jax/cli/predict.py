@@ -25,7 +25,6 @@ catalog and text type, and kept under taxa_embeddings.taxa_cache_dir().
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import functools
@@ -252,8 +251,8 @@ def _format(value) -> str:
     return f"{value:.6f}" if isinstance(value, float) else str(value)
 
 
-def build_parser(prog: str = "bioclip-jax predict") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description="Classify images with a BioCLIP model, as pybioclip's "
+def build_parser(prog: str = "bioclip-jax predict") -> common.ArgumentParser:
+    parser = common.ArgumentParser(prog=prog, renamed={"--out": "--output"}, description="Classify images with a BioCLIP model, as pybioclip's "
                                      "`bioclip predict` does: over the tree of life (default), your own labels "
                                      "(--cls) or bins of labels (--bins).")
     parser.add_argument("images", nargs="+", help="image files and/or directories (searched recursively)")
@@ -263,24 +262,24 @@ def build_parser(prog: str = "bioclip-jax predict") -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed for --pretrained random")
     labels = parser.add_mutually_exclusive_group()
     labels.add_argument("--cls", help="comma-separated labels, or a text file with one label per line")
-    labels.add_argument("--cls-file", "--cls_file", dest="cls_file", help="text file with one label per line")
+    labels.add_argument("--cls-file", dest="cls_file", help="text file with one label per line")
     labels.add_argument("--bins", help="CSV with a header; first column a label, second the bin it is summed into")
     parser.add_argument("--rank", choices=RANKS, default="species", help="tree-of-life rank (default species)")
     parser.add_argument("--taxa", help="taxa catalog CSV (kingdom .. species, common) for tree-of-life mode; "
                         "embedded once per model and text type, then cached")
-    parser.add_argument("--taxa-embeddings", "--taxa_embeddings", dest="taxa_embeddings",
+    parser.add_argument("--taxa-embeddings", dest="taxa_embeddings",
                         help="folder with txt_emb_species.npy/.json (from embed-taxa or pybioclip); "
                              "built from --taxa when empty; default: the model's tree-of-life dataset repo")
     parser.add_argument("--subset", help="CSV whose first column (named by a rank) lists the taxa to keep")
-    parser.add_argument("--text-type", "--text_type", dest="text_type", default="taxon_com", choices=TEXT_TYPES,
+    parser.add_argument("--text-type", dest="text_type", default="taxon_com", choices=TEXT_TYPES,
                         help="how taxa from --taxa are named when embedding them (default taxon_com)")
     parser.add_argument("--k", type=int, default=None,
                         help="predictions per image (default 5; every label with --cls/--bins, as pybioclip)")
-    parser.add_argument("--min-prob", "--min_prob", dest="min_prob", type=float, default=1e-9,
+    parser.add_argument("--min-prob", dest="min_prob", type=float, default=1e-9,
                         help="species probabilities at or below this are not summed into a rank (default 1e-9)")
     parser.add_argument("--format", choices=FORMATS, default="csv", help="output format (default csv)")
     parser.add_argument("--output", help="write to this file instead of stdout ('stdout', as in pybioclip, is stdout)")
-    parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=32,
+    parser.add_argument("--batch-size", dest="batch_size", type=int, default=32,
                         help="images per batch (default 32)")
     parser.add_argument("--workers", type=int, default=8, help="image decoding threads (default 8)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")

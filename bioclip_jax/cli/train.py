@@ -1,10 +1,10 @@
 """`bioclip-jax train` (or `python -m bioclip_jax.train`) `--config=configs/NAME.py[:ARG] --workdir=DIR [--config.FIELD=VALUE ...]
-[--stop_after=N] [--allow_config_change] [--allow_fresh_start]`
+[--stop-after=N] [--allow-config-change] [--allow-fresh-start]`
 
 Rerunning with the same workdir resumes from its latest checkpoint, under the same config
-(a change is refused unless --allow_config_change; see train/run_identity.py). A workdir whose
+(a change is refused unless --allow-config-change; see train/run_identity.py). A workdir whose
 checkpoints are all unreadable (moved to checkpoints_unreadable/) is not trained again from
-step 0 unless --allow_fresh_start. One job at a
+step 0 unless --allow-fresh-start. One job at a
 time trains in a workdir (WORKDIR/LOCK; see train/workdir.py). When launched as one of
 several processes (JAX_COORDINATOR_ADDRESS / SLURM / TPU pod environment),
 `jax.distributed` is initialised first.
@@ -23,24 +23,24 @@ import sys
 from absl import logging
 
 from bioclip_jax import exit_codes
-from bioclip_jax.cli.common import load_train_config
+from bioclip_jax.cli.common import ArgumentParser, load_train_config
 from bioclip_jax.train.distributed import maybe_initialize_distributed
 from bioclip_jax.train.workdir import WorkdirInUseError, check_workdir, hold_workdir
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
         prog="bioclip-jax train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
         epilog="Any config field is set with --config.FIELD=VALUE, e.g. --config.optimizer.lr=3e-4.")
     parser.add_argument("--config", required=True, help="training config file (configs/*.py), with :ARG for a size")
     parser.add_argument("--workdir", required=True,
                         help="where checkpoints, metrics and the exported model go (local or gs://)")
-    parser.add_argument("--stop_after", type=int, default=None,
+    parser.add_argument("--stop-after", type=int, default=None,
                         help="save a checkpoint and exit at this step (schedule unchanged)")
-    parser.add_argument("--allow_config_change", action="store_true",
+    parser.add_argument("--allow-config-change", action="store_true",
                         help="resume under a config that differs from the workdir's config.json (recorded there)")
-    parser.add_argument("--allow_fresh_start", action="store_true",
+    parser.add_argument("--allow-fresh-start", action="store_true",
                         help="train from step 0 in a workdir whose checkpoints were all set aside as unreadable")
     return parser
 

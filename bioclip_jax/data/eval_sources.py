@@ -148,7 +148,7 @@ class TfdsData(EvalData):
         except Exception as error:  # noqa: BLE001 - TFDS raises several types for "not there"
             raise FileNotFoundError(f"TFDS dataset {dataset}:{split} is not available in "
                                     f"{data_dir or '~/tensorflow_datasets'} (prepare it with `tfds build "
-                                    f"{dataset}` or allow --tfds_download): {error}") from error
+                                    f"{dataset}` or allow --tfds-download): {error}") from error
         self.name = name or f"{dataset}:{split}"
         self.classes = [EvalClass(n) for n in features[self.label_key].names]
 

@@ -89,6 +89,6 @@ def check_config(config) -> None:
     parse_text_types(config.text_type)
     get_templates(config.templates)
     if config.plot_embeddings and config.plot_embeddings not in RANKS:
-        raise ValueError(f"--plot_embeddings must be a rank ({', '.join(RANKS)}), got {config.plot_embeddings!r}")
+        raise ValueError(f"--plot-embeddings must be a rank ({', '.join(RANKS)}), got {config.plot_embeddings!r}")
     if config.trials < 1 or any(int(k) < 1 for k in config.shots):
         raise ValueError(f"trials and shots must be >= 1, got trials={config.trials}, shots={tuple(config.shots)}")

@@ -53,7 +53,7 @@ def evaluate(model: CLIP, config, out: str | None = None, *, source: str | None 
 def _plot_embeddings(embedded: Embedded, rank: str, path: str) -> None:
     data = embedded.data
     if not data.has_taxonomy:
-        print(f"{data.name}: no taxonomy for --plot_embeddings={rank}; colouring by class", file=sys.stderr)
+        print(f"{data.name}: no taxonomy for --plot-embeddings={rank}; colouring by class", file=sys.stderr)
         groups = [data.classes[i].name for i in embedded.labels]
     else:
         def name(taxon):

@@ -310,7 +310,7 @@ class TrainCheckpointer:
         if names and not allow_fresh_start:
             refusal = (f"no checkpoint in {self.directory} reads cleanly, and {len(names)} unreadable one(s) were "
                        f"moved to {aside} ({', '.join(names)}): training would start again from step 0, so it did "
-                       f"not; repair them, start a new workdir, or pass --allow_fresh_start to train from step 0 "
+                       f"not; repair them, start a new workdir, or pass --allow-fresh-start to train from step 0 "
                        f"in this one")
         refused, refusal = distributed.agree_on_worst(int(bool(refusal)), refusal)
         if refused:

@@ -3,7 +3,7 @@
 The trainer writes WORKDIR/config.json at the first start. On every resume the current
 config is compared with it, field by field (dotted names, e.g. `optimizer.lr`). A
 difference in a field outside the allow-list below is refused with one line per field
-(`field: saved -> now`) and the advice to pass `--allow_config_change` or to start a new
+(`field: saved -> now`) and the advice to pass `--allow-config-change` or to start a new
 workdir: a changed batch size, learning rate, model or data would otherwise continue
 silently as a different experiment under the old run's name.
 
@@ -22,7 +22,7 @@ Allowed without asking (`ALLOWED_CHANGES`):
 A field present on one side only (the code gained or lost a field since the run began)
 counts as a change of that field.
 
-With `--allow_config_change` every difference is accepted; `record_config_change` then
+With `--allow-config-change` every difference is accepted; `record_config_change` then
 rewrites config.json with the current config and appends one line per resume to
 WORKDIR/config_history.jsonl: {"step": N, "time": ..., "changes": {field: [saved, now]}}.
 config.json thus always holds the config in force, and the history says how it got there;
@@ -97,7 +97,7 @@ def check_resumed_config(saved: dict, current: ml_collections.ConfigDict, allow_
     if refused and not allow_changes:
         lines = "\n".join(f"  {change}" for change in refused)
         raise ValueError(f"the config differs from the one this workdir was started with (its {CONFIG_JSON}):\n"
-                         f"{lines}\nrerun with the same config, pass --allow_config_change to continue this "
+                         f"{lines}\nrerun with the same config, pass --allow-config-change to continue this "
                          f"run under the new one, or start a new --workdir")
     return changes
 

@@ -12,7 +12,7 @@ ARG is the root holding one folder per task (default ./data/eval):
     ROOT/plantnet/<class>/*.jpg        Meta-Album PlantNet (PLT_NET_Mini)
     ROOT/fungi/<class>/*.jpg           Meta-Album Fungi (FNG_Mini)
     ROOT/plantvillage/<class>/*.jpg    Meta-Album PlantVillage (PLT_VIL_Mini); if this folder is
-                                       absent, TFDS `plant_village` (prepared in --tfds_data_dir) is used
+                                       absent, TFDS `plant_village` (prepared in --tfds-data-dir) is used
     ROOT/medicinal_leaf/<class>/*.jpg  Meta-Album Medicinal Leaf (MED_LF_Mini)
     ROOT/plantdoc/<class>/*.jpg        Meta-Album PlantDoc (PLT_DOC_Mini)
     ROOT/rare_species/<class>/*.jpg    Rare Species (400 IUCN species x 30 images)
