@@ -1,5 +1,5 @@
-"""`bioclip-jax train` (or `python -m bioclip_jax.train`) `--config=configs/NAME.py[:ARG] --workdir=DIR [--config.FIELD=VALUE ...]
-[--stop-after=N] [--allow-config-change] [--allow-fresh-start]`
+"""`bioclip-jax train --config=configs/NAME.py[:ARG] --workdir=DIR [--config.FIELD=VALUE ...]
+[--stop-after=N] [--allow-config-change] [--allow-fresh-start]`, also `python -m bioclip_jax.train`.
 
 Rerunning with the same workdir resumes from its latest checkpoint, under the same config
 (a change is refused unless --allow-config-change; see train/run_identity.py). A workdir whose
