@@ -5,8 +5,8 @@
 # figure against its target.
 #
 #   bash benchmarks/gpu_check.sh                          # every part (about 12 minutes on one H200)
-#   bash benchmarks/gpu_check.sh --parts steps,reference,large   # a device call of at most 9 minutes ...
-#   bash benchmarks/gpu_check.sh --parts loader,loop,flags       # ... and the rest in a second one
+#   bash benchmarks/gpu_check.sh --parts steps,reference,large   # at most 9 minutes ...
+#   bash benchmarks/gpu_check.sh --parts loader,loop,flags       # ... and the rest in a second command
 #   bash benchmarks/gpu_check.sh --cpu-quick              # the same path on a CPU: ViT-Tiny-8, small batches
 #
 # Parts: steps (ViT-B/16 ours: {cudnn, xla} x {none, minimal, full}), reference (open_clip with and
@@ -15,12 +15,12 @@
 # other XLA flags). One part failing or running out of time never costs the others: each runs under
 # its own time limit, and the summary reads whatever records exist.
 #
-# Output folder: $OUT when set (the device tool brings it back), else runs/gpu_check. Four files:
+# Output folder: the environment variable OUT when set, else runs/gpu_check. Four files:
 # gpu_check.log (everything printed), environment.txt (versions, nvidia-smi), summary.md and
 # summary.json (every record in full).
 #
-# Packages the image lacks come from wheels carried beside the tree (benchmarks/gpu_wheels.sh
-# fetches them into build/gpu_wheels). GPU_CHECK_OURS and GPU_CHECK_REFERENCE replace the settings
+# Packages the GPU machine's Python lacks are installed, without a package index, from wheels
+# copied there with the checkout (benchmarks/gpu_wheels.sh fetches them into build/gpu_wheels). GPU_CHECK_OURS and GPU_CHECK_REFERENCE replace the settings
 # of the steps and reference parts (benchmarks/gpu_step.py's syntax).
 set -uo pipefail
 cd "$(dirname "$0")/.."

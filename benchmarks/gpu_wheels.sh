@@ -7,12 +7,12 @@
 #
 #   bash benchmarks/gpu_wheels.sh [DEST]      # default build/gpu_wheels (git-ignored)
 #
-# Then carry DEST with the working tree (the device tool's carry=["build/gpu_wheels"]).
+# Then copy DEST to the GPU machine with the checkout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEST="${1:-build/gpu_wheels}"
 PYTHON="${PYTHON:-python3}"
-LIMIT_MIB=48  # the working tree that travels, wheels included, must stay under 64 MiB
+LIMIT_MIB=48  # the wheels travel with the checkout: more than this is refused
 
 WHEELS=(
   ml_collections==1.1.0                                    # configs
@@ -34,6 +34,6 @@ size_mib=$(( $(du -sk "$DEST" | cut -f1) / 1024 ))
 ls -1 "$DEST"
 echo "$DEST: $(ls "$DEST"/*.whl | wc -l) wheels, ${size_mib} MiB"
 if (( size_mib > LIMIT_MIB )); then
-  echo "$DEST holds ${size_mib} MiB, over the ${LIMIT_MIB} MiB left for wheels in a 64 MiB carry" >&2
+  echo "$DEST holds ${size_mib} MiB, over the ${LIMIT_MIB} MiB allowed for wheels that travel with the checkout" >&2
   exit 1
 fi

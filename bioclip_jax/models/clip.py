@@ -97,8 +97,8 @@ def build_model(config: CLIPConfig, *, seed: int = 0, dtype=jnp.float32, remat: 
                 attention: str = AUTO) -> CLIP:
     """A randomly initialised model, filled on the host with numpy (deterministic for a seed).
 
-    Eager JAX initialisation compiles one random kernel per parameter shape and is ~100x
-    slower on CPU; sampling the same distributions with numpy takes a second for ViT-B.
+    Eager JAX initialisation would compile one random kernel per parameter shape; sampling the
+    same distributions with numpy compiles nothing (benchmarks/README.md, "Model initialisation").
     """
     model = abstract_model(config, dtype=dtype, remat=remat, attention=attention)
     values = sample_params(config, seed=seed)
