@@ -60,8 +60,8 @@ def test_model_directory_and_export_in_bucket(gcs_dir, tmp_path):
     model = create_model(TINY, seed=1)
     save_model(model, f"{gcs_dir}/model")
     _same(flat_params(model), model_dir.load_params(f"{gcs_dir}/model"))
-    assert cli.main(["export", "--checkpoint", f"{gcs_dir}/model", "--out", f"{gcs_dir}/export"]) == 0
-    assert cli.main(["import", "--pretrained", f"local-dir:{gcs_dir}/export", "--out", f"{gcs_dir}/again"]) == 0
+    assert cli.main(["export", "--checkpoint", f"{gcs_dir}/model", "--output", f"{gcs_dir}/export"]) == 0
+    assert cli.main(["import", "--pretrained", f"local-dir:{gcs_dir}/export", "--output", f"{gcs_dir}/again"]) == 0
     _same(flat_params(model), flat_params(create_model(None, f"{gcs_dir}/again")))
     open_clip.create_model_and_transforms(f"local-dir:{_download(f'{gcs_dir}/export', tmp_path / 'export')}")
 
@@ -72,7 +72,7 @@ from bioclip_jax.checkpoint import model_dir
 from bioclip_jax.cli import main as cli
 assert jax.device_count() == 1
 print("loaded", len(model_dir.load_params({workdir!r}, step=1)))
-sys.exit(cli.main(["export", "--checkpoint", {workdir!r}, "--step", "1", "--out", {out!r}]))
+sys.exit(cli.main(["export", "--checkpoint", {workdir!r}, "--step", "1", "--output", {out!r}]))
 """
 
 
@@ -92,7 +92,7 @@ def test_fsdp_workdir_in_bucket_loads_and_exports_on_one_device(gcs_dir, shards,
     open_clip.create_model_and_transforms(f"local-dir:{one_device}")
 
     for step, out in (("1", "step1"), (None, "latest")):  # here, on 8 devices; the default step is the last
-        assert cli.main(["export", "--checkpoint", workdir, "--out", str(tmp_path / out),
+        assert cli.main(["export", "--checkpoint", workdir, "--output", str(tmp_path / out),
                          *(["--step", step] if step else [])]) == 0
     weights = {name: state_dict_io.read_state_dict(str(tmp_path / name / state_dict_io.WEIGHTS_NAME))
                for name in ("one_device", "step1", "latest")}
@@ -116,7 +116,7 @@ def bucket_workdir(gcs_dir):
 
 def test_missing_step_is_one_sentence_listing_the_steps(bucket_workdir, gcs_dir, capsys):
     assert model_dir.finished_steps(bucket_workdir) == [3, 6]
-    assert cli.main(["export", "--checkpoint", bucket_workdir, "--step", "4", "--out", f"{gcs_dir}/x"]) == 2
+    assert cli.main(["export", "--checkpoint", bucket_workdir, "--step", "4", "--output", f"{gcs_dir}/x"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "step 4" in err and "available steps: 3, 6" in err, err
     with pytest.raises(ValueError, match="training workdir"):
@@ -129,9 +129,9 @@ def test_watch_writes_results_and_metrics_into_the_bucket(bucket_workdir, tmp_pa
         folder.mkdir(parents=True)
         for i in range(3):
             Image.fromarray(np.full((40, 40, 3), colour, np.uint8)).save(folder / f"{i}.jpg")
-    assert eval_cli.main(["--workdir", bucket_workdir, "--watch", "--watch_timeout=0", "--poll_seconds=0.01",
-                          "--no_progress", f"--data=folder:{tmp_path / 'birds' / 'images'}", "--tasks=few_shot",
-                          "--shots=1", "--trials=1", "--plot_embeddings=genus", "--batch_size=8"]) == 0
+    assert eval_cli.main(["--workdir", bucket_workdir, "--watch", "--watch-timeout=0", "--poll-seconds=0.01",
+                          "--no-progress", f"--data=folder:{tmp_path / 'birds' / 'images'}", "--tasks=few_shot",
+                          "--shots=1", "--trials=1", "--plot-embeddings=genus", "--batch-size=8"]) == 0
     assert [r["step"] for r in read_metrics(bucket_workdir)] == [3, 6]
     written = {p.name for p in (epath.Path(bucket_workdir) / "eval" / "6").iterdir()}
     assert {"results.json", "results.md", "results.png", "results_birds_genus.png"} <= written, written
@@ -230,7 +230,7 @@ def test_damaged_weights_are_one_sentence(tmp_path, capsys, damage):
     weights.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\x07" * 64)
     with pytest.raises(ValueError, match=rf"{weights} is truncated or corrupt"):
         create_model(None, f"local-dir:{folder}")
-    assert cli.main(["import", "--pretrained", f"local-dir:{folder}", "--out", str(tmp_path / "ckpt")]) == 1
+    assert cli.main(["import", "--pretrained", f"local-dir:{folder}", "--output", str(tmp_path / "ckpt")]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "truncated or corrupt" in err and str(weights) in err, err
 

@@ -38,7 +38,7 @@ def test_stop_and_resume_in_a_bucket_gives_the_local_losses_and_exports(gcs_dir,
     env = {**os.environ, **gcs_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
            "JAX_PLATFORMS": "cpu"}
     done = subprocess.run([sys.executable, "-m", "bioclip_jax.cli.main", "export", "--checkpoint", workdir,
-                           "--out", str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+                           "--output", str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     export_open_clip(create_model(pretrained=str(tmp_path / "local")), tmp_path / "local_exported")
     exported = open_clip.create_model(f"local-dir:{out}").state_dict()

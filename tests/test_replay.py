@@ -162,7 +162,7 @@ def test_resume_with_replay_is_exact_and_the_projector_is_checkpointed(data, str
     straight = straight[1]
     run(tmp_path / "resumed", data["train"], stop_after=3, **replay)
     assert REPLAY_PROJECTOR_KEY in model_dir.param_keys(str(tmp_path / "resumed"))
-    assert export_cli.main(["--checkpoint", str(tmp_path / "resumed"), "--out", str(tmp_path / "export")]) == 0
+    assert export_cli.main(["--checkpoint", str(tmp_path / "resumed"), "--output", str(tmp_path / "export")]) == 0
     out = capsys.readouterr().out
     assert f"replay projector ({REPLAY_PROJECTOR_KEY}" in out and "stays in" in out
     assert os.path.exists(tmp_path / "export" / "open_clip_config.json")

@@ -53,8 +53,8 @@ def test_export_of_import_reproduces_open_clip_tensors(tmp_path):
     reference = random_open_clip("ViT-B-32", seed=8)
     original = save_safetensors(reference, str(tmp_path / "w.safetensors"))
     assert cli.main(["import", "--pretrained", str(tmp_path / "w.safetensors"), "--model", "ViT-B-32",
-                     "--out", str(tmp_path / "ckpt")]) == 0
-    assert cli.main(["export", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out")]) == 0
+                     "--output", str(tmp_path / "ckpt")]) == 0
+    assert cli.main(["export", "--checkpoint", str(tmp_path / "ckpt"), "--output", str(tmp_path / "out")]) == 0
     exported = load_file(str(tmp_path / "out" / "open_clip_model.safetensors"))
     assert set(exported) == set(original)
     for key, tensor in original.items():
@@ -82,7 +82,7 @@ def test_clear_errors(tmp_path, capsys):
     with pytest.raises(ValueError, match="lacks .* open_clip key"):
         create_model("ViT-L-14", str(tmp_path / "b32.safetensors"))
 
-    assert cli.main(["export", "--checkpoint", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
+    assert cli.main(["export", "--checkpoint", str(tmp_path / "nowhere"), "--output", str(tmp_path / "x")]) == 2
     assert "not found" in capsys.readouterr().err
     assert cli.main(["no-such-command"]) == 2
 
