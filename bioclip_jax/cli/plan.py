@@ -18,6 +18,9 @@ an accelerator's own memory. --devices N simulates N CPU devices, so a laptop pl
 256-chip pod. XLA:CPU keeps more activations alive than TPU and GPU compilers (see
 CPU_ESTIMATE_NOTE): read its batch limits as pessimistic, or run with `--devices local`
 on one accelerator host to get that backend's own analysis for its local devices.
+
+jax, and every bioclip_jax module that imports it, is imported inside the functions: the
+simulated CPU devices must be set (simulate_cpu_devices) before jax starts.
 """
 
 from __future__ import annotations
