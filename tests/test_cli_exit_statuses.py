@@ -11,7 +11,8 @@ from bioclip_jax import exit_codes
 from bioclip_jax.cli import main as cli
 from bioclip_jax.convert import state_dict_io
 
-CATALOG = "kingdom,phylum,class,order,family,genus,species,common\nAnimalia,Chordata,Aves,Passeriformes,Corvidae,Corvus,corax,raven\n"
+CATALOG = ("kingdom,phylum,class,order,family,genus,species,common\n"
+           "Animalia,Chordata,Aves,Passeriformes,Corvidae,Corvus,corax,raven\n")
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,8 @@ def _damaged_model(root, tmp):
     return {
         "embed": ["embed", "--pretrained", model, "--images", str(root / "images"), "--output", f"{tmp}/x.npy",
                   "--no-progress"],
-        "embed-taxa": ["embed-taxa", "--taxa", str(root / "catalog.csv"), "--output", f"{tmp}/tol", "--pretrained", model,
+        "embed-taxa": ["embed-taxa", "--taxa", str(root / "catalog.csv"), "--output", f"{tmp}/tol",
+                       "--pretrained", model,
                        "--no-progress"],
         "eval": ["eval", f"--pretrained={model}", f"--data=folder:{root / 'images'}", f"--output={tmp}/r.json",
                  "--no-progress"],

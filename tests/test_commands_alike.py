@@ -37,12 +37,11 @@ def test_old_spellings_still_work_with_a_note(capsys):
     assert args.stop_after == 3 and args.allow_config_change and rest == ["--config.total_steps=7"]
     config = eval_cli.build_config(["--out=r.json", "--text_type", "com", "--config.text_batch_size=8"])
     assert (config.out, config.text_type, config.text_batch_size) == ("r.json", "com", 8)
-    notes = capsys.readouterr().err.splitlines()
-    assert notes == ["bioclip-jax train: --stop_after is now spelt --stop-after; the old spelling goes in the next release",
-                     "bioclip-jax train: --allow_config_change is now spelt --allow-config-change; the old spelling "
-                     "goes in the next release",
-                     "bioclip-jax eval: --out is now spelt --output; the old spelling goes in the next release",
-                     "bioclip-jax eval: --text_type is now spelt --text-type; the old spelling goes in the next release"]
+    note = "bioclip-jax {}: {} is now spelt {}; the old spelling goes in the next release"
+    assert capsys.readouterr().err.splitlines() == [
+        note.format("train", "--stop_after", "--stop-after"),
+        note.format("train", "--allow_config_change", "--allow-config-change"),
+        note.format("eval", "--out", "--output"), note.format("eval", "--text_type", "--text-type")]
 
 
 def test_a_config_override_and_a_positional_are_left_as_they_are(capsys):

@@ -84,7 +84,9 @@ def test_an_upward_import_is_found_and_named(tmp_path):
     data = tmp_path / "bioclip_jax" / "data"
     data.mkdir(parents=True)
     (data / "__init__.py").write_text("")
-    (data / "reader.py").write_text("def read():\n    from bioclip_jax.cli import common\n    from ..train import loop\n")
+    (data / "reader.py").write_text("def read():\n"
+                                    "    from bioclip_jax.cli import common\n"
+                                    "    from ..train import loop\n")
     known = {"bioclip_jax.data": data / "__init__.py", "bioclip_jax.data.reader": data / "reader.py"}
     assert upward_imports(layer_table(), known, tmp_path) == [
         "bioclip_jax.data.reader (L3) imports bioclip_jax.cli (L7) at bioclip_jax/data/reader.py:2",

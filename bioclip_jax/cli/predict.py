@@ -252,9 +252,10 @@ def _format(value) -> str:
 
 
 def build_parser(prog: str = "bioclip-jax predict") -> common.ArgumentParser:
-    parser = common.ArgumentParser(prog=prog, renamed={"--out": "--output"}, description="Classify images with a BioCLIP model, as pybioclip's "
-                                     "`bioclip predict` does: over the tree of life (default), your own labels "
-                                     "(--cls) or bins of labels (--bins).")
+    parser = common.ArgumentParser(prog=prog, renamed={"--out": "--output"},
+                                   description="Classify images with a BioCLIP model, as pybioclip's `bioclip "
+                                   "predict` does: over the tree of life (default), your own labels (--cls) or "
+                                   "bins of labels (--bins).")
     parser.add_argument("images", nargs="+", help="image files and/or directories (searched recursively)")
     parser.add_argument("--pretrained", help=SOURCES_HELP + f"; default {hub.DEFAULT_MODEL}")
     parser.add_argument("--model", help="architecture name for sources without one (e.g. ViT-B-16), or, as in "
