@@ -1,80 +1,28 @@
 """The real multi-host code path on one machine: launch/local_multiprocess.sh, gloo CPU collectives.
 
-One launch serves several checks. The launcher resumes a 1-process x 8-device run's
-step-2 checkpoint as 2 processes x 4 devices; process 1 is SIGKILLed once step 4 is
-checkpointed; 1 process x 8 devices resumes from the latest checkpoint. Every logged
-loss must equal the uninterrupted 1 x 8 run's. The mesh is data=2 x tensor=4 on both
-layouts: the data axis then spans the two processes, and the gradient all-reduce over
-gloo stays small enough for a test (data=8 over gloo takes ~30 s a step on 2 cores).
+The legs of one job (tests/multiprocess_runs.py) serve several checks: a 1-process x 8-device
+run's step-2 checkpoint is continued as 2 processes x 4 devices, process 1 is SIGKILLed once
+step 4 is checkpointed, and 1 process x 8 devices resumes from the latest checkpoint. Every
+logged loss must equal the uninterrupted 1 x 8 run's. The 2-process leg's mesh is data=2 x
+tensor=4: the data axis spans the two processes, and the gradient all-reduce over gloo stays
+small enough for a test.
 """
 
-import json
 import os
-import shutil
 import signal
+import socket
 import subprocess
 import sys
-import time
 
-import jax
 import numpy as np
 import pytest
 
 from bioclip_jax.train.distributed import launched_as_multiprocess, maybe_initialize_distributed
 from bioclip_jax.train.metrics import read_metrics
-from train_helpers import losses, run, shards  # noqa: F401 - shards is a fixture
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LAUNCHER = os.path.join(REPO, "launch", "local_multiprocess.sh")
-TOTAL_STEPS = 40       # a long schedule: the launched run is surely still going when it is killed
-KILL_AFTER_CHECKPOINT = 4
-REFERENCE_STEPS = 8
-MESH = {"mesh__data": 2, "mesh__tensor": 4}
-LAUNCH_TIMEOUT = 240   # seconds; nothing may hang CI
-
-
-def _overrides(**extra):
-    return {"total_steps": TOTAL_STEPS, "checkpoint__every_steps": 2, **MESH, **extra}
-
-
-def _launcher_env(log_dir) -> dict:
-    env = dict(os.environ, PYTHON=sys.executable, LOG_DIR=str(log_dir), KILL_GRACE_SECONDS="3")
-    cache = jax.config.jax_compilation_cache_dir  # share compiled programs with the test process
-    if cache:
-        env.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-    return env
-
-
-def _kill_leftovers(log_dir, launcher: subprocess.Popen) -> None:
-    """Stops the launcher and the processes it started (each leads its own process group)."""
-    pids = [launcher.pid]
-    for name in os.listdir(log_dir):
-        if name.endswith(".pid"):
-            with open(os.path.join(log_dir, name)) as f:
-                pids.append(int(f.read().strip()))
-    for pid in pids:
-        for kill in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(pid, signal.SIGKILL)):
-            try:
-                kill()
-            except (ProcessLookupError, PermissionError):
-                pass
-    launcher.wait(timeout=30)
-
-
-def _finished_steps(workdir) -> list[int]:
-    root = os.path.join(workdir, "checkpoints")
-    return sorted(int(d) for d in os.listdir(root) if d.isdigit()) if os.path.isdir(root) else []
-
-
-def _records_per_step(workdir) -> dict[int, int]:
-    """How many metrics.jsonl records each step has (only process 0 may write)."""
-    counts: dict[int, int] = {}
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        for line in f:
-            record = json.loads(line)
-            if "loss" in record:
-                counts[record["step"]] = counts.get(record["step"], 0) + 1
-    return counts
+from multiprocess_runs import (  # noqa: F401 - killed_run, one_process, resumed, shared_shards are fixtures
+    JOB, KILL_AFTER_CHECKPOINT, LAUNCH_TIMEOUT, LAUNCHER, REPO, TENSOR, copy_until_step, finished_steps,
+    killed_run, launcher_env, one_process, resumed, shared_shards, subprocess_env)
+from train_helpers import losses
 
 
 def _live_pids(log_dir):
@@ -87,65 +35,6 @@ def _live_pids(log_dir):
             except ProcessLookupError:
                 continue
             yield pid
-
-
-@pytest.fixture(scope="module")
-def reference(shards, tmp_path_factory):
-    """An uninterrupted 1 process x 8 devices run, checkpointed every 2 steps."""
-    workdir = tmp_path_factory.mktemp("reference")
-    return workdir, losses(run(workdir, shards, stop_after=REFERENCE_STEPS, **_overrides()))
-
-
-def _copy_until_step(source, destination, step: int) -> None:
-    """A workdir as it was when its run stopped after `step` (checkpoints beyond it dropped)."""
-    shutil.copytree(source, destination, ignore=shutil.ignore_patterns("metrics.jsonl", "tensorboard"),
-                    dirs_exist_ok=True)
-    for later in _finished_steps(destination):
-        if later > step:
-            shutil.rmtree(os.path.join(destination, "checkpoints", str(later)))
-
-
-@pytest.fixture(scope="module")
-def killed_run(reference, shards, tmp_path_factory):
-    """The reference's step-2 checkpoint, continued by the launcher as 2 processes x 4 devices
-    until process 1 is killed after checkpoint 4."""
-    workdir = tmp_path_factory.mktemp("multiprocess")
-    log_dir = tmp_path_factory.mktemp("launcher_logs")
-    _copy_until_step(reference[0], workdir, 2)
-    command = ["bash", LAUNCHER, "2", "4", "--", "--config=configs/synthetic_tiny.py:smoke",
-               f"--workdir={workdir}", f"--config.data.train_shards={shards}",
-               f"--config.total_steps={TOTAL_STEPS}", "--config.checkpoint.every_steps=2",
-               "--config.mesh.data=2", "--config.mesh.tensor=4"]
-    output_path = log_dir / "launcher.out"
-    with open(output_path, "w") as output_file:  # a file, not a pipe: a full pipe would stall the run
-        launcher = subprocess.Popen(command, cwd=REPO, env=_launcher_env(log_dir), stdout=output_file,
-                                    stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + LAUNCH_TIMEOUT
-        while KILL_AFTER_CHECKPOINT not in _finished_steps(workdir):
-            assert launcher.poll() is None, f"launcher ended early:\n{output_path.read_text()}"
-            assert time.time() < deadline, "no checkpoint 4 from the 2-process run in time"
-            time.sleep(0.2)
-        records_before_kill = _records_per_step(workdir)
-        with open(log_dir / "process-1.pid") as f:
-            os.kill(int(f.read()), signal.SIGKILL)
-        killed_at = time.time()
-        returncode = launcher.wait(timeout=60)
-        seconds_to_exit = time.time() - killed_at
-    finally:
-        if launcher.poll() is None:
-            _kill_leftovers(log_dir, launcher)
-    return {"workdir": workdir, "returncode": returncode, "seconds_to_exit": seconds_to_exit,
-            "output": output_path.read_text(), "counts": records_before_kill, "log_dir": log_dir,
-            "losses": losses(read_metrics(str(workdir)))}
-
-
-@pytest.fixture(scope="module")
-def resumed(killed_run, shards):
-    """1 process x 8 devices picks the killed run up from its latest checkpoint."""
-    latest = _finished_steps(killed_run["workdir"])[-1]
-    assert latest + 2 <= REFERENCE_STEPS, f"the kill came late (checkpoint {latest})"
-    return latest, losses(run(killed_run["workdir"], shards, stop_after=latest + 2, **_overrides()))
 
 
 def test_launcher_exits_promptly_and_nonzero_when_a_process_dies(killed_run):
@@ -161,22 +50,22 @@ def test_only_process_zero_writes_metrics(killed_run):
     assert all(counts[step] == 1 for step in counts), counts
 
 
-def test_two_processes_give_the_losses_of_one(killed_run, reference):
-    launched, expected = killed_run["losses"], reference[1]
+def test_two_processes_give_the_losses_of_one(killed_run, one_process):
+    launched, expected = killed_run["losses"], losses(read_metrics(str(one_process)))
     for step in (3, 4):  # computed by 2 processes x 4 devices, resumed from a 1 x 8 checkpoint
         np.testing.assert_allclose(launched[step], expected[step], rtol=1e-5, err_msg=f"step {step}")
 
 
-def test_rerun_resumes_from_the_last_checkpoint_on_the_other_layout(resumed, reference):
-    latest, after = resumed
+def test_rerun_resumes_from_the_last_checkpoint_on_the_other_layout(resumed, one_process):
+    latest, after, expected = resumed["latest"], resumed["losses"], losses(read_metrics(str(one_process)))
     assert latest >= KILL_AFTER_CHECKPOINT
-    for step in (latest + 1, latest + 2):
-        np.testing.assert_allclose(after[step], reference[1][step], rtol=1e-5, err_msg=f"step {step}")
+    for step in range(latest + 1, JOB["total_steps"] + 1):
+        np.testing.assert_allclose(after[step], expected[step], rtol=1e-5, err_msg=f"step {step}")
 
 
 def test_launcher_rejects_bad_arguments(tmp_path):
     for args in (["0", "4", "--", "x"], ["2", "four", "--", "x"], ["2", "4", "x"]):
-        result = subprocess.run(["bash", LAUNCHER, *args], cwd=REPO, env=_launcher_env(tmp_path),
+        result = subprocess.run(["bash", LAUNCHER, *args], cwd=REPO, env=launcher_env(tmp_path),
                                 capture_output=True, text=True, timeout=30)
         assert result.returncode == 2, args
         assert "error:" in result.stderr or "usage" in result.stderr.lower(), result.stderr
@@ -245,11 +134,11 @@ def _restore_in_two_processes(workdirs, shards, tmp_path, fault_on: str = "") ->
     workdir (`workdirs[i]`); returns the last line each printed."""
     script = tmp_path / "restore.py"
     script.write_text(_RESTORE.format(tests=os.path.dirname(os.path.abspath(__file__)), shards=shards,
-                                      overrides=_overrides()))
+                                      overrides={**JOB, **TENSOR}))
     port = _free_port()
     processes = []
     for index in range(2):
-        env = dict(os.environ, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+        env = dict(subprocess_env(), JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
                    JAX_PROCESS_ID=str(index), XLA_FLAGS="--xla_force_host_platform_device_count=4",
                    STORAGE_FAULT=fault_on)
         processes.append(subprocess.Popen([sys.executable, str(script), *map(str, workdirs)], env=env, cwd=REPO,
@@ -270,21 +159,19 @@ def _restore_in_two_processes(workdirs, shards, tmp_path, fault_on: str = "") ->
 
 
 def _free_port() -> int:
-    import socket  # noqa: PLC0415
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _own_views(reference, tmp_path, damaged_on: int | None = None):
+def _own_views(one_process, tmp_path, damaged_on: int | None = None):
     """A copy of the reference workdir per process (the storage as each host sees it)."""
     views = []
     for index in range(2):
         view = tmp_path / f"view{index}"
-        _copy_until_step(reference[0], view, REFERENCE_STEPS)
+        copy_until_step(one_process, view, JOB["total_steps"])
         views.append(view)
-    latest = _finished_steps(views[0])[-1]
+    latest = finished_steps(views[0])[-1]
     if damaged_on is not None:
         for data in (views[damaged_on] / "checkpoints" / str(latest) / "params").rglob("*"):
             if data.is_file() and data.stat().st_size > 10_000:
@@ -293,19 +180,19 @@ def _own_views(reference, tmp_path, damaged_on: int | None = None):
     return views, latest
 
 
-def test_a_checkpoint_damaged_on_one_host_only_is_set_aside_by_all(reference, shards, tmp_path):
+def test_a_checkpoint_damaged_on_one_host_only_is_set_aside_by_all(one_process, shared_shards, tmp_path):
     """Only process 1 sees the newest checkpoint damaged: both agree it is, process 0 moves it aside
     and both resume from the previous one (the old code left the processes at different barriers)."""
-    views, latest = _own_views(reference, tmp_path, damaged_on=1)
-    lines = _restore_in_two_processes(views, shards, tmp_path)
-    previous = _finished_steps(views[1])[-2]
+    views, latest = _own_views(one_process, tmp_path, damaged_on=1)
+    lines = _restore_in_two_processes(views, shared_shards, tmp_path)
+    previous = finished_steps(views[1])[-2]
     assert lines == [f"restored {previous}", f"restored {previous}"]
     assert [p.name.split("-")[0] for p in (views[0] / "checkpoints_unreadable").iterdir()] == [str(latest)]
 
 
-def test_a_storage_fault_on_one_host_stops_every_process_and_moves_nothing(reference, shards, tmp_path):
-    views, latest = _own_views(reference, tmp_path)
-    lines = _restore_in_two_processes(views, shards, tmp_path, fault_on="1")
+def test_a_storage_fault_on_one_host_stops_every_process_and_moves_nothing(one_process, shared_shards, tmp_path):
+    views, latest = _own_views(one_process, tmp_path)
+    lines = _restore_in_two_processes(views, shared_shards, tmp_path, fault_on="1")
     assert lines[0] == lines[1] and "UNAVAILABLE" in lines[0] and "on process 1" in lines[0], lines
     assert f"checkpoint step {latest}" in lines[0] and "left in place" in lines[0]
-    assert not (views[0] / "checkpoints_unreadable").exists() and latest in _finished_steps(views[0])
+    assert not (views[0] / "checkpoints_unreadable").exists() and latest in finished_steps(views[0])

@@ -1,89 +1,49 @@
 """A pod run from start to finish, as 2 processes x 4 CPU devices (gloo) on this machine.
 
-One launch of the real binary (launch/local_multiprocess.sh) trains on a data=2 x fsdp=4
-mesh with periodic zero-shot eval on the held-out species, checkpoints, and exports at
-the end. The same job as 1 process x 8 devices is the reference: eval numbers and the
-exported model must agree. A 1-device process then exports a step the 2-process run
-wrote. In-process checks cover sharded initialisation and the meshes that are refused.
+The legs of one job (tests/multiprocess_runs.py) end with a launch of the real binary
+(launch/local_multiprocess.sh) that trains on a data=2 x fsdp=4 mesh, evaluates on the
+held-out species, checkpoints and exports at the end; the leg before it, also 2 processes,
+made the periodic evaluation at step 4. The same job as 1 process x 8 devices is the
+reference: eval numbers and the exported model must agree. A 1-device process then exports
+a step the 2-process run wrote. In-process checks cover sharded initialisation and the
+meshes that are refused.
 """
 
 import json
 import os
+import re
+import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
 import pytest
+from jax.experimental import multihost_utils
+from safetensors.numpy import load_file
 
-from bioclip_jax.train.job import run_job
+from bioclip_jax.checkpoint.model_dir import load_params
+from bioclip_jax.exit_codes import STOPPED
+from bioclip_jax.parallel import sharding as sharding_lib
+from bioclip_jax.parallel.mesh import make_mesh
+from bioclip_jax.pretrained import create_model
+from bioclip_jax.tokenizer import get_tokenizer
+from bioclip_jax.train import state as state_lib
+from bioclip_jax.train.job import done_step, run_job
+from bioclip_jax.train.loop import initial_params
 from bioclip_jax.train.metrics import read_metrics
-from train_helpers import shards, smoke_config  # noqa: F401 - shards is a fixture
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LAUNCHER = os.path.join(REPO, "launch", "local_multiprocess.sh")
-STEPS = {"total_steps": 4, "checkpoint__every_steps": 2, "eval__every_steps": 2}
-MESH = {"mesh__data": 2, "mesh__fsdp": 4}
-LAUNCH_TIMEOUT = 420
-
-
-def _held_out(shards_dir: str) -> dict:
-    root = os.path.dirname(shards_dir)
-    return {"eval__held_out_dir": os.path.join(root, "held_out", "images"),
-            "eval__taxa_file": os.path.join(root, "held_out", "taxa.csv"), "eval__text_type": "taxon_com,com"}
-
-
-def _flags(overrides: dict) -> list[str]:
-    return [f"--config.{key.replace('__', '.')}={value}" for key, value in overrides.items()]
-
-
-def _eval_rows(workdir) -> dict[int, dict]:
-    rows: dict[int, dict] = {}
-    for record in read_metrics(str(workdir)):
-        evals = {k: v for k, v in record.items() if k.startswith("eval/")}
-        if evals:
-            rows.setdefault(record["step"], {}).update(evals)
-    return rows
-
-
-def _subprocess_env(devices: int) -> dict:
-    flags = os.environ.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
-    env = dict(os.environ, XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices}".strip(),
-               JAX_PLATFORMS="cpu")
-    cache = jax.config.jax_compilation_cache_dir
-    if cache:
-        env.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-    return env
-
-
-@pytest.fixture(scope="module")
-def one_process(shards, tmp_path_factory):
-    """The reference: the whole job (train, periodic eval, export) as 1 process x 8 devices."""
-    workdir = tmp_path_factory.mktemp("one_process")
-    config = smoke_config(shards, **STEPS, **MESH, **_held_out(shards))
-    from bioclip_jax.train.periodic_eval import eval_fn_from_config  # noqa: F401 - run_job builds it
-    run_job(config, str(workdir))
-    return workdir
-
-
-@pytest.fixture(scope="module")
-def two_processes(shards, tmp_path_factory):
-    """The same job through the launcher as 2 processes x 4 devices."""
-    workdir = tmp_path_factory.mktemp("two_processes")
-    log_dir = tmp_path_factory.mktemp("pod_logs")
-    command = ["bash", LAUNCHER, "2", "4", "--", "--config=configs/synthetic_tiny.py:smoke", f"--workdir={workdir}",
-               f"--config.data.train_shards={shards}", *_flags({**STEPS, **MESH, **_held_out(shards)})]
-    env = dict(_subprocess_env(4), PYTHON=sys.executable, LOG_DIR=str(log_dir), KILL_GRACE_SECONDS="3")
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
-    logs = "\n".join(p.read_text() for p in sorted(log_dir.glob("process-*.log")))
-    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}\n{logs}"
-    return workdir
+from multiprocess_runs import (  # noqa: F401 - killed_run, one_process, shared_shards, two_processes are fixtures
+    FSDP, JOB, LAUNCH_TIMEOUT, REPO, TENSOR, eval_rows, job_config, killed_run, launcher_command, launcher_env,
+    one_process, shared_shards, subprocess_env, two_processes)
+from train_helpers import smoke_config
 
 
 def test_periodic_and_final_eval_across_processes_equal_one_process(two_processes, one_process):
-    launched, expected = _eval_rows(two_processes), _eval_rows(one_process)
-    assert sorted(expected) == [2, 4] and sorted(launched) == [2, 4], (launched, expected)
-    for step in (2, 4):
+    launched, expected = eval_rows(two_processes), eval_rows(one_process)
+    assert sorted(expected) == [2, 4, 5] and sorted(launched) == [4, 5], (launched, expected)
+    for step in (4, 5):  # step 4: the killed leg's periodic evaluation; step 5: the last leg's final one
         assert set(launched[step]) == set(expected[step])
         assert any("zero_shot_top1" in k for k in expected[step])
         for key, value in expected[step].items():
@@ -91,8 +51,6 @@ def test_periodic_and_final_eval_across_processes_equal_one_process(two_processe
 
 
 def _embeddings(export_dir) -> tuple[np.ndarray, np.ndarray]:
-    from bioclip_jax.pretrained import create_model  # noqa: PLC0415
-    from bioclip_jax.tokenizer import get_tokenizer  # noqa: PLC0415
     model = create_model(None, f"local-dir:{export_dir}")
     size = model.config.vision.image_size
     images = np.random.default_rng(0).normal(size=(4, size, size, 3)).astype(np.float32)
@@ -106,23 +64,21 @@ def test_export_after_fsdp_training_across_processes_equals_one_process(two_proc
         assert (two_processes / "open_clip" / name).is_file()
     for launched, expected in zip(_embeddings(two_processes / "open_clip"), _embeddings(one_process / "open_clip")):
         np.testing.assert_allclose(launched, expected, rtol=1e-4, atol=1e-5)
-    assert json.loads((two_processes / "DONE").read_text())["step"] == 4
+    assert json.loads((two_processes / "DONE").read_text())["step"] == JOB["total_steps"]
 
 
 def test_a_one_device_process_exports_a_step_written_by_two_processes(two_processes, tmp_path):
-    out = tmp_path / "step2"
+    out = tmp_path / "step4"  # step 4: written by the killed 2-process leg
     result = subprocess.run([sys.executable, "-m", "bioclip_jax.cli.main", "export", "--checkpoint",
-                             str(two_processes), "--step", "2", "--out", str(out)],
-                            cwd=REPO, env=_subprocess_env(1), capture_output=True, text=True, timeout=300)
+                             str(two_processes), "--step", "4", "--out", str(out)],
+                            cwd=REPO, env=subprocess_env(1), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
-    from bioclip_jax.checkpoint.model_dir import load_params  # noqa: PLC0415
-    from safetensors.numpy import load_file  # noqa: PLC0415
     exported = load_file(str(out / "open_clip_model.safetensors"))
-    step2 = load_params(str(two_processes), step=2)
+    step4 = load_params(str(two_processes), step=4)
     final = load_params(str(two_processes))
-    scale = float(np.asarray(step2[("logit_scale",)]))
+    scale = float(np.asarray(step4[("logit_scale",)]))
     np.testing.assert_allclose(float(exported["logit_scale"]), scale, rtol=1e-6)
-    assert not np.allclose(scale, float(np.asarray(final[("logit_scale",)]))), "step 2 and 4 should differ"
+    assert not np.allclose(scale, float(np.asarray(final[("logit_scale",)]))), "step 4 and 5 should differ"
 
 
 # ---------------------------------------------------------------------------------- in-process checks
@@ -131,12 +87,6 @@ def test_a_one_device_process_exports_a_step_written_by_two_processes(two_proces
 def test_fresh_initialisation_places_each_shard_without_gathering(monkeypatch):
     """Old code: device_put of every whole parameter onto the global sharding (on several
     processes, an equality allgather per parameter). Now: shards only, no device_put."""
-    from jax.experimental import multihost_utils  # noqa: PLC0415
-
-    from bioclip_jax.parallel.mesh import make_mesh  # noqa: PLC0415
-    from bioclip_jax.train import state as state_lib  # noqa: PLC0415
-    from bioclip_jax.train.loop import initial_params  # noqa: PLC0415
-
     config = smoke_config("unused", mesh__data=2, mesh__fsdp=4)
     mesh = make_mesh(2, 4, 1)
     skeleton = state_lib.model_skeleton(config)
@@ -164,9 +114,6 @@ def test_fresh_initialisation_places_each_shard_without_gathering(monkeypatch):
 
 def test_replicated_batch_axes_across_processes_are_refused(monkeypatch):
     """tensor=8 on 2 processes x 4 devices: both processes would need the same rows."""
-    from bioclip_jax.parallel import sharding as sharding_lib  # noqa: PLC0415
-    from bioclip_jax.parallel.mesh import make_mesh  # noqa: PLC0415
-
     class FakeDevice:  # what check_batch_layout reads of a device: its owner
         def __init__(self, device, process):
             self.device, self.process_index = device, process
@@ -192,23 +139,15 @@ def test_replicated_batch_axes_across_processes_are_refused(monkeypatch):
 
 
 @pytest.mark.slow
-def test_sigterm_to_one_process_stops_every_process_at_the_same_saved_step(shards, tmp_path):
+def test_sigterm_to_one_process_stops_every_process_at_the_same_saved_step(shared_shards, tmp_path):
     """JAX's preemption service owns SIGTERM in a multi-process job (no Python handler replaces
     it): a notice to one host reaches all of them, they save the same step and exit 75.
-    Slow (2.5 minutes); the fast version is test_train's single-process SIGTERM test."""
-    import re
-    import signal
-    import time
-
-    from bioclip_jax.exit_codes import STOPPED
-
+    The fast version is test_train's single-process SIGTERM test."""
     workdir, log_dir = tmp_path / "run", tmp_path / "logs"
-    command = ["bash", LAUNCHER, "2", "4", "--", "--config=configs/synthetic_tiny.py:smoke", f"--workdir={workdir}",
-               f"--config.data.train_shards={shards}", "--config.total_steps=500",
-               "--config.checkpoint.every_steps=1000", *_flags(MESH)]
-    env = dict(_subprocess_env(4), PYTHON=sys.executable, LOG_DIR=str(log_dir), KILL_GRACE_SECONDS="3")
+    command = launcher_command(workdir, shared_shards, {"total_steps": 500, "checkpoint__every_steps": 1000, **FSDP})
     with open(tmp_path / "launcher.out", "w") as output:
-        launcher = subprocess.Popen(command, cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT)
+        launcher = subprocess.Popen(command, cwd=REPO, env=launcher_env(log_dir), stdout=output,
+                                    stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + LAUNCH_TIMEOUT
         while len(read_metrics(str(workdir))) < 2:
@@ -229,12 +168,12 @@ def test_sigterm_to_one_process_stops_every_process_at_the_same_saved_step(shard
     assert not (workdir / "open_clip").exists() and not (workdir / "DONE").exists()
 
 
-def test_a_finished_run_is_marked_done_and_a_rerun_does_nothing(one_process, shards, capsys):
-    from bioclip_jax.train.job import done_step  # noqa: PLC0415
-
-    assert done_step(one_process) == 4
-    exported = (one_process / "open_clip" / "open_clip_model.safetensors").stat().st_mtime_ns
+def test_a_finished_run_is_marked_done_and_a_rerun_does_nothing(one_process, shared_shards, tmp_path, capsys):
+    workdir = tmp_path / "done"  # a copy: the other tests read the reference run at the same time
+    shutil.copytree(one_process, workdir)
+    assert done_step(workdir) == JOB["total_steps"]
+    exported = (workdir / "open_clip" / "open_clip_model.safetensors").stat().st_mtime_ns
     capsys.readouterr()
-    assert run_job(smoke_config(shards, **STEPS, **MESH, **_held_out(shards)), str(one_process)) == {}
+    assert run_job(job_config(shared_shards, TENSOR), str(workdir)) == {}
     assert "nothing to do" in capsys.readouterr().out
-    assert (one_process / "open_clip" / "open_clip_model.safetensors").stat().st_mtime_ns == exported
+    assert (workdir / "open_clip" / "open_clip_model.safetensors").stat().st_mtime_ns == exported

@@ -15,13 +15,18 @@ from bioclip_jax.train.metrics import read_metrics
 CONFIG_FILE = os.path.join(os.path.dirname(__file__), "..", "configs", "synthetic_tiny.py")
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    """Training shards of a 24-species synthetic tree of life at 64 px (import it into a test module)."""
-    out = tmp_path_factory.mktemp("synthetic")
+def make_shards(out) -> str:
+    """A 24-species synthetic tree of life at 64 px in `out`; returns its training shards' folder
+    (the held-out species are in out/held_out)."""
     make_synthetic(str(out), species=24, images_per_species=6, held_out_species=4, seed=3, image_size=64,
                    samples_per_shard=40)
-    return str(out / "train")
+    return os.path.join(str(out), "train")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """Training shards of make_shards (import it into a test module)."""
+    return make_shards(tmp_path_factory.mktemp("synthetic"))
 
 
 def smoke_config(shards: str, **overrides):
