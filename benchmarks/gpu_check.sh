@@ -50,7 +50,7 @@ wants() { [[ ",$PARTS," == *",$1,"* ]]; }
 # Packages: from the wheels when the image lacks them; bioclip_jax from this tree.
 if ! "$PYTHON" -c "import ml_collections, open_clip, grain" 2>/dev/null; then
   if ! ls "$WHEELS"/*.whl >/dev/null 2>&1; then
-    say "ml_collections, open_clip or grain is missing and $WHEELS holds no wheels: run benchmarks/gpu_wheels.sh on a machine with an index and carry $WHEELS"
+    say "ml_collections, open_clip or grain is missing and $WHEELS holds no wheels: run benchmarks/gpu_wheels.sh on a machine with an index and copy $WHEELS here with the checkout"
     exit 2
   fi
   SITE="${TMPDIR:-/tmp}/gpu_check_site"
