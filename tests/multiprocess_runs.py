@@ -13,8 +13,9 @@ export.
 
 The data axis spans the two processes on every 2-process leg. Gradient collectives that span
 all 8 devices go through gloo slowly (benchmarks/README.md, "Multi-process training over
-gloo"), so only the last leg, one step, trains with fsdp across processes. Each leg runs once per test session: under pytest-xdist the
-first worker to ask runs it and the others wait for it and read what it left on disk.
+gloo"), so only the last leg, one step, trains with fsdp across processes. Each leg runs once
+per test session: under pytest-xdist the first worker to ask runs it and the others wait for it
+and read what it left on disk.
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ def subprocess_env(devices: int | None = None) -> dict:
     env = dict(os.environ)
     if devices is not None:
         xla_flags = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
-        env.update(XLA_FLAGS=f"{xla_flags} --xla_force_host_platform_device_count={devices}".strip(), JAX_PLATFORMS="cpu")
+        env.update(XLA_FLAGS=f"{xla_flags} --xla_force_host_platform_device_count={devices}".strip(),
+                   JAX_PLATFORMS="cpu")
     cache = jax.config.jax_compilation_cache_dir
     if cache:
         env.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
