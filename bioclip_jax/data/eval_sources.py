@@ -96,7 +96,7 @@ class FolderData(EvalData):
 
 
 def _names(directory: str) -> list[str]:
-    """Entries of a local or gs:// directory (os.listdir where it can: 10x faster on big folders)."""
+    """Entries of a local or gs:// directory; locally os.listdir, which builds no Path object per entry."""
     if is_remote(directory):
         return [path.name for path in as_path(directory).iterdir()]
     return os.listdir(directory)
