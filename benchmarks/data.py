@@ -639,7 +639,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num-shards", type=int, default=4, help="synthetic shards to make (default %(default)s)")
     parser.add_argument("--image-size", type=int, default=224, help="stored and cropped size (default %(default)s)")
     parser.add_argument("--batch", type=int, default=32, help="batch size (default %(default)s)")
-    parser.add_argument("--workers", type=int, default=2, help="loader worker processes, each side (default %(default)s)")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="loader worker processes, each side (default %(default)s)")
     parser.add_argument("--batches", type=int, default=16, help="batches per timed call (default %(default)s)")
     parser.add_argument("--drain", type=int,
                         help="untimed batches before each timed call, to empty the prefetch buffers "

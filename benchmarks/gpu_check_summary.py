@@ -60,7 +60,8 @@ def _settings_table(record: dict | None, title: str) -> list[str]:
         if "images_per_s_best" in s:
             kept = s.get("saved_bytes_per_pair")
             oom = f"OOM at {s['out_of_memory_at']}" if s.get("out_of_memory_at") else ""
-            lines.append(f"| {s['setting']} | {s['batch']} | {s['images_per_s_best']:.0f} / {s['images_per_s_median']:.0f} "
+            lines.append(f"| {s['setting']} | {s['batch']} "
+                         f"| {s['images_per_s_best']:.0f} / {s['images_per_s_median']:.0f} "
                          f"| {_percent(s.get('mfu_best'))} | {'' if kept is None else f'{kept / 2 ** 20:.1f}'} "
                          f"| {s.get('first_step_s', 0):.0f} | {s['losses'][0]:.5f} | {oom} |")
         else:
@@ -136,7 +137,8 @@ def summarise(records: str) -> tuple[dict, str]:
         lines += [f"Ours best ViT-B/16: {ours_best['setting']} at batch {ours_best['batch']}."]
     if reference_best:
         lines += [f"open_clip best: {reference_best['setting']} at batch {reference_best['batch']}."]
-    lines += ["", *_settings_table(steps, "ViT-B/16, ours"), *_settings_table(reference, "ViT-B/16, open_clip AMP bf16"),
+    lines += ["", *_settings_table(steps, "ViT-B/16, ours"),
+              *_settings_table(reference, "ViT-B/16, open_clip AMP bf16"),
               *_settings_table(large, "ViT-L/14, ours"), "First-step losses (same weights and data):", "",
               *_loss_agreement(steps, reference), "", *loader_lines]
     if loop_row:
@@ -169,7 +171,8 @@ def main(argv=None) -> int:
     if args.best_setting:
         best = best_setting(_read(args.records, "steps"))
         if best:
-            print(f"{best['attention']}:{best['remat']}:{best['batch']}{'' if best.get('scan_layers', True) else '@unrolled'}")
+            layers = "" if best.get("scan_layers", True) else "@unrolled"
+            print(f"{best['attention']}:{best['remat']}:{best['batch']}{layers}")
         return 0 if best else 1
     if not glob.glob(os.path.join(args.records, "*.json")):
         print(f"no records in {args.records}: no part finished (see gpu_check.log)")

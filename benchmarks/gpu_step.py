@@ -5,14 +5,14 @@
 
 benchmarks/gpu_check.sh runs each side in its own process, so neither framework's allocator
 takes memory from the other. Each setting is timed on its own: warm-up steps (compilation),
-then three windows of --steps steps queued back to back (`time_windows`); images/s best and median, and MFU (model FLOPs only,
-`bioclip_jax.train.step.model_flops_per_pair`; recomputation is not counted) against the
+then three windows of --steps steps queued back to back (`time_windows`); images/s best and median,
+and MFU (model FLOPs only, `bioclip_jax.train.step.model_flops_per_pair`; recomputation is not counted) against the
 device's peak.
 
 ours: a setting is ATTENTION:REMAT (auto, xla or cudnn; none, minimal, full, save:..., or a
 jax.checkpoint_policies name), optionally :BATCH, optionally @unrolled (the blocks as a Python
-loop instead of lax.scan, whose backward pass zero-fills the stacks it saves). Without a batch it takes the largest batch
-that fits: the activations the gradient keeps per pair (`saved_bytes_per_pair`, read from the
+loop instead of lax.scan, whose backward pass zero-fills the stacks it saves). Without a batch it takes
+the largest batch that fits: the activations the gradient keeps per pair (`saved_bytes_per_pair`, read from the
 traced program) against the device's memory, rounded down to a multiple of 64, at most
 --max-batch; a batch that still runs out of memory is retried at 3/4 of it. ours writes its
 initial weights as an open_clip folder (--weights), which the open_clip side loads, so both
@@ -82,7 +82,8 @@ def _rates(record: dict, batch: int, flops_per_pair: float, peak_tflops: float) 
 # ----------------------------------------------------------------------------- ours
 
 
-def largest_batch(arch, kernel: str, remat: str, limit_bytes: int, state_bytes: int, max_batch: int) -> tuple[int, float]:
+def largest_batch(arch, kernel: str, remat: str, limit_bytes: int, state_bytes: int,
+                  max_batch: int) -> tuple[int, float]:
     """(batch, bytes kept per pair): the batch whose kept activations, with room for one block's temporaries,
     fill the memory the train state leaves."""
     import jax.numpy as jnp  # noqa: PLC0415
@@ -155,13 +156,13 @@ def run_ours(args) -> dict:
                                           args.warmup, args.steps)
                     entry.update(_rates(record, batch, flops, peak), first_step_s=time.monotonic() - started)
                     break
-                except Exception as error:  # noqa: BLE001 - out of memory: a smaller batch
+                except Exception as error:  # out of memory: a smaller batch
                     if not _is_out_of_memory(error) or attempt == 2:
                         raise
                     entry.setdefault("out_of_memory_at", []).append(batch)
                     batch = max(BATCH_MULTIPLE, batch * 3 // 4 // BATCH_MULTIPLE * BATCH_MULTIPLE)
                 finally:
-                    train = placed = None  # noqa: F841 - free the state before the next attempt
+                    train = placed = None  # free the state before the next attempt
             print(_line(entry), flush=True)
         except Exception as error:  # noqa: BLE001 - one setting's failure never costs the others
             entry["error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:500]
@@ -220,7 +221,7 @@ def run_open_clip(args) -> dict:
             entry["error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:500]
             print(f"{setting}: FAILED {entry['error']}", flush=True)
         finally:
-            model = run = holder = None  # noqa: F841
+            model = run = holder = None
             torch.cuda.empty_cache()
         save(results, args.out)
     return results
@@ -234,7 +235,8 @@ def save(results: dict, path: str) -> None:
 def _line(entry: dict) -> str:
     mfu = "n/a" if entry.get("mfu_best") is None else f"{entry['mfu_best']:.1%}"
     return (f"{entry['setting']}: batch {entry['batch']}, {entry['images_per_s_best']:.0f} / "
-            f"{entry['images_per_s_median']:.0f} images/s (best / median), MFU {mfu}, first loss {entry['losses'][0]:.5f}")
+            f"{entry['images_per_s_median']:.0f} images/s (best / median), MFU {mfu}, "
+            f"first loss {entry['losses'][0]:.5f}")
 
 
 def main(argv=None) -> int:
@@ -243,7 +245,8 @@ def main(argv=None) -> int:
     parser.add_argument("side", choices=("ours", "open_clip"))
     parser.add_argument("--model", default="ViT-B-16")
     parser.add_argument("--settings", required=True, type=lambda s: [p for p in s.split(",") if p])
-    parser.add_argument("--weights", help="open_clip folder: ours writes its initial weights there, open_clip reads them")
+    parser.add_argument("--weights",
+                        help="open_clip folder: ours writes its initial weights there, open_clip reads them")
     parser.add_argument("--max-batch", type=int, default=2048)
     parser.add_argument("--memory-gib", type=float, default=16.0, help="device memory when the device does not say")
     parser.add_argument("--warmup", type=int, default=2)

@@ -89,7 +89,7 @@ def _finish_joined(directory: str, paths, stats, source_index) -> None:
     """Moves the joined pieces where `source_index` looks for this exact set of shards."""
     target = source_index.index_directory(None)
     os.makedirs(target, exist_ok=True)
-    key = source_index._key(paths, stats)  # noqa: SLF001 - the same key the source computes
+    key = source_index._key(paths, stats)  # the same key the source computes
     with open(os.path.join(directory, "joined.shards"), encoding="utf-8") as f:
         shards = [json.loads(line) for line in f]
     with open(os.path.join(target, f"{key}.json"), "w", encoding="utf-8") as f:

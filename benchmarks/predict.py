@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(__file__))
-import _timing  # noqa: E402
+import _timing
 
 CATALOG_ROWS = [("Animalia", "Chordata", "Aves", "Passeriformes", "Corvidae", "Corvus", e, c)
                 for e, c in [("corax", "common raven"), ("frugilegus", "rook"), ("monedula", "jackdaw")]] + [

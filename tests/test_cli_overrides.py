@@ -56,5 +56,6 @@ def test_an_eval_config_file_and_a_size_table_go_through_the_same_checks(tmp_pat
     with pytest.raises(ValueError, match=r"suite.py: unknown config field 'tempates'; did you mean 'templates'\?"):
         eval_cli.load_config_file(str(tmp_path / "suite.py"))
     _, config = read_config_file(TRAIN_CONFIG, "synthetic_tiny")
-    with pytest.raises(ValueError, match=r"^size: unknown config field 'data.bach_size'; did you mean 'data.batch_size'"):
+    expected = r"^size: unknown config field 'data.bach_size'; did you mean 'data.batch_size'"
+    with pytest.raises(ValueError, match=expected):
         override(config, {"data.bach_size": 8}, where="size")

@@ -24,7 +24,7 @@ TRAIN = "train/shard-{000000..000003}.tar"
 
 
 @pytest.fixture(scope="module")
-def synthetic(tmp_path_factory, gcs_bucket):  # noqa: F811
+def synthetic(tmp_path_factory, gcs_bucket):
     """(local folder, gs:// prefix) holding the same small synthetic tree of life, byte for byte."""
     local = tmp_path_factory.mktemp("synthetic")
     make_synthetic(str(local), species=12, images_per_species=4, held_out_species=3, seed=5, image_size=32,

@@ -76,7 +76,7 @@ sys.exit(cli.main(["export", "--checkpoint", {workdir!r}, "--step", "1", "--outp
 """
 
 
-def test_fsdp_workdir_in_bucket_loads_and_exports_on_one_device(gcs_dir, shards, tmp_path):  # noqa: F811
+def test_fsdp_workdir_in_bucket_loads_and_exports_on_one_device(gcs_dir, shards, tmp_path):
     """Trained under 8-way fsdp into gs://; a 1-device process loads a chosen step and exports it to gs://."""
     workdir = f"{gcs_dir}/run"
     run(workdir, shards, total_steps=2, schedule__warmup_steps=1, checkpoint__every_steps=1, mesh__data=1,
@@ -201,7 +201,7 @@ def test_drop_after_keeps_local_rows_up_to_the_step(tmp_path):
 
 
 @pytest.mark.slow
-def test_resumed_run_logs_each_step_once(tmp_path, shards):  # noqa: F811
+def test_resumed_run_logs_each_step_once(tmp_path, shards):
     """Steps logged after the last checkpoint are logged again on resume; only once may remain.
     Slow; the fast versions are the drop_after tests above, local and in a bucket."""
     workdir = tmp_path / "run"

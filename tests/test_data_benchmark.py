@@ -21,7 +21,7 @@ BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 def data_bench(monkeypatch):
     monkeypatch.syspath_prepend(BENCHMARKS)
     monkeypatch.delitem(sys.modules, "data", raising=False)
-    import data  # noqa: PLC0415 - benchmarks/data.py
+    import data  # benchmarks/data.py
 
     yield data
     sys.modules.pop("data", None)

@@ -174,7 +174,7 @@ def test_watch_workdir_evaluates_each_checkpoint_once(colour_folder, tmp_path, c
     args = ["--workdir", str(workdir), "--watch", "--watch_timeout=0", "--poll_seconds=0.01", "--no_progress",
             f"--data=folder:{colour_folder}", "--tasks=few_shot", "--shots=1", "--trials=1", "--no_plot"]
     assert cli.main(args) == 0
-    lines = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 1 and lines[0]["step"] == 10
     assert lines[0]["eval/held_out/1_shot_top1"] > 50.0
     assert results.read_json(str(workdir / "eval" / "10" / "results.json"))

@@ -189,7 +189,7 @@ def test_published_keys_and_plots(tmp_path):
     assert not plots.comparison_chart(records, str(tmp_path / "none.png"), metrics=("5_shot_top1",))
     assert not (tmp_path / "none.png").exists()
     features, labels = _clusters(num_classes=3, per_class=5)
-    plots.embedding_plot(features, [f"family{l}" for l in labels], str(tmp_path / "pca.png"), "test")
+    plots.embedding_plot(features, [f"family{label}" for label in labels], str(tmp_path / "pca.png"), "test")
     assert (tmp_path / "pca.png").stat().st_size > 1000
     points = plots.pca_2d(features.astype(np.float64))
     assert points.shape == (15, 2) and points[:, 0].var() >= points[:, 1].var()

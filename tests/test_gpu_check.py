@@ -43,8 +43,9 @@ def test_gpu_check_cpu_path_runs_each_side_in_its_own_process_and_sums_up(tmp_pa
     assert summary["figures"]["ratio_to_open_clip"] > 0
     assert summary["figures"]["mfu_vit_b16"] is None  # a CPU has no known peak
     # The flags part reruns the fastest of ours, named as gpu_step.py takes it.
-    best = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_check_summary.py"), "--best-setting",
-                           str(tmp_path / "gpu_check_records")], capture_output=True, text=True, check=True).stdout.strip()
+    summary_script = os.path.join(ROOT, "benchmarks", "gpu_check_summary.py")
+    best = subprocess.run([sys.executable, summary_script, "--best-setting", str(tmp_path / "gpu_check_records")],
+                          capture_output=True, text=True, check=True).stdout.strip()
     fastest = max(ours.values(), key=lambda s: s["images_per_s_median"])
     assert best == f"{fastest['attention']}:{fastest['remat']}:8"
     text = (out / "summary.md").read_text()

@@ -49,7 +49,9 @@ options=()
 while [[ $1 == --* ]]; do options+=("$1"); shift; done
 printf '%s\\n' "${options[@]}" > "$FAKE_DIR/srun-options"
 pids=()
-for ((i = 0; i < SLURM_NTASKS; i++)); do SLURM_LOCALID=$((i % SLURM_NTASKS_PER_NODE)) SLURM_PROCID=$i "$@" & pids+=($!); done
+for ((i = 0; i < SLURM_NTASKS; i++)); do
+  SLURM_LOCALID=$((i % SLURM_NTASKS_PER_NODE)) SLURM_PROCID=$i "$@" & pids+=($!)
+done
 signals=0
 trap 'signals=$((signals + 1)); kill -TERM "${pids[@]}" 2>/dev/null' TERM
 status=0

@@ -318,7 +318,8 @@ def test_readme_classify_with_the_model_you_just_trained(tmp_path, monkeypatch, 
     from workdir_helpers import trained_workdir
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
-    (command,) = [" ".join(block.replace("\\\n", " ").split()) for block in re.findall(r"```bash\n(.*?)```", readme, re.S)
+    blocks = re.findall(r"```bash\n(.*?)```", readme, re.S)
+    (command,) = [" ".join(block.replace("\\\n", " ").split()) for block in blocks
                   if "predict" in block and "--pretrained runs/tiny" in block]
     argv = shlex.split(command)
     assert argv[:2] == ["bioclip-jax", "predict"]

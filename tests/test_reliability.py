@@ -5,7 +5,6 @@ Each check is a small real training run on the tiny synthetic tree of life (in-p
 """
 
 import errno
-import os
 import shutil
 
 import numpy as np

@@ -142,7 +142,7 @@ def test_readme_api_example_gives_probabilities(tmp_path, monkeypatch):
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 90, 3), dtype=np.uint8)).save(tmp_path / "raven.jpg")
     monkeypatch.chdir(tmp_path)
     namespace = {}
-    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - our own README
+    exec(compile(code, "README.md", "exec"), namespace)  # our own README
     probabilities = np.asarray(namespace["probabilities"])
     assert probabilities.shape == (1, 3)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)

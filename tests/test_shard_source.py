@@ -135,7 +135,9 @@ def test_index_cached_beside_shard_and_rebuilt_when_stale(tmp_path, cache_dir, m
 
 
 def test_index_scan_skips_payloads(tmp_path, cache_dir, monkeypatch):
-    big = lambda i, files: {**files, "jpg": os.urandom(200_000)}
+    def big(i, files):
+        return {**files, "jpg": os.urandom(200_000)}
+
     (path,) = write_shards(tmp_path, 4, 10, edit=big)
     read_bytes = []
 

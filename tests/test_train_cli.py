@@ -124,7 +124,7 @@ class FakeJob:
 
 @pytest.fixture
 def fake_job(monkeypatch):
-    import bioclip_jax.train.job as job  # noqa: PLC0415
+    import bioclip_jax.train.job as job
     fake = FakeJob()
     monkeypatch.setattr(job, "run_job", fake)
     return fake
@@ -151,7 +151,7 @@ def test_a_finish_exits_0_and_an_error_exits_1_releasing_the_lock(fake_job, tmp_
 
 
 def test_bioclip_jax_train_returns_the_same_statuses(tmp_path):
-    from bioclip_jax.cli import main as cli  # noqa: PLC0415
+    from bioclip_jax.cli import main as cli
     assert cli.main(["train", f"--workdir={tmp_path}"]) == exit_codes.USAGE  # --config missing (argparse)
     assert cli.main(["train", CONFIG, f"--workdir={tmp_path}", "--config.optimizer.lrr=1"]) == exit_codes.USAGE
 

@@ -155,7 +155,7 @@ def retrying(call: Callable[[], T], on_retry: Callable[[BaseException, float], N
     for delay in (*RETRY_DELAYS_S, None):
         try:
             return call()
-        except Exception as error:  # noqa: BLE001 - classified, then raised again
+        except Exception as error:  # classified, then raised again
             if delay is None or isinstance(error, StorageTimeout) or classify(error) != TRANSIENT:
                 raise
             if on_retry is not None:

@@ -87,7 +87,7 @@ class ArrayRecordSampleSource:
                 reader = array_record_module.ArrayRecordReader(path)
                 counts.append(reader.num_records())
                 reader.close()
-            except Exception as error:  # the C++ reader raises RuntimeError/ValueError variants
+            except Exception as error:  # noqa: BLE001 - the C++ reader raises RuntimeError/ValueError variants
                 self._problems[path] = f"cannot read {path} as an ArrayRecord file: {error}"
                 counts.append(0)
         self._first = np.concatenate([[0], np.cumsum(np.asarray(counts, dtype=np.int64))])
@@ -109,7 +109,7 @@ class ArrayRecordSampleSource:
         name = f"{os.path.basename(self.shard_paths[shard])}#{index - int(self._first[shard])}"
         try:
             sample = decode_sample(self._records[index])
-        except Exception as error:  # I/O errors surface from C++ as RuntimeError
+        except Exception as error:  # noqa: BLE001 - I/O errors surface from C++ as RuntimeError
             return error_sample(name, shard, UNREADABLE_SHARD, f"cannot read record {name}: {error}")
         sample["__shard__"] = shard
         return sample

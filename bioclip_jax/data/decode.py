@@ -74,7 +74,7 @@ def decode_and_crop(data: bytes, size: int | tuple[int, int], rng: np.random.Gen
     try:
         image = Image.open(io.BytesIO(data))
         width, height = image.size
-    except Exception as error:  # PIL raises many types for bad bytes
+    except Exception as error:  # noqa: BLE001 - PIL raises many types for bad bytes
         raise ImageDecodeError(f"cannot identify image: {error}") from None
     left, top, crop_w, crop_h = random_resized_crop_box(width, height, rng, scale, ratio)
     mirror = flip and rng.random() < 0.5
@@ -83,7 +83,7 @@ def decode_and_crop(data: bytes, size: int | tuple[int, int], rng: np.random.Gen
         fx, fy = image.size[0] / width, image.size[1] / height
         box = (left * fx, top * fy, (left + crop_w) * fx, (top + crop_h) * fy)
         image = image.convert("RGB").resize((out_w, out_h), Image.Resampling.BICUBIC, box=box)
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 - truncated or damaged data fails here, in any of PIL's types
         raise ImageDecodeError(f"cannot decode image: {error}") from None
     if mirror:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)

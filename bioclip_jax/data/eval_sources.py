@@ -145,7 +145,7 @@ class TfdsData(EvalData):
                 split = next(iter(builder.info.splits), "test")
         try:
             self.source = tfds.data_source(dataset, split=split, data_dir=data_dir, download=download)
-        except Exception as error:  # noqa: BLE001 - TFDS raises several types for "not there"
+        except Exception as error:  # TFDS raises several types for "not there"
             raise FileNotFoundError(f"TFDS dataset {dataset}:{split} is not available in "
                                     f"{data_dir or '~/tensorflow_datasets'} (prepare it with `tfds build "
                                     f"{dataset}` or allow --tfds-download): {error}") from error

@@ -37,7 +37,7 @@ def _cache_paths(path: str, size: int, mtime: float, cache_dir: str | None) -> l
 def _read_cached(candidate: epath.Path, path: str, size: int, mtime: float) -> ShardIndex | None:
     try:
         index = ShardIndex.from_json(candidate.read_text(), path)
-    except Exception:  # missing, unreadable or foreign: a cache miss (gfile raises non-OSError types)
+    except Exception:  # noqa: BLE001 - missing, unreadable or foreign: a cache miss (gfile raises non-OSError types)
         return None
     return index if (index.size, index.mtime) == (size, mtime) else None
 
@@ -61,7 +61,7 @@ def load_or_build_index(path: str, cache_dir: str | None = None) -> ShardIndex:
                     candidate.parent.mkdir(parents=True, exist_ok=True)
                 write_atomically(candidate, index.to_json())  # concurrent hosts never read half an index
                 break
-            except Exception:  # read-only data directory (any filesystem's error): try the cache dir
+            except Exception:  # noqa: BLE001 - read-only data directory (any filesystem's error): try the cache dir
                 continue
     return index
 

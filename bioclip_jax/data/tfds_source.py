@@ -182,7 +182,7 @@ def _open_split(spec: str, image_key: str):
         if from_code:
             return tfds.data_source(name, split=split, data_dir=data_dir, decoders=decoders)
         return builder.as_data_source(split=split, decoders=decoders)
-    except Exception as error:  # noqa: BLE001 - TFDS raises several types for "not prepared"
+    except Exception as error:  # TFDS raises several types for "not prepared"
         raise FileNotFoundError(f"TFDS dataset {name}:{split} is not prepared as ArrayRecord in "
                                 f"{data_dir or '~/tensorflow_datasets (or $TFDS_DATA_DIR)'} (prepare it with "
                                 f"`tfds build {name} --file_format=array_record`): {error}") from error

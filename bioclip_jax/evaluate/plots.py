@@ -12,10 +12,10 @@ from typing import Sequence
 import matplotlib
 
 matplotlib.use("Agg")  # files only; never needs a display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from bioclip_jax.evaluate.results import Record  # noqa: E402
+from bioclip_jax.evaluate.results import Record
 
 # Zero-shot top-1 (%) reported by the BioCLIP authors (CVPR 2024, table 4).
 _TASKS = ("birds525", "plankton", "insects", "insects2", "plantnet", "fungi", "plantvillage",

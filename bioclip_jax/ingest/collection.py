@@ -2,8 +2,9 @@
 
 Two layouts, the ones open_clip / pybioclip users already keep their photos in:
 
-    folder:  ROOT/<class>/**/*.jpg (sub-folders belong to their top-level class folder), plus a taxa.csv (kingdom, phylum, class, order, family, genus,
-             species, common; optional class_name) naming each class folder, matched as the
+    folder:  ROOT/<class>/**/*.jpg (sub-folders belong to their top-level class folder), plus a
+             taxa.csv (kingdom, phylum, class, order, family, genus, species, common; optional
+             class_name) naming each class folder, matched as the
              eval folders are (by class_name, scientific or taxonomic name; see eval_sources)
     table:   a CSV with an image path column (filepath, path, image, ...) and the columns
              kingdom .. species, common on every row; relative paths are read from the CSV's folder

@@ -99,7 +99,8 @@ def write_results(eval_fn: HeldOutEval | None, workdir, config: ml_collections.C
     if eval_fn is None or eval_fn.last_step != config.total_steps:
         return []
     about = eval_fn.about(os.fspath(workdir), config.model.name)
-    return results_files.write_results(eval_fn.last_records, os.fspath(epath.Path(workdir) / results_files.RESULTS_JSON), about)
+    destination = os.fspath(epath.Path(workdir) / results_files.RESULTS_JSON)
+    return results_files.write_results(eval_fn.last_records, destination, about)
 
 
 def mark_done(workdir, step: int) -> None:
