@@ -14,6 +14,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import functools
+import logging
 import math
 import sys
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -33,6 +34,8 @@ from bioclip_jax.pretrained import image_transform
 from bioclip_jax.taxonomy.templates import OPENAI_IMAGENET_TEMPLATES, fill_templates
 from bioclip_jax.tokenizer import get_tokenizer
 from bioclip_jax.transforms import normalize
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -211,14 +214,14 @@ class ImageEmbedder:
 
 
 def report_skipped(skipped: Sequence[Skipped], what: str = "images", limit: int = 20) -> None:
-    """One line per unreadable input on stderr (the first `limit` of them)."""
+    """One warning with a line per unreadable input (the first `limit` of them)."""
     if not skipped:
         return
-    print(f"skipped {len(skipped)} unreadable {what}:", file=sys.stderr)
-    for entry in skipped[:limit]:
-        print(f"  {entry.key}: {entry.reason}", file=sys.stderr)
+    lines = [f"skipped {len(skipped)} unreadable {what}:"]
+    lines += [f"  {entry.key}: {entry.reason}" for entry in skipped[:limit]]
     if len(skipped) > limit:
-        print(f"  ... and {len(skipped) - limit} more", file=sys.stderr)
+        lines.append(f"  ... and {len(skipped) - limit} more")
+    logger.warning("\n".join(lines))
 
 
 # ---- texts -------------------------------------------------------------------------------------

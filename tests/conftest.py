@@ -10,6 +10,8 @@ import tempfile  # noqa: E402
 
 import pytest  # noqa: E402
 
+from bioclip_jax import console  # noqa: E402
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _index_cache(tmp_path_factory):
@@ -28,3 +30,10 @@ def _compilation_cache():
         jax.config.update("jax_compilation_cache_dir", cache_dir)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         yield
+
+
+@pytest.fixture(autouse=True)
+def _console():
+    """The library's messages reach stdout and stderr as on a command's console at its default level
+    (a test that ran a command with -q or -v leaves no other level behind), where capsys reads them."""
+    console.configure()

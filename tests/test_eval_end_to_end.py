@@ -182,7 +182,7 @@ def test_watch_workdir_evaluates_each_checkpoint_once(colour_folder, tmp_path, c
     assert any(name.startswith("events") for name in os.listdir(workdir / "tensorboard"))
     assert cli.main(args) == 0  # nothing new: no second evaluation
     assert len((workdir / "metrics.jsonl").read_text().splitlines()) == 1
-    assert "evaluating step 10" in capsys.readouterr().err
+    assert "evaluating step 10" in capsys.readouterr().out  # progress: stdout, with the results
 
 
 def test_workdir_results_go_into_the_run_with_its_text_types(colour_folder, tmp_path, monkeypatch, capsys):

@@ -17,13 +17,13 @@ import json
 import os
 import sys
 
-from bioclip_jax.cli.common import run_cli
+from bioclip_jax.cli.common import ArgumentParser, run_cli
 from bioclip_jax.ingest.check_data import check_data, format_report, passes
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bioclip-jax check-data", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="bioclip-jax check-data", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("patterns", nargs="*", metavar="SHARDS",
                         help="shard pattern(s), as --shards; several (e.g. a shell glob's files) are read together")
     parser.add_argument("--shards", default=None,
@@ -49,7 +49,7 @@ def _run(argv) -> int:
     if not shards:
         parser.error("give the shards: bioclip-jax check-data PATTERN (or --shards PATTERN)")
     report = check_data(shards, args.text_type, args.examples, args.threads, args.cache_dir,
-                        progress=sys.stderr.isatty())
+                        progress=sys.stderr.isatty() and not args.quiet)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0 if passes(report, args.max_bad_fraction) else 1
 

@@ -7,13 +7,13 @@ import contextlib
 import sys
 from collections.abc import Iterator, Sequence
 
-from bioclip_jax import exit_codes
+from bioclip_jax import console, exit_codes
 from bioclip_jax.config_fields import OVERRIDE_PREFIX, apply_overrides, read_config_file
 from bioclip_jax.sources import RANDOM, SOURCES_HELP, is_source
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with one spelling per flag, --kebab-case.
+    """argparse with one spelling per flag, --kebab-case, and the console flags -q/-v, applied as parsed.
 
     The old spellings (--snake_case, and those in `renamed`, such as --out for --output) are
     still accepted for one release: each one used is read as its new spelling, with a one-line
@@ -23,10 +23,13 @@ class ArgumentParser(argparse.ArgumentParser):
     def __init__(self, *args, renamed: dict[str, str] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.renamed = dict(renamed or {})
+        console.add_arguments(self)
 
     def parse_known_args(self, args=None, namespace=None):
         args = sys.argv[1:] if args is None else list(args)
-        return super().parse_known_args([self._new_spelling(arg) for arg in args], namespace)
+        parsed, extras = super().parse_known_args([self._new_spelling(arg) for arg in args], namespace)
+        console.apply(parsed)
+        return parsed, extras
 
     def _old_spellings(self) -> dict[str, str]:
         old = {"--" + flag[2:].replace("-", "_"): flag for action in self._actions for flag in action.option_strings

@@ -14,14 +14,14 @@ import sys
 
 import tqdm
 
-from bioclip_jax.cli.common import run_cli
+from bioclip_jax.cli.common import ArgumentParser, run_cli
 from bioclip_jax.ingest.convert import convert_to_array_record
 from bioclip_jax.data.tar_source import TarShardSource
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bioclip-jax convert-shards", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="bioclip-jax convert-shards", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--in", dest="shards", required=True,
                         help="tar shard pattern, e.g. /data/train/shard-{000000..000159}.tar "
                              "(or gs://...) or a directory")
@@ -40,7 +40,7 @@ def _run(argv) -> int:
         print(f"warning: {problem}", file=sys.stderr)
 
     def progress(indices):
-        return tqdm.tqdm(indices, desc="converting", unit="sample", disable=not sys.stderr.isatty())
+        return tqdm.tqdm(indices, desc="converting", unit="sample", disable=args.quiet or not sys.stderr.isatty())
 
     report = convert_to_array_record(source, args.out, args.records_per_file, progress=progress)
     print(f"wrote {report.written} samples from {len(source.shard_paths)} shards into "

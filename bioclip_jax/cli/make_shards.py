@@ -24,15 +24,15 @@ import argparse
 import os
 import sys
 
-from bioclip_jax.cli.common import run_cli
+from bioclip_jax.cli.common import ArgumentParser, run_cli
 from bioclip_jax.ingest import collection as collection_lib
 from bioclip_jax.ingest.check_data import check_data, format_report, passes
 from bioclip_jax.ingest.make_shards import finetune_command, make_shards, summary
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bioclip-jax make-shards", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="bioclip-jax make-shards", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--folder", help="image folder with one sub-folder per class (needs a taxa.csv)")
     source.add_argument("--csv", help="table with an image path column and kingdom .. species, common")

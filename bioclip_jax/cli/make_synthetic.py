@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 
+from bioclip_jax.cli.common import ArgumentParser
 from bioclip_jax.synthetic.dataset import make_synthetic
 from bioclip_jax.synthetic.generic_captions import write_generic_captions
 
@@ -17,7 +18,7 @@ _PARALLEL_FROM = 2000  # images; below this, starting worker processes costs mor
 
 
 def build_parser(prog: str = "bioclip-jax make-synthetic") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=prog,
         description="Generate a synthetic tree of life: a random taxonomy with Latin-looking and "
         "common names, images whose traits follow the tree, written as TreeOfLife-10M webdataset "

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
+import logging
 import time
 from typing import Any
 
@@ -41,6 +41,8 @@ from bioclip_jax.checkpoint import carry_over, faults
 from bioclip_jax.checkpoint.model_dir import CHECKPOINTS_DIR, PARAMS_DIR, finished_steps
 from bioclip_jax.paths import absolute
 from bioclip_jax.train import distributed
+
+logger = logging.getLogger(__name__)
 
 OPT_STATE = "opt_state"
 DATA = "data"
@@ -401,4 +403,4 @@ def _targets(tree, shardings):
 
 def _warn(message: str) -> None:
     if jax.process_index() == 0:
-        print(message, file=sys.stderr, flush=True)
+        logger.warning(message)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import logging
 import math
 from typing import Any, Callable
 
@@ -50,6 +51,8 @@ from bioclip_jax.train.step import device_peak_tflops, make_train_step, model_fl
 from bioclip_jax.train.stopping import StopSignals, StopVote
 from bioclip_jax.train.workdir import check_workdir
 from bioclip_jax.transforms import PreprocessConfig
+
+logger = logging.getLogger(__name__)
 
 EvalFn = Callable[..., dict]  # (model, step, mesh) -> metrics
 
@@ -326,5 +329,5 @@ def to_devices(host_batch: dict, mesh) -> dict:
 
 def _log0(message: str) -> None:
     if jax.process_index() == 0:
-        print(message, flush=True)
+        logger.info(message)
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
-import sys
 import time
 from typing import Any, Callable, Mapping
 
@@ -23,6 +23,8 @@ from etils import epath
 
 from bioclip_jax import paths
 from bioclip_jax.checkpoint import model_dir
+
+logger = logging.getLogger(__name__)
 
 METRICS_FILE = model_dir.METRICS_FILE
 WRITER = "train"  # the tag of the training's rows in a bucket's line log
@@ -42,7 +44,7 @@ class MetricsWriter:
                 from tensorboardX import SummaryWriter  # noqa: PLC0415 - optional dependency
                 self._tb = SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
             except ImportError:
-                print("tensorboardX is not installed: TensorBoard events are not written", file=sys.stderr)
+                logger.warning("tensorboardX is not installed: TensorBoard events are not written")
         self._start_time = time.time()
         self._start_step: int | None = None
 
@@ -76,7 +78,7 @@ class MetricsWriter:
         if "mfu" in metrics and math.isfinite(metrics["mfu"]):
             parts.append(f"mfu {metrics['mfu']:.1%}")
         parts.append(f"eta {_duration(eta)}")
-        print(" | ".join(parts), flush=True)
+        logger.info(" | ".join(parts))
 
     def close(self) -> None:
         if self._tb is not None:

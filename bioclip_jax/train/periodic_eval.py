@@ -12,6 +12,8 @@ process 0, and keeps its records so the main job can write them as results files
 
 from __future__ import annotations
 
+import logging
+
 import jax
 
 from bioclip_jax.evaluate.config import default_config
@@ -19,6 +21,8 @@ from bioclip_jax.evaluate.datasets import HELD_OUT_NAME, describe_dataset, open_
 from bioclip_jax.evaluate.results import Record
 from bioclip_jax.evaluate.results_files import results_about
 from bioclip_jax.evaluate.scoring import embed_dataset, score
+
+logger = logging.getLogger(__name__)
 
 
 def text_types(config) -> list[str]:
@@ -52,7 +56,7 @@ class HeldOutEval:
             middle = f"{record.text_type}/" if record.text_type else ""
             metrics[f"eval/{middle}{record.metric}"] = record.mean
         if jax.process_index() == 0:
-            print(summary_line(step, records, metrics["eval/chance_top1"]), flush=True)
+            logger.info(summary_line(step, records, metrics["eval/chance_top1"]))
         return metrics
 
     def about(self, source: str, architecture: str | None = None) -> dict:

@@ -15,11 +15,14 @@ A stop saves a checkpoint and exits with `exit_codes.STOPPED`; it is not a finis
 
 from __future__ import annotations
 
+import logging
 import signal
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
+
+logger = logging.getLogger(__name__)
 
 
 def jax_owns_sigterm() -> bool:
@@ -55,8 +58,9 @@ class StopSignals:
         if self.reason is None:
             self.reason = signal.Signals(signum).name
             if signum == signal.SIGINT and jax.process_index() == 0:
-                print("\nCtrl-C: saving a checkpoint and stopping (press Ctrl-C again to abort without saving)",
-                      flush=True)
+                # a warning, so that -q shows it too: it says how to abort
+                logger.warning("\nCtrl-C: saving a checkpoint and stopping "
+                               "(press Ctrl-C again to abort without saving)")
 
     def __exit__(self, *exc) -> None:
         for signum, previous in self._previous.items():
