@@ -33,7 +33,8 @@ def _usage() -> str:
     width = max(map(len, COMMANDS))
     lines = ["usage: bioclip-jax <command> [options]", "", "commands:"]
     lines += [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in COMMANDS.items()]
-    lines += ["", "`bioclip-jax <command> --help` describes a command's options."]
+    lines += ["", "`bioclip-jax <command> --help` describes a command's options; every command takes",
+              "-q (warnings and errors only, no progress bars) and -v (detail too)."]
     return "\n".join(lines)
 
 
