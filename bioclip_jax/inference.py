@@ -35,7 +35,7 @@ from bioclip_jax.taxonomy.templates import OPENAI_IMAGENET_TEMPLATES, fill_templ
 from bioclip_jax.tokenizer import get_tokenizer
 from bioclip_jax.transforms import normalize
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -221,7 +221,7 @@ def report_skipped(skipped: Sequence[Skipped], what: str = "images", limit: int 
     lines += [f"  {entry.key}: {entry.reason}" for entry in skipped[:limit]]
     if len(skipped) > limit:
         lines.append(f"  ... and {len(skipped) - limit} more")
-    logger.warning("\n".join(lines))
+    log.warning("\n".join(lines))
 
 
 # ---- texts -------------------------------------------------------------------------------------

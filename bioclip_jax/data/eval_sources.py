@@ -33,7 +33,7 @@ from bioclip_jax.data.shard_patterns import expand_shard_pattern
 from bioclip_jax.paths import as_path, expand_user, is_remote, open_text
 from bioclip_jax.taxonomy import Taxon
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 TAXA_FILE = "taxa.csv"
 DEFAULT_LABEL_KEY = "scientific_name.txt"
@@ -83,7 +83,7 @@ class FolderData(EvalData):
                 continue
             images = _image_files(directory)
             if not images:
-                logger.warning(f"{self.name}: class directory {directory} has no images; ignored")
+                log.warning(f"{self.name}: class directory {directory} has no images; ignored")
                 continue
             self._files += [(path, len(self.classes)) for path in images]
             self.classes.append(EvalClass(entry))
@@ -242,7 +242,7 @@ def _tar_samples(path: str, wanted: set[str], image_keys: Sequence[str]) -> Iter
                 if ext in wanted:
                     members[ext] = tar.extractfile(info).read()
     except (tarfile.TarError, OSError, EOFError) as error:
-        logger.warning(f"{path}: unreadable after sample {current_key!r} ({error}); rest of shard skipped")
+        log.warning(f"{path}: unreadable after sample {current_key!r} ({error}); rest of shard skipped")
         return
     if current_key is not None:
         yield current_key, members
@@ -269,7 +269,7 @@ def read_taxa_lookup(path: str) -> dict[str, Taxon]:
             try:
                 taxon = Taxon.from_mapping(row)
             except (TypeError, ValueError) as error:
-                logger.warning(f"{path}:{line}: skipped ({error})")
+                log.warning(f"{path}:{line}: skipped ({error})")
                 continue
             if taxon.is_empty:
                 continue
@@ -308,8 +308,8 @@ def attach_taxa(data: EvalData, taxa_csv: str) -> int:
             matched += 1
     if matched < len(data.classes):
         missing = [c.name for c in data.classes if c.taxon is None]
-        logger.warning(f"{data.name}: {len(missing)} of {len(data.classes)} classes not in {taxa_csv} "
-                       f"(e.g. {missing[0]!r}); those use their directory name as text")
+        log.warning(f"{data.name}: {len(missing)} of {len(data.classes)} classes not in {taxa_csv} "
+                    f"(e.g. {missing[0]!r}); those use their directory name as text")
     return matched
 
 
@@ -341,6 +341,6 @@ def open_eval_data(spec: str, *, name: str | None = None, taxa: str | None = Non
         raise ValueError(f"unknown data source {spec!r}; use folder:PATH, tfds:NAME[:SPLIT] or shards:PATTERN")
     if taxa:
         attach_taxa(data, taxa)
-    logger.debug(f"{data.name}: {len(data)} images in {len(data.classes)} classes from {spec}"
-                 f"{f', taxonomy from {taxa}' if taxa else ''}")
+    log.debug(f"{data.name}: {len(data)} images in {len(data.classes)} classes from {spec}"
+              f"{f', taxonomy from {taxa}' if taxa else ''}")
     return data

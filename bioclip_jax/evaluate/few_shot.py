@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 
 def l2n(x: np.ndarray) -> np.ndarray:
@@ -113,7 +113,7 @@ def few_shot_trials(features: np.ndarray, labels: np.ndarray, k: int, trials: in
     predict = CLASSIFIERS[classifier]
     short = [c for c, n in zip(*np.unique(labels, return_counts=True)) if n < k]
     if short:
-        logger.warning(f"{k}-shot: {len(short)} classes have fewer than {k} images and are left out")
+        log.warning(f"{k}-shot: {len(short)} classes have fewer than {k} images and are left out")
     results = []
     for seed in range(trials):
         split = sample_split(labels, k, seed)

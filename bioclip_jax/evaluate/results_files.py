@@ -15,7 +15,7 @@ from bioclip_jax import paths
 from bioclip_jax.evaluate import plots, results
 from bioclip_jax.evaluate.config import parse_tasks, parse_text_types
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 RESULTS_JSON = "results.json"
 WORKDIR_RESULTS = "eval"  # WORKDIR/eval/<step>/results.json
@@ -52,14 +52,14 @@ def write_results(records: list[results.Record], out: str, about: dict | None = 
     table = results.markdown_table(records, about)
     paths.write_atomically(md_path, table)
     if echo:
-        logger.info(table)
+        log.info(table)
     with paths.local_stand_in(png_path) as local:
         charted = plot and plots.comparison_chart(records, local, classes=results.class_counts(about))
     if not charted and png_path in earlier:
         epath.Path(png_path).unlink()
     if earlier:
         names = ", ".join(os.path.basename(p) for p in earlier)
-        logger.warning(f"replaced the earlier {names} in {os.path.dirname(json_path) or '.'}")
+        log.warning(f"replaced the earlier {names} in {os.path.dirname(json_path) or '.'}")
     return [json_path, md_path] + ([png_path] if charted else [])
 
 

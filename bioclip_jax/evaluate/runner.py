@@ -19,7 +19,7 @@ from bioclip_jax.evaluate.results_files import RESULTS_JSON, output_stem, result
 from bioclip_jax.evaluate.scoring import Embedded, embed_dataset, score
 from bioclip_jax.models.clip import CLIP
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 
 def evaluate(model: CLIP, config, out: str | None = None, *, source: str | None = None,
@@ -33,13 +33,13 @@ def evaluate(model: CLIP, config, out: str | None = None, *, source: str | None 
         try:
             data = open_dataset(spec, config)
         except Exception as error:  # noqa: BLE001 - a missing dataset must not stop the suite
-            logger.warning(f"skipped dataset {spec.get('name') or spec['data']}: {error}")
+            log.warning(f"skipped dataset {spec.get('name') or spec['data']}: {error}")
             continue
         try:
             embedded = embed_dataset(model, data, config)
             found = score(model, embedded, config)
         except ValueError as error:
-            logger.warning(f"skipped dataset {data.name}: {error}")
+            log.warning(f"skipped dataset {data.name}: {error}")
             continue
         records += found
         described.append(describe_dataset(data, spec))
@@ -48,14 +48,14 @@ def evaluate(model: CLIP, config, out: str | None = None, *, source: str | None 
             _plot_embeddings(embedded, rank, f"{output_stem(json_path)}_{_safe(data.name)}_{rank}.png")
     source = source if source is not None else (config.workdir or config.pretrained or None)
     written = write_results(records, json_path, results_about(config, described, source, step), config.plot)
-    logger.info(f"wrote {', '.join(written)}")
+    log.info(f"wrote {', '.join(written)}")
     return records
 
 
 def _plot_embeddings(embedded: Embedded, rank: str, path: str) -> None:
     data = embedded.data
     if not data.has_taxonomy:
-        logger.warning(f"{data.name}: no taxonomy for --plot-embeddings={rank}; colouring by class")
+        log.warning(f"{data.name}: no taxonomy for --plot-embeddings={rank}; colouring by class")
         groups = [data.classes[i].name for i in embedded.labels]
     else:
         def name(taxon):
@@ -64,7 +64,7 @@ def _plot_embeddings(embedded: Embedded, rank: str, path: str) -> None:
         groups = [name(data.classes[i].taxon) for i in embedded.labels]
     with paths.local_stand_in(path) as local:
         plots.embedding_plot(embedded.features, groups, local, f"{data.name}: image embeddings by {rank} (PCA)")
-    logger.info(f"wrote {path}")
+    log.info(f"wrote {path}")
 
 
 def _safe(name: str) -> str:

@@ -20,7 +20,7 @@ from bioclip_jax.models.clip import CLIP
 from bioclip_jax.taxonomy import RANKS
 from bioclip_jax.taxonomy.templates import get_templates
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -79,7 +79,7 @@ def score(model: CLIP, embedded: Embedded, config, mesh=None) -> list[results.Re
                 trials = few_shot.few_shot_trials(features, labels, int(k), config.trials,
                                                   "centroid" if method == "few_shot" else "linear")
             except ValueError as error:  # too few images per class for this k: the other metrics stand
-                logger.warning(f"{data.name}: {k}-shot skipped: {error}")
+                log.warning(f"{data.name}: {k}-shot skipped: {error}")
                 continue
             prefix = f"{k}_shot{name}_top1"
             records.append(results.summarise(data.name, prefix, [t.accuracy for t in trials]))

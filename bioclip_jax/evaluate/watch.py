@@ -23,7 +23,7 @@ from bioclip_jax.evaluate.runner import evaluate
 from bioclip_jax.models.params import assign_params
 from bioclip_jax.pretrained import create_model
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 
 def log_step(workdir, step: int, records: list[results.Record], writer=None) -> None:
@@ -47,7 +47,7 @@ def _tensorboard(workdir):
     try:
         from tensorboardX import SummaryWriter  # noqa: PLC0415 - optional
     except ImportError:
-        logger.warning("tensorboardX is not installed; logging to metrics.jsonl only")
+        log.warning("tensorboardX is not installed; logging to metrics.jsonl only")
         return None
     return SummaryWriter(str(epath.Path(workdir) / "tensorboard"), filename_suffix=".eval")
 
@@ -72,10 +72,10 @@ def watch(workdir, config, *, sleep: Callable[[float], None] = time.sleep) -> di
                     else:
                         assign_params(model, model_dir.load_params(workdir, step), source=f"{workdir} step {step}")
                 except (OSError, ValueError, FileNotFoundError) as error:
-                    logger.warning(f"step {step}: checkpoint unreadable ({error}); skipped")
+                    log.warning(f"step {step}: checkpoint unreadable ({error}); skipped")
                     done.add(step)
                     continue
-                logger.info(f"evaluating step {step}")
+                log.info(f"evaluating step {step}")
                 records = evaluate(model, config, out=workdir_results_path(workdir, step),
                                    source=str(workdir), step=step)
                 log_step(workdir, step, records, writer)

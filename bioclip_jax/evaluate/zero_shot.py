@@ -22,7 +22,7 @@ from bioclip_jax.inference import TextEmbedder
 from bioclip_jax.models.clip import CLIP
 from bioclip_jax.taxonomy import check_text_type, class_name
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 _SCORE_CHUNK = 1024  # images per similarity block: [chunk, C] scores live on the device at once
 
@@ -32,8 +32,8 @@ def class_texts(classes: Sequence[EvalClass], text_type: str) -> list[str]:
     check_text_type(text_type)
     untyped = [c.name for c in classes if c.taxon is None]
     if untyped and text_type not in ("com",):
-        logger.warning(f"zero-shot: {len(untyped)} classes have no taxonomy, so they are named as given "
-                       f"(e.g. {untyped[0]!r}) instead of as {text_type!r}")
+        log.warning(f"zero-shot: {len(untyped)} classes have no taxonomy, so they are named as given "
+                    f"(e.g. {untyped[0]!r}) instead of as {text_type!r}")
     return [class_name(c.taxon, text_type) if c.taxon is not None else c.name.replace("_", " ")
             for c in classes]
 

@@ -42,7 +42,7 @@ from bioclip_jax.checkpoint.model_dir import CHECKPOINTS_DIR, PARAMS_DIR, finish
 from bioclip_jax.paths import absolute
 from bioclip_jax.train import distributed
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 OPT_STATE = "opt_state"
 DATA = "data"
@@ -403,4 +403,4 @@ def _targets(tree, shardings):
 
 def _warn(message: str) -> None:
     if jax.process_index() == 0:
-        logger.warning(message)
+        log.warning(message)

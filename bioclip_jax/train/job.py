@@ -27,7 +27,7 @@ from bioclip_jax.synthetic.dataset import make_synthetic
 from bioclip_jax.train.loop import train
 from bioclip_jax.train.periodic_eval import HeldOutEval, eval_fn_from_config
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 SYNTHETIC_DIR = "synthetic"
 EXPORT_DIR = "open_clip"
@@ -49,10 +49,10 @@ def with_synthetic_data(config: ml_collections.ConfigDict, workdir) -> ml_collec
         name = f"s{syn.species}-i{syn.images_per_species}-h{syn.held_out_species}-seed{syn.seed}-px{syn.image_size}"
         root, writer = os.path.join(os.path.expanduser("~/.cache/bioclip_jax/synthetic"), name), True
     if writer and not os.path.exists(os.path.join(root, "info.json")):
-        logger.info(f"no data.train_shards given: generating the synthetic tree of life into {root}")
+        log.info(f"no data.train_shards given: generating the synthetic tree of life into {root}")
         make_synthetic(root, species=syn.species, images_per_species=syn.images_per_species,
                        held_out_species=syn.held_out_species, seed=syn.seed, image_size=syn.image_size,
-                       overwrite=True, progress=logger.isEnabledFor(logging.INFO))
+                       overwrite=True, progress=log.isEnabledFor(logging.INFO))
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("synthetic data written")
     config = ml_collections.ConfigDict(config.to_dict())  # unlocked copy; fields stay the same
@@ -74,8 +74,8 @@ def run_job(config: ml_collections.ConfigDict, workdir, stop_after: int | None =
     finished_at = done_step(workdir)
     if finished_at is not None and finished_at >= config.total_steps:
         if jax.process_index() == 0:
-            logger.info(f"{workdir} finished its {finished_at} steps already ({DONE_FILE}); nothing to do. Raise "
-                        f"--config.total_steps to train on, or use a new workdir.")
+            log.info(f"{workdir} finished its {finished_at} steps already ({DONE_FILE}); nothing to do. Raise "
+                     f"--config.total_steps to train on, or use a new workdir.")
         return {}
     check_not_past_schedule(workdir, config.total_steps)
     config = with_synthetic_data(config, workdir)
@@ -92,9 +92,9 @@ def run_job(config: ml_collections.ConfigDict, workdir, stop_after: int | None =
     written = write_results(eval_fn, workdir, config)
     mark_done(workdir, config.total_steps)
     if written:
-        logger.info(f"wrote {', '.join(written)}")
-    logger.info(f"exported the model to {export_dir} "
-                f"(open_clip: create_model_and_transforms('local-dir:{export_dir}'))")
+        log.info(f"wrote {', '.join(written)}")
+    log.info(f"exported the model to {export_dir} "
+             f"(open_clip: create_model_and_transforms('local-dir:{export_dir}'))")
     return last
 
 

@@ -52,7 +52,7 @@ from bioclip_jax.train.stopping import StopSignals, StopVote
 from bioclip_jax.train.workdir import check_workdir
 from bioclip_jax.transforms import PreprocessConfig
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 EvalFn = Callable[..., dict]  # (model, step, mesh) -> metrics
 
@@ -329,5 +329,5 @@ def to_devices(host_batch: dict, mesh) -> dict:
 
 def _log0(message: str) -> None:
     if jax.process_index() == 0:
-        logger.info(message)
+        log.info(message)
 

@@ -24,7 +24,7 @@ from etils import epath
 from bioclip_jax import paths
 from bioclip_jax.checkpoint import model_dir
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 METRICS_FILE = model_dir.METRICS_FILE
 WRITER = "train"  # the tag of the training's rows in a bucket's line log
@@ -44,7 +44,7 @@ class MetricsWriter:
                 from tensorboardX import SummaryWriter  # noqa: PLC0415 - optional dependency
                 self._tb = SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
             except ImportError:
-                logger.warning("tensorboardX is not installed: TensorBoard events are not written")
+                log.warning("tensorboardX is not installed: TensorBoard events are not written")
         self._start_time = time.time()
         self._start_step: int | None = None
 
@@ -78,7 +78,7 @@ class MetricsWriter:
         if "mfu" in metrics and math.isfinite(metrics["mfu"]):
             parts.append(f"mfu {metrics['mfu']:.1%}")
         parts.append(f"eta {_duration(eta)}")
-        logger.info(" | ".join(parts))
+        log.info(" | ".join(parts))
 
     def close(self) -> None:
         if self._tb is not None:

@@ -22,7 +22,7 @@ from bioclip_jax.evaluate.results import Record
 from bioclip_jax.evaluate.results_files import results_about
 from bioclip_jax.evaluate.scoring import embed_dataset, score
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 
 def text_types(config) -> list[str]:
@@ -56,7 +56,7 @@ class HeldOutEval:
             middle = f"{record.text_type}/" if record.text_type else ""
             metrics[f"eval/{middle}{record.metric}"] = record.mean
         if jax.process_index() == 0:
-            logger.info(summary_line(step, records, metrics["eval/chance_top1"]))
+            log.info(summary_line(step, records, metrics["eval/chance_top1"]))
         return metrics
 
     def about(self, source: str, architecture: str | None = None) -> dict:

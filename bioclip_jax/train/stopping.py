@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 
 def jax_owns_sigterm() -> bool:
@@ -59,8 +59,8 @@ class StopSignals:
             self.reason = signal.Signals(signum).name
             if signum == signal.SIGINT and jax.process_index() == 0:
                 # a warning, so that -q shows it too: it says how to abort
-                logger.warning("\nCtrl-C: saving a checkpoint and stopping "
-                               "(press Ctrl-C again to abort without saving)")
+                log.warning("\nCtrl-C: saving a checkpoint and stopping "
+                            "(press Ctrl-C again to abort without saving)")
 
     def __exit__(self, *exc) -> None:
         for signum, previous in self._previous.items():

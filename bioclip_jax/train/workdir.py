@@ -42,7 +42,7 @@ from etils import epath
 from bioclip_jax import paths
 from bioclip_jax.checkpoint import faults
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 LOCK_FILE = "LOCK"
 UNREADABLE = "unreadable"  # the key of what `_read` makes of a lock file that holds no lock
@@ -149,7 +149,7 @@ class WorkdirLock:
             why = stale_reason(holder, self.holder)
             if why is None:
                 raise WorkdirInUseError(self._refusal(holder))
-            logger.warning(f"taking over the lock {self.path} of {_describe(holder)}: {why}")
+            log.warning(f"taking over the lock {self.path} of {_describe(holder)}: {why}")
             if self._read() == holder:
                 self.path.unlink(missing_ok=True)
         raise WorkdirInUseError(f"could not take the lock {self.path}: other jobs keep taking it; is another "
@@ -159,8 +159,8 @@ class WorkdirLock:
         try:
             faults.with_deadline(self._release, faults.timeout_s(), f"removing the lock {self.path}")
         except Exception as error:  # noqa: BLE001 - never hide the run's own outcome behind this
-            logger.warning(f"warning: could not remove the lock {self.path} ({_reason(error)}); delete it before the "
-                           f"next run")
+            log.warning(f"warning: could not remove the lock {self.path} ({_reason(error)}); delete it before the "
+                        f"next run")
 
     def _release(self) -> None:
         if self._read() == self.holder:  # never remove a lock another job took over
