@@ -9,7 +9,10 @@ import pytest
 from PIL import Image
 
 from bioclip_jax import console
+from bioclip_jax.cli import embed as embed_cli
+from bioclip_jax.cli import eval as eval_cli
 from bioclip_jax.cli import main as cli
+from bioclip_jax.cli import predict as predict_cli
 from bioclip_jax.cli.common import ArgumentParser
 from bioclip_jax.data.eval_sources import open_eval_data
 from bioclip_jax.train.metrics import MetricsWriter
@@ -70,12 +73,13 @@ def test_the_console_flags_choose_the_lines(flags, shown, hidden, images, capsys
 
 
 def test_quiet_turns_progress_bars_off():
-    parser = ArgumentParser(prog="x")
-    parser.add_argument("--no-progress", dest="progress", action="store_false")
-    assert parser.parse_args([]).progress and not parser.parse_args(["-q"]).progress
-    other = ArgumentParser(prog="y")
-    other.add_argument("--no-progress", action="store_true")
-    assert not other.parse_args([]).no_progress and other.parse_args(["-q"]).no_progress
+    """Whichever way a command spells its switch: eval's config field, predict's `progress`, embed's `no_progress`."""
+    assert eval_cli.build_config([]).progress and not eval_cli.build_config(["-q"]).progress
+    assert predict_cli.build_parser().parse_args(["a.jpg"]).progress
+    assert not predict_cli.build_parser().parse_args(["a.jpg", "-q"]).progress
+    embed_args = ["--text-file=t.txt", "--output=e.npy"]
+    assert not embed_cli._parser().parse_args(embed_args).no_progress
+    assert embed_cli._parser().parse_args([*embed_args, "-q"]).no_progress
 
 
 def test_quiet_and_verbose_together_are_a_usage_error(capsys):
