@@ -1,6 +1,6 @@
 """Fine-tuning a pretrained BioCLIP on your own images (shards from `bioclip-jax make-shards`).
 
-    bioclip-jax make-shards --folder photos/ --out data/mine
+    bioclip-jax make-shards --folder photos/ --output data/mine
     bioclip-jax train --config=configs/finetune.py --workdir=runs/mine \\
         --config.data.train_shards=data/mine/train \\
         --config.eval.held_out_dir=data/mine/held_out/images --config.eval.taxa_file=data/mine/held_out/taxa.csv

@@ -101,7 +101,7 @@ def test_text_report_and_errors(tmp_path, capsys):
 def test_convert_shards_round_trip(tmp_path, capsys):
     write_shards(tmp_path / "tar", 25, 10)
     out = tmp_path / "ar"
-    assert convert_shards.main(["--in", str(tmp_path / "tar"), "--out", str(out), "--records-per-file", "10"]) == 0
+    assert convert_shards.main(["--in", str(tmp_path / "tar"), "--output", str(out), "--records-per-file", "10"]) == 0
     assert "wrote 25 samples from 3 shards into 3 files" in capsys.readouterr().out
     tar, records = TarShardSource(str(tmp_path / "tar")), ArrayRecordSampleSource(str(out))
     assert len(records) == len(tar) == 25
@@ -120,7 +120,7 @@ def test_convert_leaves_out_unreadable_samples(tmp_path, capsys):
         cut = next(m for m in archive if m.name == "s00004.jpg")
     with open(path, "r+b") as f:
         f.truncate(cut.offset_data + 10)
-    assert convert_shards.main(["--in", path, "--out", str(tmp_path / "ar")]) == 0
+    assert convert_shards.main(["--in", path, "--output", str(tmp_path / "ar")]) == 0
     assert "left out 1 samples (truncated_tar), e.g. s00004" in capsys.readouterr().out
     assert [ArrayRecordSampleSource(str(tmp_path / "ar"))[i]["__key__"] for i in range(4)] == [
         f"s{i:05d}" for i in range(4)]

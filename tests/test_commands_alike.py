@@ -10,8 +10,9 @@ from bioclip_jax.cli import main as cli
 from bioclip_jax.cli import train as train_cli
 from bioclip_jax.cli.common import ArgumentParser
 
-COMMANDS = ["train", "eval", "predict", "embed", "embed-taxa", "export", "import", "plan"]
-WRITE_FILES = ["eval", "predict", "embed", "embed-taxa", "export", "import"]
+COMMANDS = list(cli.COMMANDS)
+WRITE_FILES = ["eval", "predict", "embed", "embed-taxa", "export", "import", "make-synthetic", "make-shards",
+               "convert-shards"]
 
 
 def _flags(command: str, capsys) -> set[str]:

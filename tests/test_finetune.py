@@ -47,7 +47,7 @@ def _zero_shot(results_json: str) -> tuple[float, float]:
 def test_finetune_from_an_exported_model_improves_held_out_zero_shot(tmp_path, capsys):
     write_collection(tmp_path / "photos", species=CLASSES, images=IMAGES, seed=2)
     data = tmp_path / "mine"
-    assert cli.main(["make-shards", "--folder", str(tmp_path / "photos"), "--out", str(data),
+    assert cli.main(["make-shards", "--folder", str(tmp_path / "photos"), "--output", str(data),
                      "--held-out-images", "0.25", "--no-progress", "--threads", "2"]) == 0
     assert "fine-tune with:" in capsys.readouterr().out
 

@@ -41,7 +41,7 @@ def test_folders_become_captioned_shards_and_a_held_out_set(tmp_path, capsys):
     shutil.copy(first / "000.jpg", photos / "Unknown beetle" / "x.jpg")
     out = tmp_path / "out"
 
-    assert cli.main(["make-shards", "--folder", str(photos), "--out", str(out), "--held-out-images", "0.2",
+    assert cli.main(["make-shards", "--folder", str(photos), "--output", str(out), "--held-out-images", "0.2",
                      "--samples-per-shard", "4", "--no-progress", "--threads", "2"]) == 0
     printed = capsys.readouterr().out
 
@@ -80,7 +80,7 @@ def test_a_table_of_paths_and_taxonomy(tmp_path, capsys):
     with open(tmp_path / "labels.csv", "w", newline="") as handle:
         csv.writer(handle).writerows(rows)
 
-    assert cli.main(["make-shards", "--csv", str(tmp_path / "labels.csv"), "--out", str(tmp_path / "out"),
+    assert cli.main(["make-shards", "--csv", str(tmp_path / "labels.csv"), "--output", str(tmp_path / "out"),
                      "--held-out-images", "0", "--no-progress"]) == 0
     assert len(_train_samples(tmp_path / "out")) == 9
     assert sorted(row["reason"] for row in _skipped(tmp_path / "out")) == ["missing file", "no taxonomy"]
@@ -91,7 +91,7 @@ def test_held_out_classes_are_left_out_of_training(tmp_path):
     photos = tmp_path / "photos"
     write_collection(photos, species=5, images=3)
     out = tmp_path / "out"
-    assert cli.main(["make-shards", "--folder", str(photos), "--out", str(out), "--held-out-classes", "2",
+    assert cli.main(["make-shards", "--folder", str(photos), "--output", str(out), "--held-out-classes", "2",
                      "--held-out-images", "0", "--no-progress"]) == 0
     trained = {s["scientific_name.txt"].decode() for s in _train_samples(out)}
     held = set(open_eval_data(f"folder:{out}/held_out/images").class_names)
@@ -135,19 +135,19 @@ def test_clear_errors(tmp_path, capsys):
     photos = tmp_path / "photos"
     write_collection(photos, species=2, images=2)
     os.remove(photos / "taxa.csv")
-    assert cli.main(["make-shards", "--folder", str(photos), "--out", str(tmp_path / "a"), "--no-progress"]) == 2
+    assert cli.main(["make-shards", "--folder", str(photos), "--output", str(tmp_path / "a"), "--no-progress"]) == 2
     assert "no taxa.csv in or next to" in capsys.readouterr().err
 
     write_taxa(photos / "taxa.csv", [])
     (tmp_path / "table.csv").write_text("picture,genus,species\nx.jpg,Corvus,corax\n")
-    assert cli.main(["make-shards", "--csv", str(tmp_path / "table.csv"), "--out", str(tmp_path / "b"),
+    assert cli.main(["make-shards", "--csv", str(tmp_path / "table.csv"), "--output", str(tmp_path / "b"),
                      "--no-progress"]) == 1
     assert "has no image path column: name one of filepath" in capsys.readouterr().err
 
     (tmp_path / "c" / "train").mkdir(parents=True)
     (tmp_path / "ok.csv").write_text("path,genus,species\nphotos/x.jpg,Corvus,corax\n")
-    assert cli.main(["make-shards", "--csv", str(tmp_path / "ok.csv"), "--out", str(tmp_path / "c"),
-                     "--no-progress"]) == 1
+    assert cli.main(["make-shards", "--csv", str(tmp_path / "ok.csv"), "--output", str(tmp_path / "c"),
+                     "--no-progress"]) == 2
     assert "already holds shards (train); pass --overwrite" in capsys.readouterr().err
 
 
@@ -159,13 +159,13 @@ def test_an_out_that_holds_or_sits_in_an_input_is_refused(tmp_path, capsys):
     photos = tmp_path / "photos"
     write_collection(photos, species=2, images=2)
     taxa = (photos / "taxa.csv").read_bytes()
-    assert _make_shards("--folder", photos, "--out", photos, "--overwrite") == 1
-    assert f"--out {photos} contains the input {photos}" in capsys.readouterr().err
-    assert _make_shards("--folder", photos, "--out", photos / "shards") == 1
-    assert f"--out {photos / 'shards'} is inside the input folder {photos}" in capsys.readouterr().err
+    assert _make_shards("--folder", photos, "--output", photos, "--overwrite") == 1
+    assert f"--output {photos} contains the input {photos}" in capsys.readouterr().err
+    assert _make_shards("--folder", photos, "--output", photos / "shards") == 1
+    assert f"--output {photos / 'shards'} is inside the input folder {photos}" in capsys.readouterr().err
     os.makedirs(tmp_path / "meta")
     os.rename(photos / "taxa.csv", tmp_path / "meta" / "taxa.csv")
-    assert _make_shards("--folder", photos, "--taxa", tmp_path / "meta" / "taxa.csv", "--out", tmp_path / "meta",
+    assert _make_shards("--folder", photos, "--taxa", tmp_path / "meta" / "taxa.csv", "--output", tmp_path / "meta",
                         "--overwrite") == 1
     assert f"contains the input {tmp_path / 'meta' / 'taxa.csv'}" in capsys.readouterr().err
     assert os.listdir(tmp_path / "meta") == ["taxa.csv"] and (tmp_path / "meta" / "taxa.csv").read_bytes() == taxa
@@ -179,7 +179,7 @@ def test_copies_of_an_image_are_dropped_before_the_split(tmp_path, capsys):
     shutil.copy(first / "000.jpg", first / "copy.jpg")      # the same photo twice in its class
     shutil.copy(first / "001.jpg", second / "stray.jpg")    # and once filed under another class
     out = tmp_path / "out"
-    assert _make_shards("--folder", photos, "--out", out, "--held-out-images", "0.5") == 0
+    assert _make_shards("--folder", photos, "--output", out, "--held-out-images", "0.5") == 0
 
     written = [s["jpg"] for s in _train_samples(out)]
     written += [p.read_bytes() for p in sorted((out / "held_out" / "images").rglob("*.jpg"))]
@@ -198,13 +198,13 @@ def test_a_taxa_row_with_too_few_or_too_many_fields_is_refused_by_line(tmp_path,
     tree = write_collection(photos, species=2, images=2)
     with open(photos / "taxa.csv", "a", encoding="utf-8") as handle:
         handle.write(",".join(row) + "\n")  # line 4: after the header and two good rows
-    assert _make_shards("--folder", photos, "--out", tmp_path / "out") == 1
+    assert _make_shards("--folder", photos, "--output", tmp_path / "out") == 1
     assert f"{photos / 'taxa.csv'}:4: {fields} fields where the header has 9" in capsys.readouterr().err
 
     table = tmp_path / "labels.csv"
     image = photos / tree[0].taxon.scientific_name / "000.jpg"
     table.write_text(f"path,{','.join(TAXA_HEADER[1:])}\n{image},{','.join(row[1:])}\n")
-    assert _make_shards("--csv", table, "--out", tmp_path / "out") == 1
+    assert _make_shards("--csv", table, "--output", tmp_path / "out") == 1
     assert f"{table}:2: {fields} fields where the header has 9" in capsys.readouterr().err
 
 
@@ -217,7 +217,7 @@ def test_images_in_sub_folders_belong_to_their_class_folder(tmp_path):
     for n, path in enumerate(sorted((tmp_path / "more").rglob("*.jpg"))):
         shutil.copy(path, nested / f"{n}.jpg")
     out = tmp_path / "out"
-    assert _make_shards("--folder", photos, "--out", out, "--held-out-images", "0") == 0
+    assert _make_shards("--folder", photos, "--output", out, "--held-out-images", "0") == 0
     names = [s["scientific_name.txt"].decode() for s in _train_samples(out)]
     assert names.count(tree[0].taxon.scientific_name) == 4 and len(names) == 6
 
@@ -232,9 +232,9 @@ def test_when_no_training_image_can_be_read_nothing_is_left_behind(tmp_path, cap
     moved = tmp_path / "moved"
     os.rename(photos, moved)  # every path in the table is now missing
     out = tmp_path / "out"
-    assert _make_shards("--csv", table, "--out", out, "--held-out-images", "0") == 1
+    assert _make_shards("--csv", table, "--output", out, "--held-out-images", "0") == 1
     err = capsys.readouterr().err
     assert "none of the 4 training images could be read (missing file: 4, e.g. " in err
     assert "skipped.csv" not in err and not (out / "train").exists()
     os.rename(moved, photos)
-    assert _make_shards("--csv", table, "--out", out, "--held-out-images", "0") == 0  # no --overwrite needed
+    assert _make_shards("--csv", table, "--output", out, "--held-out-images", "0") == 0  # no --overwrite needed

@@ -28,7 +28,7 @@ REPLAY = 8  # per global batch of 16 tree-of-life pairs: one replay row per simu
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     out = tmp_path_factory.mktemp("replay_data")
-    code = make_synthetic_cli.main(["--out", str(out), "--species", "24", "--images-per-species", "6",
+    code = make_synthetic_cli.main(["--output", str(out), "--species", "24", "--images-per-species", "6",
                                     "--held-out-species", "4", "--seed", "3", "--samples-per-shard", "40",
                                     "--generic-captions", "48", "--no-progress"])
     assert code == 0

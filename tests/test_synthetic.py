@@ -316,16 +316,16 @@ def test_held_out_needs_enough_species_and_fails_before_writing(tmp_path):
 
 def test_cli_writes_and_summarises_and_refuses_to_mix_datasets(tmp_path, capsys):
     out = str(tmp_path / "cli")
-    argv = ["--out", out, "--species", "8", "--images-per-species", "2", "--held-out-species", "1",
+    argv = ["--output", out, "--species", "8", "--images-per-species", "2", "--held-out-species", "1",
             "--image-size", "20", "--no-progress"]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     assert "species: 8 (7 train, 1 held out)" in printed
     assert "train/:" in printed and os.path.exists(os.path.join(out, "info.json"))
-    assert cli.main(argv) == 1
+    assert cli.main(argv) == 2
     assert "already holds a dataset" in capsys.readouterr().err
     assert cli.main(argv + ["--overwrite", "--seed", "1"]) == 0
-    assert cli.main(["--out", out, "--image-size", "4", "--overwrite"]) == 1
+    assert cli.main(["--output", out, "--image-size", "4", "--overwrite"]) == 2
     assert "image_size" in capsys.readouterr().err
 
 

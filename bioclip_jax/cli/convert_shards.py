@@ -1,4 +1,4 @@
-"""`bioclip-jax convert-shards --in PATTERN --out DIR`: copy webdataset tar shards into ArrayRecord files.
+"""`bioclip-jax convert-shards --in PATTERN --output DIR`: copy webdataset tar shards into ArrayRecord files.
 
 One record per sample, in the order of the shards, `--records-per-file` per
 `shard-%06d.array_record`. Training then takes `--shards DIR/*.array_record` (or
@@ -20,12 +20,12 @@ from bioclip_jax.data.tar_source import TarShardSource
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="bioclip-jax convert-shards", description=__doc__,
+    parser = ArgumentParser(prog="bioclip-jax convert-shards", description=__doc__, renamed={"--out": "--output"},
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--in", dest="shards", required=True,
                         help="tar shard pattern, e.g. /data/train/shard-{000000..000159}.tar "
                              "(or gs://...) or a directory")
-    parser.add_argument("--out", required=True,
+    parser.add_argument("--output", dest="out", required=True,
                         help="output directory (or gs:// prefix) for the .array_record files")
     parser.add_argument("--records-per-file", type=int, default=10_000, help="samples per output file")
     parser.add_argument("--cache-dir", default=None,

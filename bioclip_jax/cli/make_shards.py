@@ -1,9 +1,9 @@
 """`bioclip-jax make-shards`: your own labelled images -> TreeOfLife-layout shards + a held-out eval set.
 
-    bioclip-jax make-shards --folder photos/ --taxa photos/taxa.csv --out data/mine
-    bioclip-jax make-shards --csv labels.csv --out data/mine --held-out-images 0.2
+    bioclip-jax make-shards --folder photos/ --taxa photos/taxa.csv --output data/mine
+    bioclip-jax make-shards --csv labels.csv --output data/mine --held-out-images 0.2
 
-Writes, under --out:
+Writes, under --output:
     train/shard-000000.tar ...  webdataset shards: .jpg + the ten caption members of TreeOfLife-10M
                                 (sci, com, taxon, taxonTag, sci_com, taxon_com, taxonTag_com, names)
     held_out/images/<class>/    images kept out of training (--held-out-images / --held-out-classes)
@@ -12,7 +12,7 @@ Writes, under --out:
     skipped.csv, info.json      what was left out and why; counts and parameters
 
 Copies of one image (same bytes) are kept once, before the split; the others are listed in
-skipped.csv. --out may not contain an input or sit inside the image folder.
+skipped.csv. --output may not contain an input or sit inside the image folder.
 
 Then it reads the shards back as training will (`check-data`), which also writes their
 indexes, and prints the fine-tuning command. Exit status 1 when the shards fail that check.
@@ -24,6 +24,7 @@ import argparse
 import os
 import sys
 
+from bioclip_jax import exit_codes
 from bioclip_jax.cli.common import ArgumentParser, run_cli
 from bioclip_jax.ingest import collection as collection_lib
 from bioclip_jax.ingest.check_data import check_data, format_report, passes
@@ -31,7 +32,7 @@ from bioclip_jax.ingest.make_shards import finetune_command, make_shards, summar
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="bioclip-jax make-shards", description=__doc__,
+    parser = ArgumentParser(prog="bioclip-jax make-shards", description=__doc__, renamed={"--out": "--output"},
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--folder", help="image folder with one sub-folder per class (needs a taxa.csv)")
@@ -40,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="taxa.csv naming each class folder (columns class_name, kingdom, phylum, class, "
                              "order, family, genus, species, common); default: FOLDER/taxa.csv or next to it")
     parser.add_argument("--image-root", default=None, help="base of relative paths in --csv (default: its folder)")
-    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--output", dest="out", required=True, help="output directory")
     parser.add_argument("--held-out-images", type=float, default=0.1,
                         help="fraction of each class's images kept for the held-out eval (default 0.1)")
     parser.add_argument("--held-out-classes", type=float, default=0.0,
@@ -51,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resize", type=int, default=0,
                         help="re-encode images whose shorter side exceeds this many pixels (default 0: keep)")
     parser.add_argument("--threads", type=int, default=min(8, os.cpu_count() or 1), help="reader threads")
-    parser.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run in --out")
+    parser.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run in --output")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
@@ -80,9 +81,9 @@ def _run(argv) -> int:
 def main(argv=None) -> int:
     try:
         return run_cli(_run, argv)
-    except FileExistsError as error:  # run_cli reports FileNotFoundError; an existing output is the other one
+    except FileExistsError as error:  # outputs already there without --overwrite: a usage error
         print(f"error: {error}", file=sys.stderr)
-        return 1
+        return exit_codes.USAGE
 
 
 if __name__ == "__main__":

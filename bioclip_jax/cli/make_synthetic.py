@@ -1,7 +1,7 @@
 """`bioclip-jax make-synthetic`: writes the synthetic tree of life (TreeOfLife-10M layout).
 
-    python -m bioclip_jax.cli.make_synthetic --out data/synthetic
-    python -m bioclip_jax.cli.make_synthetic --out /tmp/tiny --species 24 --images-per-species 4
+    python -m bioclip_jax.cli.make_synthetic --output data/synthetic
+    python -m bioclip_jax.cli.make_synthetic --output /tmp/tiny --species 24 --images-per-species 4
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 
+from bioclip_jax import exit_codes
 from bioclip_jax.cli.common import ArgumentParser
 from bioclip_jax.synthetic.dataset import make_synthetic
 from bioclip_jax.synthetic.generic_captions import write_generic_captions
@@ -20,12 +21,13 @@ _PARALLEL_FROM = 2000  # images; below this, starting worker processes costs mor
 def build_parser(prog: str = "bioclip-jax make-synthetic") -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog=prog,
+        renamed={"--out": "--output"},
         description="Generate a synthetic tree of life: a random taxonomy with Latin-looking and "
         "common names, images whose traits follow the tree, written as TreeOfLife-10M webdataset "
         "shards (train/, val/), a held-out image folder of unseen species, catalog.csv and taxa.csv. "
         "The same seed gives byte-identical files.",
     )
-    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--output", dest="out", required=True, help="output directory")
     parser.add_argument("--species", type=int, default=200, help="number of species, held out included (default 200)")
     parser.add_argument("--images-per-species", type=int, default=40, help="images per species (default 40)")
     parser.add_argument("--held-out-species", type=float, default=0.1,
@@ -41,7 +43,7 @@ def build_parser(prog: str = "bioclip-jax make-synthetic") -> argparse.ArgumentP
     parser.add_argument("--generic-captions", type=int, default=0, metavar="N",
                         help="also write N general image-caption pairs (.jpg + .txt) to OUT/generic/, a "
                              "stand-in for BioCLIP 2's LAION replay data (data.replay_shards)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
+    parser.add_argument("--overwrite", action="store_true", help="replace a dataset already in --output")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
@@ -73,9 +75,9 @@ def main(argv: list[str] | None = None) -> int:
                                           seed=args.seed, image_size=args.image_size,
                                           samples_per_shard=args.samples_per_shard, overwrite=args.overwrite)
                    if args.generic_captions else [])
-    except (ValueError, FileExistsError) as error:
-        print(f"error: {error}", file=sys.stderr)  # the convention of cli/common.run_cli
-        return 1
+    except (ValueError, FileExistsError) as error:  # a bad value, or a dataset already there without --overwrite
+        print(f"error: {error}", file=sys.stderr)
+        return exit_codes.USAGE
     c = summary.counts
     print(f"wrote {summary.out_dir} (seed {args.seed})")
     print(f"  species: {c['species']} ({c['train_species']} train, {c['held_out_species']} held out) in "

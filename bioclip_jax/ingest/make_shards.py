@@ -36,7 +36,7 @@ _EXAMPLES = 3
 
 
 def _check_apart(out: str, found: collection_lib.Collection) -> None:
-    """Refuses an --out that contains an input (a table, an image) or sits inside the input folder:
+    """Refuses an --output that contains an input (a table, an image) or sits inside the input folder:
     the outputs (taxa.csv, train/, ...) would replace the user's own files, --overwrite would delete them."""
     target = os.path.realpath(out)
     image_folders = {os.path.dirname(image.path): image.path for image in found.images}  # one check per folder
@@ -45,11 +45,11 @@ def _check_apart(out: str, found: collection_lib.Collection) -> None:
             continue
         real = os.path.realpath(path)
         if _within(real, target):
-            raise ValueError(f"--out {out} contains the input {shown}: make-shards writes its outputs there "
-                             f"({', '.join(_OUTPUTS)}), so choose an --out outside your data")
+            raise ValueError(f"--output {out} contains the input {shown}: make-shards writes its outputs there "
+                             f"({', '.join(_OUTPUTS)}), so choose an --output outside your data")
         if path in found.inputs and os.path.isdir(real) and _within(target, real):
-            raise ValueError(f"--out {out} is inside the input folder {path}: the shards would mix with your "
-                             f"images, so choose an --out outside it")
+            raise ValueError(f"--output {out} is inside the input folder {path}: the shards would mix with your "
+                             f"images, so choose an --output outside it")
 
 
 def _within(path: str, folder: str) -> bool:
@@ -60,7 +60,7 @@ def _prepare(out: str, overwrite: bool) -> None:
     existing = [name for name in _OUTPUTS if os.path.lexists(os.path.join(out, name))]
     if existing and not overwrite:
         raise FileExistsError(f"{out} already holds shards ({', '.join(existing)}); pass --overwrite to replace "
-                              f"them or choose another --out")
+                              f"them or choose another --output")
     _remove_outputs(out)
     os.makedirs(out, exist_ok=True)
 
