@@ -53,6 +53,30 @@ def test_the_noise_after_a_failure_is_not_shown_and_pending_work_still_finishes(
     assert (tmp_path / "saved.txt").read_text() == "saved"  # waited for, as Python's own exit does
 
 
+CLOSED_LOOP_COMMAND = textwrap.dedent('''
+    import sys, threading
+
+    def callback_on_a_closed_loop():  # a storage read finishing after the failure closed its loop
+        raise RuntimeError("Event loop is closed")
+
+    def main(argv):
+        reader = threading.Thread(target=callback_on_a_closed_loop)
+        reader.start()
+        reader.join()  # its report comes before the command's own line, as it can in a real failure
+        print("error: the one clear line", file=sys.stderr, flush=True)
+        return 1
+''')
+
+
+def test_closed_loop_reports_from_before_the_error_line_are_not_shown(tmp_path):
+    """Reports that come while the command is still failing (the old code silenced only those after it)."""
+    (tmp_path / "closed_loop_command.py").write_text(CLOSED_LOOP_COMMAND)
+    register = "from bioclip_jax.cli import main as cli; cli.COMMANDS['closed'] = ('closed_loop_command', ''); "
+    done = _bioclip_jax(tmp_path, "closed", code=register + "sys.exit(cli.main())")
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == ["error: the one clear line"], done.stderr
+
+
 def test_a_damaged_checkpoint_gives_its_one_line(tmp_path):
     workdir = tmp_path / "run"
     model = bioclip_jax.create_model("ViT-Tiny-8", seed=1)

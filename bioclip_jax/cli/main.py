@@ -40,6 +40,8 @@ def _usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Runs a command; run as the program itself (no `argv`), a failed one ends by `_exit_quietly`."""
+    if argv is None:
+        _drop_closed_loop_reports()
     try:
         status = _run(sys.argv[1:] if argv is None else argv)
         sys.stdout.flush()  # a reader that left shows here, not as a failed flush at exit
@@ -88,6 +90,24 @@ def _without_traceback(record: logging.LogRecord) -> bool:
     file) before the error reaches a command, which says it in one line: its message alone is kept."""
     record.exc_info = record.exc_text = None
     return True
+
+
+def _is_closed_loop_report(error: BaseException | None) -> bool:
+    return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+
+
+def _drop_closed_loop_reports() -> None:
+    """Drops, for the whole run, the reports of callbacks that reach an asyncio loop already closed.
+
+    When a command fails while Orbax or TensorStore still has reads in flight, their callbacks call
+    into the loop that the failure closed, from their own threads, as the command prints its error:
+    the reports ("Event loop is closed", through sys.unraisablehook, sys.excepthook or
+    threading.excepthook) then cut into the error line or follow it. They mean nothing to the user.
+    """
+    unraisable, uncaught, in_thread = sys.unraisablehook, sys.excepthook, threading.excepthook
+    sys.unraisablehook = lambda report: None if _is_closed_loop_report(report.exc_value) else unraisable(report)
+    sys.excepthook = lambda kind, error, trace: None if _is_closed_loop_report(error) else uncaught(kind, error, trace)
+    threading.excepthook = lambda report: None if _is_closed_loop_report(report.exc_value) else in_thread(report)
 
 
 def _exit_quietly(status: int) -> NoReturn:
