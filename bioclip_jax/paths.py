@@ -34,6 +34,8 @@ from typing import Callable, Iterator, Union
 
 from etils import epath
 
+from bioclip_jax import deadlines
+
 PathLike = Union[str, os.PathLike]
 
 
@@ -164,8 +166,9 @@ def append_line(path: PathLike, line: str, writer: str = "line") -> None:
     path = epath.Path(path)
     with naming_the_file(path):
         if is_remote(path):
-            parts = _parts(path)
-            (parts / f"{time.time_ns():020d}-{writer}-{uuid.uuid4().hex[:8]}.jsonl").write_text(line + "\n")
+            part = _parts(path) / f"{time.time_ns():020d}-{writer}-{uuid.uuid4().hex[:8]}.jsonl"
+            deadlines.with_deadline(lambda: part.write_text(line + "\n"), deadlines.timeout_s(),
+                                    f"writing a line of {path} (as {part.name})")
             return
         with _locked_for_append(path) as handle:
             handle.write(line + "\n")

@@ -1,5 +1,5 @@
-"""A gs:// workdir whose server is down, or takes connections and never answers, at start-up: one
-sentence naming the workdir or its lock, within the storage deadline."""
+"""A gs:// workdir whose server is down, or takes connections and never answers: one sentence naming
+the workdir, its lock or its log, within the storage deadline."""
 
 import json
 import os
@@ -8,8 +8,11 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 DEADLINE_S = "4"
 CHECK = "from bioclip_jax.train.workdir import check_workdir; check_workdir('gs://bioclip-test/run')"
+APPEND = "from bioclip_jax import paths; paths.append_line('gs://bioclip-test/run/metrics.jsonl', '{}', 'train')"
 LOCK = "from bioclip_jax.train.workdir import WorkdirLock\nwith WorkdirLock('gs://bioclip-test/run'):\n    pass"
 
 
@@ -34,11 +37,13 @@ def test_a_bucket_server_that_is_down_names_the_workdir_within_the_storage_deadl
     assert seconds < 25, "the storage deadline did not bound the wait"
 
 
-def test_a_bucket_server_that_never_answers_stops_taking_the_lock_at_the_deadline():
+@pytest.mark.parametrize("code, what", [(LOCK, "taking the lock gs://bioclip-test/run/LOCK"),
+                                        (APPEND, "writing a line of gs://bioclip-test/run/metrics.jsonl")])
+def test_a_bucket_server_that_never_answers_stops_the_call_at_the_deadline(code, what):
     """The old code waited on gcsfs for as long as the server kept the connection open."""
     with socket.socket() as silent:  # accepts connections (the kernel's backlog) and never answers
         silent.bind(("127.0.0.1", 0))
         silent.listen(16)
-        last, seconds = _run_against(f"http://127.0.0.1:{silent.getsockname()[1]}", LOCK)
-    assert "taking the lock gs://bioclip-test/run/LOCK did not finish within 4 s" in last, last
+        last, seconds = _run_against(f"http://127.0.0.1:{silent.getsockname()[1]}", code)
+    assert what in last and "did not finish within 4 s" in last, last
     assert seconds < 25

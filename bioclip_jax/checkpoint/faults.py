@@ -10,25 +10,22 @@ moving it out of the run:
   that differs): a config question, not damage.
 - UNKNOWN: anything else. Not proof of damage, so nothing is moved either.
 
-`with_deadline` puts a time limit on a call that can block (a bucket whose endpoint does not
-answer makes tensorstore retry for a quarter of an hour); `BIOCLIP_JAX_STORAGE_TIMEOUT_S`
-sets it (default 600 s: ample for reading a ViT-L train state from a bucket).
+A call that can block runs under `bioclip_jax.deadlines.with_deadline`; `retrying` tries a
+transient failure again, but never a call that ran out of time (it may still be running).
 """
 
 from __future__ import annotations
 
 import errno
 import json
-import os
 import re
-import threading
 import time
 import zlib
 from typing import Callable, Iterator, TypeVar
 
+from bioclip_jax.deadlines import StorageTimeout
+
 DAMAGED, TRANSIENT, MISMATCH, UNKNOWN = "damaged", "transient", "mismatch", "unknown"
-TIMEOUT_VARIABLE = "BIOCLIP_JAX_STORAGE_TIMEOUT_S"
-DEFAULT_TIMEOUT_S = 600.0
 RETRY_DELAYS_S = (2.0, 10.0)  # waits before the second and third try of a transient failure
 
 _STATUS = re.compile(r"^\s*([A-Z][A-Z_]+): ")  # tensorstore / absl status codes open the message
@@ -40,18 +37,6 @@ _TRANSIENT_ERRNOS = {errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED, errn
 _MISMATCH_PHRASES = ("tree structures do not match", "tree structure mismatch", "dict key mismatch")
 
 T = TypeVar("T")
-
-
-class StorageTimeout(TimeoutError):
-    """A storage call did not return within its deadline; the message names the path."""
-
-
-def timeout_s() -> float:
-    text = os.environ.get(TIMEOUT_VARIABLE, "")
-    try:
-        return float(text) if text else DEFAULT_TIMEOUT_S
-    except ValueError:
-        raise ValueError(f"environment variable {TIMEOUT_VARIABLE}={text!r} is not a number of seconds") from None
 
 
 def _chain(error: BaseException) -> Iterator[BaseException]:
@@ -122,31 +107,6 @@ def explain(error: BaseException) -> tuple[str, BaseException]:
 
 def _is_mismatch(error: BaseException) -> bool:
     return any(phrase in str(error).lower() for phrase in _MISMATCH_PHRASES)
-
-
-def with_deadline(call: Callable[[], T], seconds: float, what: str) -> T:
-    """`call()`, or StorageTimeout("<what> did not finish within N s ...") once `seconds` pass.
-
-    The call runs in a daemon thread: one that hangs in a storage client is left behind
-    (it cannot be interrupted) and does not keep the process from exiting.
-    """
-    outcome: dict = {}
-
-    def run() -> None:
-        try:
-            outcome["value"] = call()
-        except BaseException as error:  # noqa: BLE001 - handed to the caller as it is
-            outcome["error"] = error
-
-    worker = threading.Thread(target=run, name=f"storage: {what}"[:60], daemon=True)
-    worker.start()
-    worker.join(seconds)
-    if worker.is_alive():
-        raise StorageTimeout(f"{what} did not finish within {seconds:.0f} s (the storage does not answer; "
-                             f"{TIMEOUT_VARIABLE} sets this limit)")
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
 
 
 def retrying(call: Callable[[], T], on_retry: Callable[[BaseException, float], None] | None = None) -> T:

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
 
-from bioclip_jax import paths
+from bioclip_jax import deadlines, paths
 from bioclip_jax.checkpoint import carry_over, faults
 from bioclip_jax.checkpoint.model_dir import CHECKPOINTS_DIR, PARAMS_DIR, finished_steps
 from bioclip_jax.paths import absolute
@@ -120,8 +120,8 @@ class TrainCheckpointer:
             DATA: grain.checkpoint.CheckpointSave(data_iterator),
         })
         try:  # waits for the previous save to finish, which a storage that stopped answering never does
-            return faults.with_deadline(lambda: self.manager.save(step, args=args, force=force), faults.timeout_s(),
-                                        f"saving checkpoint step {step} to {self.directory}")
+            return deadlines.with_deadline(lambda: self.manager.save(step, args=args, force=force),
+                                           deadlines.timeout_s(), f"saving checkpoint step {step} to {self.directory}")
         except Exception as error:  # noqa: BLE001 - disk full, permissions, quota: one message
             raise self._save_failed(error) from None
 
@@ -137,7 +137,7 @@ class TrainCheckpointer:
             raise self._save_failed(error) from None
 
     def _save_failed(self, error: BaseException) -> CheckpointError:
-        if isinstance(error, faults.StorageTimeout):
+        if isinstance(error, deadlines.StorageTimeout):
             return CheckpointError(f"{error}; the run is stopped. {self.last_good_message()}")
         return CheckpointError(f"saving a checkpoint under {self.directory} failed "
                                f"({type(error).__name__}: {_first_line(error)}); the run is stopped. "
@@ -148,9 +148,9 @@ class TrainCheckpointer:
         may be what failed (a bucket outage), so the listing has a short deadline and its failure is
         said, rather than replacing the message this sentence ends."""
         try:
-            steps = faults.with_deadline(lambda: finished_steps(self.directory.parent),
-                                         min(LISTING_DEADLINE_S, faults.timeout_s()),
-                                         f"listing the checkpoints in {self.directory}")
+            steps = deadlines.with_deadline(lambda: finished_steps(self.directory.parent),
+                                            min(LISTING_DEADLINE_S, deadlines.timeout_s()),
+                                            f"listing the checkpoints in {self.directory}")
         except Exception as error:  # noqa: BLE001 - whatever the listing met, the run's own message stands
             return (f"The checkpoints cannot be listed now ({_first_line(error)}); a rerun resumes from the "
                     f"newest one in {self.directory} that reads cleanly.")
@@ -190,7 +190,7 @@ class TrainCheckpointer:
         what = f"reading checkpoint step {step} in {self.directory}"
 
         def attempt():
-            return faults.with_deadline(lambda: self._read(step, layout), faults.timeout_s(), what)
+            return deadlines.with_deadline(lambda: self._read(step, layout), deadlines.timeout_s(), what)
 
         def on_retry(error: BaseException, delay: float) -> None:
             _warn(f"{what} failed ({_describe(faults.explain(error)[1])}); trying again in {delay:.0f} s")
@@ -329,8 +329,8 @@ class TrainCheckpointer:
 
     def wait(self) -> None:
         try:
-            faults.with_deadline(self.manager.wait_until_finished, faults.timeout_s(),
-                                 f"finishing the checkpoint save under {self.directory}")
+            deadlines.with_deadline(self.manager.wait_until_finished, deadlines.timeout_s(),
+                                    f"finishing the checkpoint save under {self.directory}")
         except Exception as error:  # noqa: BLE001
             raise self._save_failed(error) from None
 
@@ -384,7 +384,7 @@ def _verdict(error: BaseException, step: int, directory) -> tuple[int, str]:
     if kind == faults.MISMATCH:
         return _MISMATCH, (f"{where} does not fit the configured train state ({_describe(cause)}); nothing was "
                            f"moved: resume under the config it was written with, or start a new workdir")
-    if isinstance(error, faults.StorageTimeout):
+    if isinstance(error, deadlines.StorageTimeout):
         return _FAILED, f"{error}; {where} was left in place: rerun once the storage answers"
     if kind == faults.TRANSIENT:
         return _FAILED, (f"reading {where} failed {len(faults.RETRY_DELAYS_S) + 1} times ({_describe(cause)}); "

@@ -39,8 +39,7 @@ import uuid
 
 from etils import epath
 
-from bioclip_jax import paths
-from bioclip_jax.checkpoint import faults
+from bioclip_jax import deadlines, paths
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +64,12 @@ def check_workdir(workdir) -> epath.Path:
 
     A bucket whose server does not answer makes gcsfs retry for half a minute and then raise
     its own "Cannot connect ..."; the sentence names the workdir, and the storage deadline
-    (checkpoint.faults) bounds each storage call here, as it does the lock's.
+    (bioclip_jax.deadlines) bounds each storage call here, as it does the lock's.
     """
     path = epath.Path(workdir)
     try:
-        is_file = faults.with_deadline(lambda: path.exists() and not path.is_dir(), faults.timeout_s(),
-                                       f"reaching workdir {path}")
+        is_file = deadlines.with_deadline(lambda: path.exists() and not path.is_dir(), deadlines.timeout_s(),
+                                          f"reaching workdir {path}")
     except Exception as error:  # noqa: BLE001 - an unreachable server, DNS, credentials: one message
         raise OSError(f"cannot reach workdir {path} ({_reason(error)}): check the path, the network and "
                       f"the credentials") from None
@@ -85,7 +84,7 @@ def check_workdir(workdir) -> epath.Path:
         probe.unlink()
 
     try:
-        faults.with_deadline(write_probe, faults.timeout_s(), f"writing a probe file into workdir {path}")
+        deadlines.with_deadline(write_probe, deadlines.timeout_s(), f"writing a probe file into workdir {path}")
     except Exception as error:  # noqa: BLE001 - read-only mount, permissions, bucket ACL: one message
         raise OSError(f"cannot write to workdir {path} ({_reason(error)}): give a writable directory, "
                       f"or fix its permissions or mount") from None
@@ -137,7 +136,7 @@ class WorkdirLock:
         self.holder = this_holder()
 
     def __enter__(self) -> "WorkdirLock":
-        return faults.with_deadline(self._take, faults.timeout_s(), f"taking the lock {self.path}")
+        return deadlines.with_deadline(self._take, deadlines.timeout_s(), f"taking the lock {self.path}")
 
     def _take(self) -> "WorkdirLock":
         for _ in range(3):  # a takeover races another job at most a couple of times
@@ -157,7 +156,7 @@ class WorkdirLock:
 
     def __exit__(self, *exc) -> None:
         try:
-            faults.with_deadline(self._release, faults.timeout_s(), f"removing the lock {self.path}")
+            deadlines.with_deadline(self._release, deadlines.timeout_s(), f"removing the lock {self.path}")
         except Exception as error:  # noqa: BLE001 - never hide the run's own outcome behind this
             log.warning(f"warning: could not remove the lock {self.path} ({_reason(error)}); delete it before the "
                         f"next run")
