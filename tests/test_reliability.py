@@ -97,7 +97,7 @@ class _NoIterator:
 
 
 def test_a_failed_background_save_stops_the_run_at_the_next_step(shards, tmp_path, monkeypatch):
-    """The second save (step 5; Orbax also saves step 1) fails in Orbax's background thread,
+    """The second save (step 10; Orbax also saves step 1) fails in Orbax's background thread,
     as with a full disk: the run stops at the next step with one message naming the path and
     the cause, and the step-1 checkpoint stays good."""
     from orbax.checkpoint._src.checkpointers import async_checkpointer
@@ -117,17 +117,18 @@ def test_a_failed_background_save_stops_the_run_at_the_next_step(shards, tmp_pat
 
     monkeypatch.setattr(async_checkpointer, "_background_wait_for_commit_futures", full_disk_on_second_save)
     with pytest.raises(checkpointing.CheckpointError) as raised:
-        run(workdir, shards, total_steps=12, checkpoint__every_steps=5, checkpoint__async_save=True)
+        run(workdir, shards, total_steps=24, checkpoint__every_steps=10, checkpoint__async_save=True)
     message = str(raised.value)
     assert "No space left on device" in message and str(workdir / "checkpoints") in message
     assert "last good checkpoint is step 1" in message and "\n" not in message
     logged = max(losses(read_metrics(str(workdir))))
     # The save runs in the background: it fails while some step runs; the next step must notice,
-    # long before the next save (step 10), where the old code first heard of it. The bound allows
+    # long before the next save (step 20), where the old code first heard of it; on a loaded machine
+    # the failing commit itself can land several steps after step 10. The bound allows
     # two steps past the last logged one: metrics are written one step late (the host reads step
     # N's after dispatching N+1), and a failure landing just after the host's check before a
     # dispatch is seen at the following one.
-    assert logged <= failed_after[0] + 2 and logged < 10, \
+    assert logged <= failed_after[0] + 2 and logged < 20, \
         f"the save failed after step {failed_after[0]} but the run went on to step {logged}"
     monkeypatch.undo()
     assert _steps_on_disk(workdir) == [1]
