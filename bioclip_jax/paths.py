@@ -25,7 +25,6 @@ import fcntl
 import io
 import json
 import os
-import pathlib
 import socket
 import tempfile
 import time
@@ -93,10 +92,8 @@ def atomic_local_file(path: PathLike) -> Iterator[str]:
     path = epath.Path(path)
     with naming_the_file(path):
         if is_remote(path):
-            with tempfile.TemporaryDirectory(prefix="bioclip_jax_upload_") as staging:
-                staged = os.path.join(staging, path.name)
+            with _uploaded_from_staging(path) as staged:
                 yield staged
-                epath.Path(staged).copy(path, overwrite=True)
             return
         temporary = os.fspath(_temporary_name(path))
         try:
@@ -251,9 +248,16 @@ def local_stand_in(path: PathLike) -> Iterator[str]:
     if not is_remote(path):
         yield os.fspath(path)
         return
-    target = epath.Path(path)
+    with _uploaded_from_staging(epath.Path(path)) as staged:
+        yield staged
+
+
+@contextlib.contextmanager
+def _uploaded_from_staging(target: epath.Path) -> Iterator[str]:
+    """A local name for the bucket path `target`, in a temporary folder; when the block ends without
+    error, each file written there is uploaded beside `target` (an upload appears whole or not at all)."""
     with tempfile.TemporaryDirectory(prefix="bioclip_jax_upload_") as staging:
         yield os.path.join(staging, target.name)
         target.parent.mkdir(parents=True, exist_ok=True)
         for name in sorted(os.listdir(staging)):
-            (target.parent / name).write_bytes(pathlib.Path(staging, name).read_bytes())
+            epath.Path(staging, name).copy(target.parent / name, overwrite=True)
