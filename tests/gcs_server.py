@@ -103,7 +103,12 @@ def _start() -> str:
 
 def gcs_env() -> dict[str, str]:
     """Environment variables that point gcsfs, google-cloud-storage and tensorstore at the server."""
-    url = _start()
+    return client_env(_start())
+
+
+def client_env(url: str) -> dict[str, str]:
+    """Environment variables that point every client in the stack at a server at `url` (this file's, or
+    one a test stands up to be down or silent)."""
     return {
         "STORAGE_EMULATOR_HOST": url,
         "TENSORSTORE_GCS_HTTP_URL": url,

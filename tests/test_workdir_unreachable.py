@@ -1,7 +1,6 @@
 """A gs:// workdir whose server is down, or takes connections and never answers: one sentence naming
 the workdir, its lock or its log, within the storage deadline."""
 
-import json
 import os
 import socket
 import subprocess
@@ -9,6 +8,7 @@ import sys
 import time
 
 import pytest
+from gcs_server import client_env
 
 DEADLINE_S = "4"
 CHECK = "from bioclip_jax.train.workdir import check_workdir; check_workdir('gs://bioclip-test/run')"
@@ -18,9 +18,7 @@ LOCK = "from bioclip_jax.train.workdir import WorkdirLock\nwith WorkdirLock('gs:
 
 def _run_against(url: str, code: str) -> tuple[str, float]:
     """The last line a Python process running `code` printed with gcsfs pointed at `url`, and its seconds."""
-    env = dict(os.environ, STORAGE_EMULATOR_HOST=url, FSSPEC_GCS=json.dumps({"token": "anon"}),
-               GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false", EPATH_USE_TF="false", NO_GCE_CHECK="true",
-               BIOCLIP_JAX_STORAGE_TIMEOUT_S=DEADLINE_S)
+    env = {**os.environ, **client_env(url), "BIOCLIP_JAX_STORAGE_TIMEOUT_S": DEADLINE_S}
     start = time.monotonic()
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0, result.stdout
