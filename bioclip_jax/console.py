@@ -21,8 +21,10 @@ class _ConsoleHandler(logging.Handler):
     after `configure` (a redirect, a test's capture) receives it; a failed write raises, as print's
     would, so a reader that left (`| head`) ends the command as cli.main expects."""
 
+    info_on_stderr = False  # set while a command's results go to stdout
+
     def emit(self, record: logging.LogRecord) -> None:
-        stream = sys.stdout if record.levelno < logging.WARNING else sys.stderr
+        stream = sys.stdout if record.levelno < logging.WARNING and not self.info_on_stderr else sys.stderr
         stream.write(self.format(record) + "\n")
         stream.flush()
 
@@ -33,10 +35,17 @@ _HANDLER = _ConsoleHandler()
 def configure(level: int = logging.INFO) -> None:
     """Shows the `bioclip_jax` records from `level` up; calling it again only changes the level."""
     logger = logging.getLogger(LOGGER)
+    _HANDLER.info_on_stderr = False
     if _HANDLER not in logger.handlers:
         logger.addHandler(_HANDLER)
     logger.setLevel(level)
     logger.propagate = False  # absl gives the root logger a handler of its own: each line would show twice
+
+
+def keep_stdout_for_results() -> None:
+    """Sends every record to stderr: the command writes its results (CSV rows, say) to stdout, and a
+    note among them would corrupt what a script reads."""
+    _HANDLER.info_on_stderr = True
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

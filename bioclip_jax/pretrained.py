@@ -26,7 +26,7 @@ from bioclip_jax.models.clip import CLIP, abstract_model, build_model
 from bioclip_jax.models.config import CLIPConfig, from_open_clip, get_model_config, to_open_clip
 from bioclip_jax.models.params import assign_params, flat_params, param_shapes
 from bioclip_jax.sources import LOCAL_DIR, RANDOM, is_source
-from bioclip_jax.transforms import ImageTransform, PreprocessConfig
+from bioclip_jax.transforms import PYBIOCLIP_TREE_OF_LIFE, ImageTransform, PreprocessConfig
 
 DEFAULT_ARCHITECTURE = "ViT-B-16"
 
@@ -126,6 +126,14 @@ def image_transform(model_or_name="ViT-B-16") -> ImageTransform:
         return ImageTransform(getattr(model_or_name, "preprocess", PreprocessConfig(
             size=model_or_name.config.vision.image_size)))
     return ImageTransform(PreprocessConfig(size=get_model_config(model_or_name).vision.image_size))
+
+
+def pybioclip_preprocessing(model: CLIP) -> CLIP:
+    """pybioclip's two tree-of-life models are preprocessed as pybioclip does (the whole image squashed
+    to 224 x 224); every other model keeps open_clip's transform."""
+    if hub.tree_of_life_repo(model.source):
+        model.preprocess = PYBIOCLIP_TREE_OF_LIFE
+    return model
 
 
 def model_metadata(model: CLIP) -> tuple[dict, dict]:

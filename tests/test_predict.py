@@ -245,7 +245,7 @@ def test_squashed_preprocessing_only_for_the_tree_of_life_models(setup, hub_home
     def loaded(**kwargs):
         args = {"pretrained": None, "model": None, **kwargs}
         source = common.model_source(args["pretrained"], args["model"], default=hub.DEFAULT_MODEL)
-        return predict.pybioclip_preprocessing(bioclip_jax.create_model(*source))
+        return bioclip_jax.pretrained.pybioclip_preprocessing(bioclip_jax.create_model(*source))
 
     assert loaded().preprocess.resize_mode == "squash"
     assert loaded(model="hf-hub:imageomics/bioclip-2").preprocess.resize_mode == "squash"

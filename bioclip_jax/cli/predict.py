@@ -26,188 +26,26 @@ catalog and text type, and kept under taxa_embeddings.taxa_cache_dir().
 from __future__ import annotations
 
 import csv
-import dataclasses
 import functools
 import json
 import os
 import sys
 from typing import IO, Sequence
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
-from bioclip_jax import exit_codes, hub, taxa_embeddings, transforms
+from bioclip_jax import console, exit_codes, hub, transforms
+from bioclip_jax.classify import labels as labels_lib
+from bioclip_jax.classify.scoring import Predictor
 from bioclip_jax.compilation_cache import enable_compilation_cache
 from bioclip_jax.cli import common
 from bioclip_jax.data.image_items import ImageItem, list_image_files
-from bioclip_jax.inference import ImageEmbedder, TextEmbedder, report_skipped
+from bioclip_jax.inference import ImageEmbedder, report_skipped
 from bioclip_jax.models.clip import CLIP
 from bioclip_jax.paths import as_path, open_text
-from bioclip_jax.pretrained import create_model
+from bioclip_jax.pretrained import create_model, pybioclip_preprocessing
 from bioclip_jax.sources import SOURCES_HELP
-from bioclip_jax.taxonomy import RANKS, TEXT_TYPES, Taxon
+from bioclip_jax.taxonomy import RANKS, TEXT_TYPES
 
 FORMATS = ("csv", "table", "json")
-
-
-@dataclasses.dataclass
-class Labels:
-    """What images are scored against: [C, D] embeddings, C groups to report, and their row fields."""
-
-    features: np.ndarray
-    group_ids: np.ndarray  # class -> reported group (identity unless summing species to a rank)
-    groups: list[dict]  # fields of each reported group, in output-column order
-    min_prob: float = 0.0  # species probabilities at or below this are not summed (pybioclip: 1e-9)
-
-
-def custom_labels(model: CLIP, names: Sequence[str], batch_size: int) -> Labels:
-    classes = [n.strip() for n in names]
-    features = TextEmbedder(model, batch_size=batch_size).classes(classes)
-    return Labels(features, np.arange(len(classes)), [{"classification": c} for c in classes])
-
-
-def binned_labels(model: CLIP, class_to_bin: dict[str, str], batch_size: int) -> Labels:
-    """pybioclip's --bins: each class is scored, and a bin's score is the sum over its classes."""
-    classes = list(class_to_bin)
-    bins = list(dict.fromkeys(class_to_bin.values()))
-    features = TextEmbedder(model, batch_size=batch_size).classes(classes)
-    group_ids = np.asarray([bins.index(class_to_bin[c]) for c in classes])
-    return Labels(features, group_ids, [{"classification": b} for b in bins])
-
-
-def read_bins(path: str) -> dict[str, str]:
-    """class -> bin from pybioclip's bins CSV (header row; first column the class, second its bin)."""
-    if not as_path(path).is_file():
-        raise FileNotFoundError(f"bins file not found: {path}")
-    with open_text(path) as handle:
-        rows = [r for r in csv.reader(handle) if any(c.strip() for c in r)]
-    if not rows or len(rows[0]) < 2:
-        raise ValueError(f"{path} must have a header and two columns: class, bin")
-    mapping: dict[str, str] = {}
-    for number, row in enumerate(rows[1:], start=2):
-        name, bin_name = (row + ["", ""])[0].strip(), (row + ["", ""])[1].strip()
-        if not name or not bin_name:
-            raise ValueError(f"{path} line {number}: empty class or bin (both are required)")
-        if mapping.get(name, bin_name) != bin_name:
-            raise ValueError(f"{path} line {number}: class {name!r} is put in two bins, "
-                             f"{mapping[name]!r} and {bin_name!r}")
-        mapping[name] = bin_name
-    if not mapping:
-        raise ValueError(f"{path} lists no classes")
-    return mapping
-
-
-def _rank_fields(taxon: Taxon, rank: str) -> dict:
-    """pybioclip's columns: kingdom .. rank, and for species also the epithet and common name."""
-    ranks = taxon.ranks_tuple()
-    depth = RANKS.index(rank) + 1
-    fields = dict(zip(RANKS[: min(depth, 6)], ranks[: min(depth, 6)]))
-    if rank == "species":
-        fields.update(species_epithet=taxon.species, species=f"{taxon.genus} {taxon.species}",
-                      common_name=taxon.common)
-    return fields
-
-
-def tree_of_life_labels(features: np.ndarray, taxa: Sequence[Taxon], rank: str, min_prob: float) -> Labels:
-    """Species embeddings grouped by their lineage down to `rank`."""
-    if rank == "species":
-        return Labels(features, np.arange(len(taxa)), [_rank_fields(t, rank) for t in taxa])
-    ids: dict[tuple, int] = {}
-    groups: list[dict] = []
-    group_ids = np.zeros(len(taxa), np.int32)
-    for i, taxon in enumerate(taxa):
-        lineage = taxon.lineage(rank)
-        if lineage not in ids:
-            ids[lineage] = len(groups)
-            groups.append(_rank_fields(taxon, rank))
-        group_ids[i] = ids[lineage]
-    return Labels(features, group_ids, groups, min_prob)
-
-
-def read_subset(path: str) -> tuple[str, set[str]]:
-    """(rank, values) from a CSV (local or gs://) whose first column is named by a rank, as pybioclip's --subset."""
-    if not as_path(path).is_file():
-        raise FileNotFoundError(f"subset file not found: {path}")
-    with open_text(path) as handle:
-        rows = list(csv.reader(handle))
-    if not rows or not rows[0]:
-        raise ValueError(f"{path} is empty; its first column must be named one of {', '.join(RANKS)}")
-    rank = rows[0][0].strip().lower()
-    if rank not in RANKS:
-        raise ValueError(f"the first column of {path} is named {rows[0][0]!r} but must be one of {', '.join(RANKS)}")
-    return rank, {" ".join(r[0].split()).lower() for r in rows[1:] if r and r[0].strip()}
-
-
-def subset_mask(taxa: Sequence[Taxon], rank: str, values: set[str], where: str) -> np.ndarray:
-    """Which taxa match; every listed value must name at least one taxon."""
-    def value(taxon: Taxon) -> str:
-        return (taxon.scientific_name if rank == "species" else taxon.lineage(rank)[-1]).lower()
-
-    names = [value(t) for t in taxa]
-    unknown = sorted(values - set(names))
-    if unknown:
-        raise ValueError(f"{where}: unknown {rank} {', '.join(unknown[:10])}" + (" ..." if len(unknown) > 10 else "")
-                         + f"; only {rank} present in the taxa embeddings may be used")
-    return np.asarray([n in values for n in names])
-
-
-def load_tree_of_life(model: CLIP, args) -> tuple[np.ndarray, list[Taxon]]:
-    """[N, D] species embeddings and taxa: --taxa-embeddings, else --taxa (embedded once and
-    cached), else the tree-of-life dataset repo pybioclip pairs with the model."""
-    directory = args.taxa_embeddings
-    if not directory and args.taxa:
-        directory = taxa_embeddings.cached_taxa_folder(model, args.taxa, args.text_type)
-        if not taxa_embeddings.has_taxa_embeddings(directory):
-            print(f"predict: embedding the taxa of {args.taxa} once; kept in {directory}", file=sys.stderr)
-    if not directory and hub.tree_of_life_repo(model.source):
-        directory = hub.tree_of_life_folder(hub.tree_of_life_repo(model.source))
-    have_files = taxa_embeddings.has_taxa_embeddings(directory)
-    if not have_files and not args.taxa:
-        raise ValueError("tree-of-life prediction needs --taxa-embeddings DIR (from `bioclip-jax embed-taxa`) "
-                         f"or --taxa CSV with this model (only {' and '.join(hub.TREE_OF_LIFE)} come with "
-                         "embeddings); for your own labels pass --cls")
-    if not have_files:
-        taxa, _ = taxa_embeddings.read_catalog_taxa(args.taxa)
-        taxa_embeddings.write_taxa_embeddings(model, taxa, directory, args.text_type, progress=args.progress)
-    matrix, taxa = taxa_embeddings.load_taxa_embeddings(directory)
-    features = np.ascontiguousarray(np.asarray(matrix, np.float32).T)
-    if features.shape[1] != model.config.embed_dim:
-        raise ValueError(f"taxa embeddings have dimension {features.shape[1]} but the model embeds into "
-                         f"{model.config.embed_dim}; they were made with another model")
-    return features, taxa
-
-
-@functools.partial(jax.jit, static_argnums=(4, 5))
-def _top_k(image_features, class_features, scale, group_ids, num_groups: int, k: int, min_prob):
-    probs = jax.nn.softmax(scale * image_features @ class_features.T, axis=-1)
-    probs = jnp.where(probs > min_prob, probs, 0.0)
-    grouped = jax.ops.segment_sum(probs.T, group_ids, num_segments=num_groups).T
-    return jax.lax.top_k(grouped, k)
-
-
-class Predictor:
-    """Top-k rows per image for one set of labels."""
-
-    def __init__(self, model: CLIP, labels: Labels, k: int, batch_size: int):
-        self.labels = labels
-        self.k = max(1, min(k, len(labels.groups)))
-        self.batch_size = batch_size
-        self._classes = jnp.asarray(labels.features, jnp.float32)
-        self._groups = jnp.asarray(labels.group_ids, jnp.int32)
-        self._scale = jnp.exp(jnp.asarray(model.logit_scale[...], jnp.float32))
-
-    def rows(self, keys: Sequence[str], image_features: np.ndarray) -> list[dict]:
-        padded = np.zeros((self.batch_size, image_features.shape[1]), np.float32)
-        padded[: len(keys)] = image_features
-        scores, indices = _top_k(jnp.asarray(padded), self._classes, self._scale, self._groups,
-                                 len(self.labels.groups), self.k, self.labels.min_prob)
-        scores, indices = np.asarray(scores), np.asarray(indices)
-        out = []
-        for i, key in enumerate(keys):
-            for score, index in zip(scores[i], indices[i]):
-                out.append({"file_name": key, **self.labels.groups[index], "score": float(score)})
-        return out
 
 
 class RowWriter:
@@ -291,15 +129,6 @@ def _looks_like_path(text: str) -> bool:
     return "," not in text and (os.sep in text or "/" in text or text.lower().endswith((".txt", ".csv")))
 
 
-def _dedupe(names: list[str], where: str) -> list[str]:
-    """Each label once: a repeated label would split its probability and rank a wrong one first."""
-    counts = {n: names.count(n) for n in dict.fromkeys(names)}
-    repeated = [f"{n!r} ({c} times)" for n, c in counts.items() if c > 1]
-    if repeated:
-        print(f"predict: {where} repeats {', '.join(repeated)}; each label is scored once", file=sys.stderr)
-    return list(counts)
-
-
 def _class_names(args) -> list[str] | None:
     if args.cls is not None and not args.cls.strip():
         raise ValueError("--cls is empty: give comma-separated labels or a file with one label per line "
@@ -320,10 +149,10 @@ def _class_names(args) -> list[str] | None:
     names = [n for n in names if n]
     if not names:
         raise ValueError(f"no labels in {source or repr(args.cls)}")
-    return _dedupe(names, source or "--cls")
+    return labels_lib.unique_labels(names, source or "--cls")
 
 
-def build_labels(model: CLIP, args, names: list[str] | None = None) -> Labels:
+def build_labels(model: CLIP, args, names: list[str] | None = None) -> labels_lib.Labels:
     """The labels to score; `names` are the already-read --cls/--cls-file labels, if any."""
     names = names if names is not None else _class_names(args)
     if names is not None or args.bins:
@@ -331,22 +160,12 @@ def build_labels(model: CLIP, args, names: list[str] | None = None) -> Labels:
             raise ValueError("--cls/--cls-file/--bins cannot be combined with --rank, --taxa, --taxa-embeddings "
                              "or --subset")
         if args.bins:
-            return binned_labels(model, read_bins(args.bins), batch_size=256)
-        return custom_labels(model, names, batch_size=256)
-    features, taxa = load_tree_of_life(model, args)
-    if args.subset:
-        rank, values = read_subset(args.subset)
-        keep = subset_mask(taxa, rank, values, args.subset)
-        features, taxa = features[keep], [t for t, k in zip(taxa, keep) if k]
-    return tree_of_life_labels(features, taxa, args.rank, args.min_prob)
-
-
-def pybioclip_preprocessing(model: CLIP) -> CLIP:
-    """pybioclip's two tree-of-life models are preprocessed as pybioclip does (squashed), every other
-    model as open_clip does."""
-    if hub.tree_of_life_repo(model.source):
-        model.preprocess = transforms.PYBIOCLIP_TREE_OF_LIFE
-    return model
+            return labels_lib.binned_labels(model, labels_lib.read_bins(args.bins))
+        return labels_lib.custom_labels(model, names)
+    features, taxa = labels_lib.load_tree_of_life(
+        model, taxa_embeddings_dir=args.taxa_embeddings, taxa_catalog=args.taxa, text_type=args.text_type,
+        subset=args.subset, progress=args.progress)
+    return labels_lib.tree_of_life_labels(features, taxa, args.rank, args.min_prob)
 
 
 def find_images(paths: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -362,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
 def _run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     args.output = None if args.output == "stdout" else args.output
+    if not args.output:
+        console.keep_stdout_for_results()
     with common.reading_inputs():
         if (args.k is not None and args.k < 1) or args.batch_size < 1:
             raise ValueError(f"--k and --batch-size must be >= 1, got {args.k} and {args.batch_size}")
