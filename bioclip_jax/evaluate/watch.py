@@ -22,19 +22,18 @@ from bioclip_jax.evaluate.results_files import workdir_results_path
 from bioclip_jax.evaluate.runner import evaluate
 from bioclip_jax.models.params import assign_params
 from bioclip_jax.pretrained import create_model
+from bioclip_jax.tensorboard_events import EventLog
 
 log = logging.getLogger(__name__)
 
 
-def log_step(workdir, step: int, records: list[results.Record], writer=None) -> None:
+def log_step(workdir, step: int, records: list[results.Record], writer: EventLog | None = None) -> None:
     """Adds one line to WORKDIR/metrics.jsonl and the scalars to TensorBoard."""
     line = {"step": step, "time": time.time()}
     line.update({_log_key(r): round(r.mean, 4) for r in records})
     paths.append_line(epath.Path(workdir) / model_dir.METRICS_FILE, json.dumps(line))
     if writer is not None:
-        for r in records:
-            writer.add_scalar(_log_key(r), r.mean, step)
-        writer.flush()
+        writer.scalars(step, {_log_key(r): r.mean for r in records})
 
 
 def _log_key(record: results.Record) -> str:
@@ -43,13 +42,8 @@ def _log_key(record: results.Record) -> str:
     return f"eval/{record.dataset}/{middle}{record.metric}"
 
 
-def _tensorboard(workdir):
-    try:
-        from tensorboardX import SummaryWriter  # noqa: PLC0415 - optional
-    except ImportError:
-        log.warning("tensorboardX is not installed; logging to metrics.jsonl only")
-        return None
-    return SummaryWriter(str(epath.Path(workdir) / "tensorboard"), filename_suffix=".eval")
+def _tensorboard(workdir) -> EventLog:
+    return EventLog(epath.Path(workdir) / "tensorboard", suffix=".eval")
 
 
 def watch(workdir, config, *, sleep: Callable[[float], None] = time.sleep) -> dict[int, list[results.Record]]:
@@ -88,5 +82,4 @@ def watch(workdir, config, *, sleep: Callable[[float], None] = time.sleep) -> di
             else:
                 sleep(config.poll_seconds)
     finally:
-        if writer is not None:
-            writer.close()
+        writer.close()

@@ -23,10 +23,12 @@ from etils import epath
 
 from bioclip_jax import paths
 from bioclip_jax.checkpoint import model_dir
+from bioclip_jax.tensorboard_events import EventLog
 
 log = logging.getLogger(__name__)
 
 METRICS_FILE = model_dir.METRICS_FILE
+TENSORBOARD_DIR = "tensorboard"
 WRITER = "train"  # the tag of the training's rows in a bucket's line log
 
 
@@ -40,11 +42,7 @@ class MetricsWriter:
         self._tb = None
         if self.enabled:
             epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-            try:
-                from tensorboardX import SummaryWriter  # noqa: PLC0415 - optional dependency
-                self._tb = SummaryWriter(str(epath.Path(workdir) / "tensorboard"))
-            except ImportError:
-                log.warning("tensorboardX is not installed: TensorBoard events are not written")
+            self._tb = EventLog(epath.Path(workdir) / TENSORBOARD_DIR)
         self._start_time = time.time()
         self._start_step: int | None = None
 
@@ -54,10 +52,7 @@ class MetricsWriter:
         record = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
         paths.append_line(self.path, json.dumps(record), writer=WRITER)
         if self._tb is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                    self._tb.add_scalar(key, value, step)
-            self._tb.flush()
+            self._tb.scalars(step, {k: v for k, v in record.items() if k != "step"})
 
     def drop_after(self, step: int) -> None:
         """Forgets the training's records past `step`: a run resumed from that checkpoint logs those steps
