@@ -9,6 +9,8 @@ operations matches open_clip's so the numbers are the same to the last bit.
 from __future__ import annotations
 
 import dataclasses
+import io
+import os
 from typing import Any, Mapping, Sequence
 
 import jax.numpy as jnp
@@ -16,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from bioclip_jax.models.config import OPENAI_MEAN, OPENAI_STD
+from bioclip_jax.paths import as_path, is_remote
 
 _PIL_INTERPOLATION = {
     "bicubic": Image.Resampling.BICUBIC,
@@ -87,7 +90,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def open_rgb(path) -> Image.Image:
-    """An image file as RGB (see to_rgb)."""
+    """An image as RGB (see to_rgb): a local file, a gs:// object (fetched in one request) or a binary stream."""
+    if isinstance(path, (str, os.PathLike)) and is_remote(path):
+        path = io.BytesIO(as_path(path).read_bytes())  # PIL's many small reads would each be a request
     with Image.open(path) as image:
         image.load()
         return to_rgb(image)

@@ -9,9 +9,12 @@ import dataclasses
 import functools
 import io
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
+import fsspec
 from PIL import Image
+
+from bioclip_jax.paths import is_remote
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -37,16 +40,28 @@ def bytes_item(key: str, data: bytes, label: Any = None) -> ImageItem:
     return ImageItem(key, lambda: Image.open(io.BytesIO(data)), label)
 
 
+def walk_image_files(folder: str) -> Iterator[str]:
+    """Image files under a local or gs:// folder, yielded while walking it (a huge tree is never listed whole).
+
+    The order is fixed: a directory's own files sorted by name, then its subdirectories in name order.
+    """
+    if is_remote(folder):
+        top = folder.rstrip("/")
+        filesystem, bare_top = fsspec.core.url_to_fs(top)  # fsspec walks without the gs:// that keys keep
+        walk = ((top + root[len(bare_top):], dirs, names) for root, dirs, names in filesystem.walk(bare_top))
+    else:
+        walk = os.walk(folder)
+    for root, dirs, names in walk:
+        dirs.sort()  # in place: the walk descends in this order
+        yield from (os.path.join(root, n) for n in sorted(names) if n.lower().endswith(IMAGE_EXTENSIONS))
+
+
 def list_image_files(paths: Sequence[str]) -> list[str]:
     """Files as given plus image files found (recursively, sorted) under directories."""
     files: list[str] = []
     for path in paths:
         if os.path.isdir(path):
-            found = []
-            for root, dirs, names in os.walk(path):
-                dirs.sort()
-                found += [os.path.join(root, n) for n in sorted(names) if n.lower().endswith(IMAGE_EXTENSIONS)]
-            files += found
+            files += walk_image_files(path)
         elif os.path.exists(path):
             files.append(path)
         else:
