@@ -161,6 +161,20 @@ def test_a_gs_manifest_of_gs_images_and_a_gs_folder(gcs_dir, tmp_path):
     assert missing_sources([f"{gcs_dir}/photos", f"{gcs_dir}/nothing"]) == [f"{gcs_dir}/nothing"]
 
 
+def test_shards_in_gs(gcs_dir, shards):
+    out, stored, array_records = shards
+    local_shard = out / "train" / "shard-000001.tar"
+    epath.Path(f"{gcs_dir}/shard-000001.tar").write_bytes(local_shard.read_bytes())
+    items = list(iter_image_inputs([f"{gcs_dir}/shard-*.tar"]))
+    assert _keys(items) == _keys(iter_image_inputs([str(local_shard)])) and len(items) == 4
+    for item in items:
+        np.testing.assert_array_equal(_opened(item), np.asarray(Image.open(io.BytesIO(stored[item.key]))))
+    remote = f"{gcs_dir}/shard-000000.array_record"
+    epath.Path(remote).write_bytes((array_records / "shard-000000.array_record").read_bytes())
+    with pytest.raises(ValueError, match=f"read from local paths only, not {remote}: mount the bucket"):
+        iter_image_inputs([remote])
+
+
 def test_a_million_line_manifest_yields_at_once_and_is_never_held(tmp_path):
     manifest = tmp_path / "big.txt"
     lines = 1_000_000
@@ -291,6 +305,16 @@ def test_odd_images_embed_and_broken_ones_are_skipped_with_reasons(tmp_path, emb
     assert sorted(skipped) == ["not_an_image.png", "truncated.jpg"]
     assert "cannot identify image file" in skipped["not_an_image.png"]
     assert skipped["truncated.jpg"].startswith("OSError") and "truncated" in skipped["truncated.jpg"].lower()
+
+
+def test_items_of_the_evaluation_sources_survive_pickling(tmp_path):
+    """Decoding processes take evaluation items too: in-memory images must pickle (a lambda did not)."""
+    pixels = _save(tmp_path / "a.png", 2)
+    for item in (image_items.bytes_item("a", (tmp_path / "a.png").read_bytes(), 3),
+                 image_items.file_item(str(tmp_path / "a.png"), 3)):
+        copy = pickle.loads(pickle.dumps(item))
+        assert (copy.key, copy.label) == (item.key, 3)
+        np.testing.assert_array_equal(_opened(copy), pixels)
 
 
 def test_a_single_file_is_an_item_and_its_open_survives_pickling(tmp_path):

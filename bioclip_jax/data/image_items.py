@@ -36,8 +36,13 @@ def file_item(path: str, label: Any = None) -> ImageItem:
     return ImageItem(path, functools.partial(Image.open, path), label)
 
 
+def _image_from_bytes(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data))
+
+
 def bytes_item(key: str, data: bytes, label: Any = None) -> ImageItem:
-    return ImageItem(key, lambda: Image.open(io.BytesIO(data)), label)
+    """An encoded image held in memory; picklable, so decoding processes can take it."""
+    return ImageItem(key, functools.partial(_image_from_bytes, data), label)
 
 
 def walk_image_files(folder: str) -> Iterator[str]:
