@@ -5,6 +5,7 @@
     preprocess = bioclip_jax.image_transform(model)
     image_features = model.encode_image(np.stack([preprocess(im) for im in images]))
     text_features = model.encode_text(tokenizer(["a photo of Corvus corax."]))
+    records = bioclip_jax.TreeOfLifeClassifier().predict("bird.jpg", rank="auto")  # pybioclip's API
 
 Names are imported on first use, so that data-loading worker processes that import
 `bioclip_jax.data` do not pay for importing jax and flax.
@@ -20,6 +21,9 @@ _EXPORTS = {
     "image_transform": "bioclip_jax.pretrained",
     "save_model": "bioclip_jax.pretrained",
     "get_tokenizer": "bioclip_jax.tokenizer",
+    "TreeOfLifeClassifier": "bioclip_jax.classify.classifiers",
+    "CustomLabelsClassifier": "bioclip_jax.classify.classifiers",
+    "CustomLabelsBinningClassifier": "bioclip_jax.classify.classifiers",
 }
 
 __all__ = sorted([*_EXPORTS, "list_models"])
