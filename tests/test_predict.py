@@ -14,7 +14,7 @@ import bioclip_jax
 from bioclip_jax import hub, taxa_embeddings
 from bioclip_jax.cli import common, embed_taxa, predict
 from bioclip_jax.taxonomy.templates import OPENAI_IMAGENET_TEMPLATES
-from bioclip_jax.taxonomy import Taxon, class_name
+from bioclip_jax.taxonomy import RANKS, Taxon, class_name
 from hub_helpers import add_model_folder, add_repo, offline_env
 
 
@@ -125,24 +125,65 @@ def local_tree_of_life(pybioclip):
     return LocalTreeOfLife
 
 
-@pytest.mark.parametrize("rank", ["species", "family"])
-def test_tree_of_life_matches_pybioclip(setup, reference, local_tree_of_life, pybioclip, capsys, rank):
+@pytest.fixture(scope="module")
+def tol_folder(setup):
+    """The embed-taxa folder of CATALOG (made by the embed-taxa test, or here when it runs alone)."""
     out_dir = setup["root"] / "tol"
     if not (out_dir / "txt_emb_species.npy").exists():
-        embed_taxa.main(["--taxa", str(setup["root"] / "catalog.csv"), "--output", str(out_dir),
-                         "--pretrained", setup["source"], "--batch-size", "160", "--no-progress"])
-    classifier = local_tree_of_life(out_dir, reference, model_str=setup["source"])
-    expected = classifier.predict(setup["images"], pybioclip.Rank[rank.upper()], k=3)
-    code, out, _ = _run(capsys, [*setup["images"], "--pretrained", setup["source"], "--taxa-embeddings",
-                                 str(out_dir), "--rank", rank, "--k", "3", "--no-progress"])
-    assert code == 0
-    got = list(csv.DictReader(io.StringIO(out)))
-    assert len(got) == len(expected) == 3 * 3
-    for ours, theirs in zip(got, expected):
-        assert list(ours) == list(theirs)  # same columns in the same order
-        assert {k: v for k, v in ours.items() if k != "score"} == \
-            {k: str(v) for k, v in theirs.items() if k != "score"}
-        assert float(ours["score"]) == pytest.approx(theirs["score"], abs=1e-4)
+        assert embed_taxa.main(["--taxa", str(setup["root"] / "catalog.csv"), "--output", str(out_dir),
+                                "--pretrained", setup["source"], "--batch-size", "160", "--no-progress"]) == 0
+    return out_dir
+
+
+def _same_records(ours: list[dict], theirs: list[dict], tolerance: float) -> None:
+    """The same rows, columns in the same order, the same names, scores within `tolerance`."""
+    assert len(ours) == len(theirs)
+    for mine, expected in zip(ours, theirs):
+        assert list(mine) == list(expected)  # same columns in the same order
+        assert {k: str(v) for k, v in mine.items() if k != "score"} == \
+            {k: str(v) for k, v in expected.items() if k != "score"}
+        assert float(mine["score"]) == pytest.approx(float(expected["score"]), abs=tolerance)
+
+
+def _lineage(row: dict, rank: str) -> tuple:
+    return tuple(row[r] for r in RANKS[:RANKS.index(rank) + 1] if r != "species") + \
+        ((row["species_epithet"],) if rank == "species" else ())
+
+
+def test_tree_of_life_matches_pybioclip_at_every_rank(setup, reference, local_tree_of_life, pybioclip, tol_folder,
+                                                      capsys):
+    """The CLI's rows and the Python API's records are pybioclip's TreeOfLifeClassifier.predict records at every
+    rank; the open-set answer's score is pybioclip's summed probability of the answered taxon, which reaches
+    the confidence while its best child at the next rank does not."""
+    theirs = local_tree_of_life(tol_folder, reference, model_str=setup["source"])
+    ours = bioclip_jax.TreeOfLifeClassifier(setup["source"], taxa_embeddings=str(tol_folder), batch_size=2,
+                                            progress=False, decoders="threads")
+    expected = {}
+    for rank in RANKS:
+        expected[rank] = theirs.predict(setup["images"], pybioclip.Rank[rank.upper()], k=5)  # every taxon: 5 species
+        _same_records(ours.predict(setup["images"], rank, k=5), expected[rank], 1e-5)
+        code, out, _ = _run(capsys, [*setup["images"], "--pretrained", setup["source"], "--taxa-embeddings",
+                                     str(tol_folder), "--rank", rank, "--k", "5", "--workers", "1", "--no-progress"])
+        assert code == 0
+        _same_records(list(csv.DictReader(io.StringIO(out))), expected[rank], 1e-4)
+    answered = set()
+    for confidence in (0.95, 0.6, 0.3, 0.1):
+        for answer in ours.predict(setup["images"], rank="auto", confidence=confidence):
+            rows = {rank: [r for r in expected[rank] if r["file_name"] == answer["file_name"]] for rank in RANKS}
+            depth = RANKS.index(answer["rank"]) + 1 if answer["rank"] else 0
+            if depth:
+                (theirs_sum,) = [r["score"] for r in rows[answer["rank"]]
+                                 if _lineage(r, answer["rank"]) == _lineage(answer, answer["rank"])]
+                assert answer["score"] == pytest.approx(theirs_sum, abs=1e-5) and theirs_sum >= confidence
+            else:
+                assert answer["score"] == pytest.approx(rows["kingdom"][0]["score"], abs=1e-5)
+            if depth < len(RANKS):
+                below = RANKS[depth]
+                children = [r["score"] for r in rows[below]
+                            if depth == 0 or _lineage(r, answer["rank"]) == _lineage(answer, answer["rank"])]
+                assert max(children) < confidence
+            answered.add(answer["rank"])
+    assert len(answered) >= 3  # the answers lie at several depths
 
 
 def test_subset_unreadable_images_and_errors(setup, capsys, tmp_path):
@@ -221,6 +262,20 @@ def test_default_predict_is_pybioclips(setup, hub_home, monkeypatch, capsys):
         assert float(ours["score"]) == pytest.approx(float(theirs["score"]), abs=1e-5)
     scores = [float(r["score"]) for r in expected]
     assert max(scores) - min(scores) > 0.05  # open_clip's centre crop instead would be off by ~0.02
+
+
+@pytest.mark.usefixtures("pybioclip")
+def test_default_api_is_pybioclips_at_every_rank(setup, hub_home, monkeypatch):
+    """No model argument: our TreeOfLifeClassifier() == pybioclip's TreeOfLifeClassifier() (BioCLIP 2, its
+    tree of life, its squashed preprocessing) at every rank, to 1e-5."""
+    from bioclip.predict import Rank, TreeOfLifeClassifier
+
+    offline_env(monkeypatch, hub_home)
+    theirs = TreeOfLifeClassifier()
+    ours = bioclip_jax.TreeOfLifeClassifier(progress=False, decoders="threads")
+    for rank in RANKS:
+        _same_records(ours.predict(setup["images"], rank, k=5),
+                      theirs.predict(setup["images"], Rank[rank.upper()], k=5), 1e-5)
 
 
 @pytest.mark.usefixtures("pybioclip")
