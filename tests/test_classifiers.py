@@ -9,7 +9,7 @@ from PIL import Image
 
 import bioclip_jax
 from bioclip_jax.taxa_embeddings import write_taxa_embeddings
-from bioclip_jax.taxonomy import Taxon
+from bioclip_jax.taxonomy import RANKS, Taxon
 
 BIRDS = dict(kingdom="Animalia", phylum="Chordata", **{"class": "Aves"}, order="Passeriformes")
 TAXA = [
@@ -89,6 +89,27 @@ def test_tree_of_life_ranks_and_the_open_set_answer(tree_of_life, pictures):
     (answer,) = tree_of_life.predict(path, rank="AUTO", confidence=best_kingdom["score"] - 1e-4)
     assert answer["kingdom"] == best_kingdom["kingdom"] and answer["rank"] != ""
     assert answer["score"] >= best_kingdom["score"] - 1e-4
+
+
+def test_species_are_grouped_by_rank_once(model, taxa_folder, pictures, monkeypatch):
+    """Grouping a large tree's species by rank takes seconds: a classifier does it once, not per predict."""
+    from bioclip_jax.classify import labels, open_set
+
+    calls, grouped = [], labels.rank_groups
+
+    def counted(taxa, rank):
+        calls.append(rank)
+        return grouped(taxa, rank)
+
+    monkeypatch.setattr(labels, "rank_groups", counted)
+    monkeypatch.setattr(open_set, "rank_groups", counted)
+    classifier = bioclip_jax.TreeOfLifeClassifier(model, taxa_embeddings=taxa_folder, batch_size=2, progress=False,
+                                                  decoders="threads")
+    path = pictures["paths"][0]
+    genus = [classifier.predict(path, rank="genus", k=1) for _ in range(2)]
+    assert genus[0] == genus[1] and calls == ["genus"]
+    answers = [classifier.predict(path, rank="auto", confidence=p)[0]["rank"] for p in (0.01, 1.0)]
+    assert answers == ["species", ""] and calls == ["genus", *RANKS]
 
 
 def test_custom_labels_and_bins(model, pictures):

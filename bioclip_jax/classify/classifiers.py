@@ -14,6 +14,8 @@ length fits in memory; an unreadable file is skipped, logged and kept in `skippe
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import os
 from typing import Any, Callable, Mapping, Sequence
 
@@ -93,7 +95,7 @@ def rank_name(rank: Any) -> str:
     return name
 
 
-class _Classifier:
+class Classifier:
     """What the three share: the model, the image stream, and the batch size that one compile serves.
 
     Keywords beyond these (workers, decoders, devices, prefetch) go to `inference.ImageEmbedder`."""
@@ -113,6 +115,20 @@ class _Classifier:
             self._embedders[batch_size] = ImageEmbedder(self.model, batch_size=batch_size, progress=self.progress,
                                                         **self.embedder_options)
         return self._embedders[batch_size]
+
+    def scorer(self, batch_size: int, **options) -> Predictor | OpenSetPredictor:
+        """What turns a batch of image features into rows (`rows(keys, features)`, `rows_per_image`),
+        for batches padded to `batch_size`; `options` are predict's (rank, k, ...)."""
+        raise NotImplementedError
+
+    def label_names(self) -> list:
+        """What the images are scored against, by name: an output records its fingerprint."""
+        raise NotImplementedError
+
+    def labels_fingerprint(self) -> str:
+        """A short hash of `label_names()`: a resumed output refuses rows scored against other labels."""
+        text = json.dumps(self.label_names(), ensure_ascii=False)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
     def _predict(self, images: Any, batch_size: int | None,
                  predictor: Callable[[int], Predictor | OpenSetPredictor]) -> list[dict]:
@@ -134,7 +150,7 @@ def _check_k(k: int | None) -> None:
         raise ValueError(f"k must be >= 1, got {k}")
 
 
-class TreeOfLifeClassifier(_Classifier):
+class TreeOfLifeClassifier(Classifier):
     """Species (or any rank, or the deepest rank it is sure of) over a tree of life: by default the one
     pybioclip pairs with the model; or `taxa_embeddings` (an embed-taxa or pybioclip folder), or a
     `taxa` catalog CSV embedded once and cached; `subset` (pybioclip's CSV) keeps only the taxa it lists."""
@@ -150,25 +166,40 @@ class TreeOfLifeClassifier(_Classifier):
             self.model, taxa_embeddings_dir=taxa_embeddings, taxa_catalog=taxa, text_type=text_type, subset=subset,
             progress=self.progress)
         self._features = jnp.asarray(features, jnp.float32)  # on the device once, for every rank
+        self._labels: dict[tuple[str, float], labels_lib.Labels] = {}  # (rank, min_prob): grouping takes time
+        self._open_sets: dict[int, OpenSetPredictor] = {}  # per batch size
+
+    def scorer(self, batch_size: int, rank: Any = "species", k: int = 5,
+               min_prob: float = labels_lib.DEFAULT_MIN_PROB,
+               confidence: float = DEFAULT_CONFIDENCE) -> Predictor | OpenSetPredictor:
+        rank = rank_name(rank)
+        _check_k(k)
+        if rank == AUTO:
+            return self._open_set(batch_size).with_settings(confidence, min_prob)
+        if (rank, min_prob) not in self._labels:
+            self._labels[rank, min_prob] = labels_lib.tree_of_life_labels(self._features, self.taxa, rank, min_prob)
+        return Predictor(self.model, self._labels[rank, min_prob], k, batch_size)
+
+    def label_names(self) -> list:
+        return [taxa_embeddings_lib.names_entry(taxon) for taxon in self.taxa]
 
     def predict(self, images: Any, rank: Any = "species", min_prob: float = labels_lib.DEFAULT_MIN_PROB,
                 k: int = 5, batch_size: int | None = None, confidence: float = DEFAULT_CONFIDENCE) -> list[dict]:
         """k records per image at `rank`; with rank='auto' one record per image at the deepest rank whose
         summed probability reaches `confidence` (pybioclip's columns plus `rank`, see classify.open_set)."""
-        rank = rank_name(rank)
+        rank_name(rank)  # a wrong rank or k is reported before any image is read
         _check_k(k)
-        if rank == AUTO:
-            def predictor(size: int) -> OpenSetPredictor:
-                return OpenSetPredictor(self.model, self._features, self.taxa, confidence, min_prob, size)
-        else:
-            labels = labels_lib.tree_of_life_labels(self._features, self.taxa, rank, min_prob)
+        return self._predict(images, batch_size, functools.partial(self.scorer, rank=rank, k=k, min_prob=min_prob,
+                                                                   confidence=confidence))
 
-            def predictor(size: int) -> Predictor:
-                return Predictor(self.model, labels, k, size)
-        return self._predict(images, batch_size, predictor)
+    def _open_set(self, batch_size: int) -> OpenSetPredictor:
+        if batch_size not in self._open_sets:
+            self._open_sets[batch_size] = OpenSetPredictor(self.model, self._features, self.taxa,
+                                                           batch_size=batch_size)
+        return self._open_sets[batch_size]
 
 
-class CustomLabelsClassifier(_Classifier):
+class CustomLabelsClassifier(Classifier):
     """Your own labels, embedded as pybioclip does (80 OpenAI templates, normalised mean)."""
 
     def __init__(self, cls_ary: Sequence[str], model_str: str | CLIP = hub.DEFAULT_MODEL,
@@ -182,11 +213,16 @@ class CustomLabelsClassifier(_Classifier):
     def _labels(self, names: list[str]) -> labels_lib.Labels:
         return labels_lib.custom_labels(self.model, names)
 
+    def scorer(self, batch_size: int, k: int | None = None) -> Predictor:
+        _check_k(k)
+        return Predictor(self.model, self.labels, k or len(self.labels.groups), batch_size)
+
+    def label_names(self) -> list:
+        return [group["classification"] for group in self.labels.groups]
+
     def predict(self, images: Any, k: int | None = None, batch_size: int | None = None) -> list[dict]:
         """The k best labels per image (all of them by default, as pybioclip)."""
-        _check_k(k)
-        k = k or len(self.labels.groups)
-        return self._predict(images, batch_size, lambda size: Predictor(self.model, self.labels, k, size))
+        return self._predict(images, batch_size, functools.partial(self.scorer, k=k))
 
 
 class CustomLabelsBinningClassifier(CustomLabelsClassifier):
@@ -202,3 +238,6 @@ class CustomLabelsBinningClassifier(CustomLabelsClassifier):
 
     def _labels(self, names: list[str]) -> labels_lib.Labels:
         return labels_lib.binned_labels(self.model, {name: self.cls_to_bin[name] for name in names})
+
+    def label_names(self) -> list:
+        return sorted(self.cls_to_bin.items())

@@ -19,6 +19,7 @@ entry known only down to its family, say) is never the answer at that rank: the 
 
 from __future__ import annotations
 
+import copy
 import functools
 from typing import Sequence
 
@@ -57,14 +58,18 @@ def _descend(image_features, species_features, scale, min_prob, group_ids, paren
     return jnp.stack(choices, axis=1), jnp.stack(scores, axis=1)
 
 
+def _check_confidence(confidence: float) -> None:
+    if not 0.0 < confidence <= 1.0:
+        raise ValueError(f"confidence must be a probability in (0, 1], got {confidence}")
+
+
 class OpenSetPredictor:
     """One row per image: the deepest rank whose summed probability reaches `confidence` (see the
     module docstring); batches are padded to `batch_size` so that one shape compiles."""
 
     def __init__(self, model: CLIP, features: np.ndarray, taxa: Sequence[Taxon],
                  confidence: float = DEFAULT_CONFIDENCE, min_prob: float = DEFAULT_MIN_PROB, batch_size: int = 32):
-        if not 0.0 < confidence <= 1.0:
-            raise ValueError(f"confidence must be a probability in (0, 1], got {confidence}")
+        _check_confidence(confidence)
         if len(taxa) != len(features):
             raise ValueError(f"{len(features)} species embeddings but {len(taxa)} taxa")
         self.confidence, self.min_prob, self.batch_size = confidence, min_prob, batch_size
@@ -84,6 +89,16 @@ class OpenSetPredictor:
             above = ids
         self._group_ids, self._parent_ids, self._named = tuple(group_ids), tuple(parent_ids), tuple(named)
         self._group_counts = tuple(len(r) for r in self._representatives)
+
+    rows_per_image = 1
+
+    def with_settings(self, confidence: float, min_prob: float) -> "OpenSetPredictor":
+        """The same tree and species for another confidence or min_prob: grouping a large tree's
+        species by rank takes seconds, and neither setting changes it."""
+        _check_confidence(confidence)
+        other = copy.copy(self)
+        other.confidence, other.min_prob = confidence, min_prob
+        return other
 
     def rank_scores(self, image_features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """([n, R] group chosen at each rank, [n, R] its summed probability) for n <= batch_size images."""
