@@ -24,7 +24,9 @@
 #
 # The processes share this machine's CPUs: each gets --config.data.workers=CPUS/NUM_PROCESSES-1
 # Grain worker processes (the rule of workers=-1, applied to its share) unless the train
-# arguments name --config.data.workers.
+# arguments name --config.data.workers. TRAIN_MODULE=bioclip_jax.cli.predict (or .embed) runs an
+# archive-scale predict (embed) instead: each process takes its own slice of the inputs, and gets
+# --workers=CPUS/NUM_PROCESSES-1 (at least 1) image decoders unless --workers is given.
 #
 # Environment: PYTHON (default python3), TRAIN_MODULE (default bioclip_jax.train),
 # LOG_DIR, KILL_GRACE_SECONDS, STOP_TIMEOUT_SECONDS (default 300), COORDINATOR_PORT,
@@ -68,11 +70,18 @@ PROCESS_XLA_FLAGS="$XLA_FLAGS_BASE --xla_force_host_platform_device_count=$DEVIC
 
 CPUS=${CPUS:-$(nproc)}
 [[ $CPUS =~ ^[1-9][0-9]*$ ]] || { echo "error: CPUS must be a positive integer, got '$CPUS'" >&2; exit 2; }
+# Decoders per process: the train module's Grain workers (0: decode in the main process), or the
+# image decoders of `predict`/`embed` (at least 1); another module gets no such flag.
+case $TRAIN_MODULE in
+  bioclip_jax.train) WORKER_FLAG=--config.data.workers; MIN_WORKERS=0 ;;
+  bioclip_jax.cli.predict | bioclip_jax.cli.embed) WORKER_FLAG=--workers; MIN_WORKERS=1 ;;
+  *) WORKER_FLAG= ;;
+esac
 WORKER_ARGS=()
-if [[ " $* " != *" --config.data.workers"* ]]; then
+if [[ -n $WORKER_FLAG && " $* " != *" $WORKER_FLAG"* ]]; then
   WORKERS=$((CPUS / NUM_PROCESSES - 1))
-  ((WORKERS >= 0)) || WORKERS=0
-  WORKER_ARGS=("--config.data.workers=$WORKERS")
+  ((WORKERS >= MIN_WORKERS)) || WORKERS=$MIN_WORKERS
+  WORKER_ARGS=("$WORKER_FLAG=$WORKERS")
 fi
 
 SETSID=()

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bioclip_jax.classify.labels import DEFAULT_MIN_PROB, rank_fields, rank_groups
+from bioclip_jax.classify.labels import DEFAULT_MIN_PROB, rank_fields
 from bioclip_jax.classify.scoring import logit_scale
 from bioclip_jax.models.clip import CLIP
 from bioclip_jax.taxonomy import RANKS, Taxon
@@ -58,6 +58,26 @@ def _descend(image_features, species_features, scale, min_prob, group_ids, paren
     return jnp.stack(choices, axis=1), jnp.stack(scores, axis=1)
 
 
+def taxon_tree(taxa: Sequence[Taxon]) -> tuple[list[list[int]], list[list[int]], list[list[Taxon]]]:
+    """Per rank: species -> group, group -> its group at the rank above (0 for a kingdom), and one
+    taxon per group. Groups are numbered in first-seen order, as labels.rank_groups numbers them, in
+    one pass over the tree (a group is its parent group and its name) rather than one per rank."""
+    group_ids: list[list[int]] = [[] for _ in RANKS]
+    parent_ids: list[list[int]] = [[] for _ in RANKS]
+    representatives: list[list[Taxon]] = [[] for _ in RANKS]
+    index: list[dict[tuple[int, str], int]] = [{} for _ in RANKS]
+    for taxon in taxa:
+        parent = 0
+        for depth, name in enumerate(taxon.ranks_tuple()):
+            group = index[depth].setdefault((parent, name), len(representatives[depth]))
+            if group == len(representatives[depth]):
+                representatives[depth].append(taxon)
+                parent_ids[depth].append(parent)
+            group_ids[depth].append(group)
+            parent = group
+    return group_ids, parent_ids, representatives
+
+
 def _check_confidence(confidence: float) -> None:
     if not 0.0 < confidence <= 1.0:
         raise ValueError(f"confidence must be a probability in (0, 1], got {confidence}")
@@ -75,26 +95,18 @@ class OpenSetPredictor:
         self.confidence, self.min_prob, self.batch_size = confidence, min_prob, batch_size
         self._species = jnp.asarray(features, jnp.float32)
         self._scale = logit_scale(model)
-        self._representatives: list[list[Taxon]] = []
-        group_ids, parent_ids, named = [], [], []
-        above = np.zeros(len(taxa), np.int32)  # every species lies under the root
-        for depth, rank in enumerate(RANKS):
-            ids, representatives = rank_groups(taxa, rank)
-            parents = np.zeros(len(representatives), np.int32)
-            parents[ids] = above
-            group_ids.append(jnp.asarray(ids))
-            parent_ids.append(jnp.asarray(parents))
-            named.append(jnp.asarray([bool(t.ranks_tuple()[depth]) for t in representatives]))
-            self._representatives.append(representatives)
-            above = ids
-        self._group_ids, self._parent_ids, self._named = tuple(group_ids), tuple(parent_ids), tuple(named)
+        group_ids, parent_ids, self._representatives = taxon_tree(taxa)
+        self._group_ids = tuple(jnp.asarray(np.asarray(ids, np.int32)) for ids in group_ids)
+        self._parent_ids = tuple(jnp.asarray(np.asarray(parents, np.int32)) for parents in parent_ids)
+        self._named = tuple(jnp.asarray(np.asarray([bool(t.ranks_tuple()[depth]) for t in representatives]))
+                            for depth, representatives in enumerate(self._representatives))
         self._group_counts = tuple(len(r) for r in self._representatives)
 
     rows_per_image = 1
 
     def with_settings(self, confidence: float, min_prob: float) -> "OpenSetPredictor":
-        """The same tree and species for another confidence or min_prob: grouping a large tree's
-        species by rank takes seconds, and neither setting changes it."""
+        """The same tree and species for another confidence or min_prob: neither changes the tree,
+        and grouping a large tree's species by rank is slow."""
         _check_confidence(confidence)
         other = copy.copy(self)
         other.confidence, other.min_prob = confidence, min_prob

@@ -37,6 +37,10 @@ class Predictor:
         self._groups = jnp.asarray(labels.group_ids, jnp.int32)
         self._scale = logit_scale(model)
 
+    @property
+    def rows_per_image(self) -> int:
+        return self.k
+
     def rows(self, keys: Sequence[str], image_features: np.ndarray) -> list[dict]:
         padded = np.zeros((self.batch_size, image_features.shape[1]), np.float32)
         padded[: len(keys)] = image_features

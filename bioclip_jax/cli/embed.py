@@ -1,23 +1,23 @@
-"""`bioclip-jax embed --pretrained SRC (--images PATH... | --text-file FILE) --output FILE.npy`.
+"""`bioclip-jax embed --pretrained SRC (--images SOURCE... | --text-file FILE) --output OUT`.
 
-Images are streamed in fixed-size batches (bounded memory for any number of files) and
-written row by row into a memory-mapped .npy; `FILE.keys.txt` names the input of each
-row. Unreadable images are skipped and listed. Features are raw, as open_clip's
-`encode_image`/`encode_text` return them, unless --normalize is given.
+Images come from the same sources as `predict` (folders, CSV/TXT manifests of local or gs:// paths,
+training shards, files), streamed, embedded on every local device and, under the launch scripts,
+split among the processes. OUT is a folder of .npy shards with an index.csv (key, shard, row), or
+FILE.npy ([N, D] float32) with FILE.keys.txt naming the input of each row. Either resumes: rerun
+the same command after a crash (kill -9 included) and only what is not yet in a shard is embedded
+again. Unreadable images are skipped and listed (OUT's skipped.csv). Features are raw, as
+open_clip's `encode_image`/`encode_text` return them, unless --normalize is given.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import logging
 import sys
 
-import numpy as np
-from tqdm import tqdm
+from bioclip_jax.cli.common import ArgumentParser, InputError, add_model_args, model_source, reading_inputs, run_cli
 
-from bioclip_jax.cli.common import ArgumentParser, add_model_args, model_source, reading_inputs, run_cli
-from bioclip_jax.data.image_items import file_item, list_image_files
-from bioclip_jax.tokenizer import get_tokenizer
+log = logging.getLogger(__spec__.name)  # not __name__: under `python -m` (the launch scripts) that is "__main__"
 
 
 def _parser() -> ArgumentParser:
@@ -25,84 +25,86 @@ def _parser() -> ArgumentParser:
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser)
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--images", nargs="+", help="image files and/or directories (searched recursively)")
+    source.add_argument("--images", nargs="+", help="image files, folders, CSV/TXT manifests (local or gs://) and "
+                        "training shards, as predict takes them")
     source.add_argument("--text-file", help="a text file, one text per line")
-    parser.add_argument("--output", required=True, help="output .npy ([N, embed_dim] float32)")
+    parser.add_argument("--path-column", help="the column of a CSV manifest that holds the image paths")
+    parser.add_argument("--output", required=True, help="a folder (.npy shards and index.csv), or FILE.npy "
+                        "(with FILE.keys.txt); rerun the same command to continue an interrupted run")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=8, help="image decoding threads")
+    parser.add_argument("--workers", type=int, default=-1,
+                        help="image decoders (default -1: the usable CPUs less one)")
     parser.add_argument("--normalize", action="store_true", help="L2-normalise the embeddings")
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
 
-class RowWriter:
-    """Writes [N, D] rows into FILE.npy.tmp (memory-mapped), renamed to FILE.npy when complete."""
-
-    def __init__(self, path: str, rows: int, dim: int):
-        self.path, self.tmp = path, path + ".tmp.npy"
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self.array = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=np.float32, shape=(rows, dim))
-        self.filled = 0
-
-    def write(self, rows: np.ndarray) -> None:
-        self.array[self.filled:self.filled + len(rows)] = rows
-        self.filled += len(rows)
-
-    def close(self) -> None:
-        """Keeps only the rows written (fewer than planned when inputs were skipped)."""
-        self.array.flush()
-        if self.filled == len(self.array):
-            del self.array
-            os.replace(self.tmp, self.path)
-            return
-        final = np.lib.format.open_memmap(self.path + ".part.npy", mode="w+", dtype=np.float32,
-                                          shape=(self.filled, self.array.shape[1]))
-        for start in range(0, self.filled, 65536):
-            stop = min(start + 65536, self.filled)
-            final[start:stop] = self.array[start:stop]
-        final.flush()
-        del final, self.array
-        os.remove(self.tmp)
-        os.replace(self.path + ".part.npy", self.path)
+def _identity(model, args) -> dict:
+    what = {"images": list(args.images)} if args.images else {"text_file": args.text_file}
+    return {"model": model.source, "seed": args.seed, "normalize": args.normalize, **what}
 
 
-def _keys_path(out: str) -> str:
-    return (out[:-4] if out.endswith(".npy") else out) + ".keys.txt"
+def _shards(model, args, process_index: int = 0, process_count: int = 1):
+    from bioclip_jax.outputs import EmbeddingShards  # noqa: PLC0415 - numpy only, but kept with the lazy jax imports
+
+    with reading_inputs():
+        return EmbeddingShards(args.output, model.config.embed_dim, _identity(model, args),
+                               process_index=process_index, process_count=process_count)
 
 
-def embed_images(model, paths, args) -> int:
-    from bioclip_jax.inference import ImageEmbedder, report_skipped  # noqa: PLC0415 - jax: keep --help fast
-    files = list_image_files(paths)
-    if not files:
-        raise FileNotFoundError(f"no image files under {' '.join(paths)}")
-    embedder = ImageEmbedder(model, batch_size=args.batch_size, workers=args.workers,
-                             progress=not args.no_progress, unit_length=args.normalize)
-    writer = RowWriter(args.output, len(files), model.config.embed_dim)
-    with open(_keys_path(args.output), "w", encoding="utf-8") as keys:
-        for features, items in embedder.stream((file_item(f) for f in files), total=len(files)):
-            writer.write(features)
-            keys.writelines(item.key + "\n" for item in items)
-    writer.close()
-    report_skipped(embedder.skipped)
-    return writer.filled
+def embed_images(model, args):
+    """Embeds the image sources into the resumable output; returns the run's summary."""
+    import jax  # noqa: PLC0415 - jax: keep --help fast
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    from bioclip_jax import archive  # noqa: PLC0415
+    from bioclip_jax.data.image_inputs import iter_image_inputs, missing_sources  # noqa: PLC0415
+    from bioclip_jax.inference import ImageEmbedder  # noqa: PLC0415
+    from bioclip_jax.outputs import merge_embedding_parts  # noqa: PLC0415
+
+    with reading_inputs():
+        missing = missing_sources(args.images)
+        if missing:
+            raise FileNotFoundError(f"image source not found: {', '.join(missing)}")
+    embedder = ImageEmbedder(model, batch_size=args.batch_size, workers=args.workers, progress=False,
+                             unit_length=args.normalize, devices=jax.local_devices())
+    shards = _shards(model, args, jax.process_index(), jax.process_count())
+    summary = archive.run_over_images(embedder, lambda: iter_image_inputs(args.images, path_column=args.path_column),
+                                      shards, shards.write, progress=not args.no_progress, desc="embedding")
+    shards.close()
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("embed: every part written")
+        if jax.process_index() == 0:
+            merge_embedding_parts(args.output)
+    return summary
 
 
-def embed_texts(model, text_file: str, args) -> int:
-    with open(text_file, encoding="utf-8") as f:
-        texts = [line.rstrip("\n") for line in f]
-    if not texts:
-        raise ValueError(f"{text_file} holds no lines")
+def embed_texts(model, args) -> int:
+    """Embeds the lines of --text-file (keys: line numbers from 0); returns how many this run embedded."""
+    import numpy as np  # noqa: PLC0415
+    from tqdm import tqdm  # noqa: PLC0415
+
+    from bioclip_jax.tokenizer import get_tokenizer  # noqa: PLC0415
+
+    with reading_inputs(), open(args.text_file, encoding="utf-8") as handle:
+        texts = [line.rstrip("\n") for line in handle]
+        if not texts:
+            raise ValueError(f"{args.text_file} holds no lines")
     tokenizer = get_tokenizer(context_length=model.config.text.context_length)
-    writer = RowWriter(args.output, len(texts), model.config.embed_dim)
-    for start in tqdm(range(0, len(texts), args.batch_size), unit="batch", disable=args.no_progress,
-                      file=sys.stderr):
-        chunk = texts[start:start + args.batch_size]
-        padded = chunk + [""] * (args.batch_size - len(chunk))  # one batch shape for every chunk
-        writer.write(model.encode_text(tokenizer(padded), normalize=args.normalize)[:len(chunk)])
-    writer.close()
-    with open(_keys_path(args.output), "w", encoding="utf-8") as keys:
-        keys.writelines(f"{i}\n" for i in range(len(texts)))
-    return writer.filled
+    shards = _shards(model, args)
+    todo = [i for i in range(len(texts)) if str(i) not in shards.done]
+    for start in tqdm(range(0, len(todo), args.batch_size), unit="batch", disable=args.no_progress, file=sys.stderr):
+        rows = todo[start:start + args.batch_size]
+        chunk = [texts[i] for i in rows] + [""] * (args.batch_size - len(rows))  # one batch shape for every chunk
+        features = np.asarray(model.encode_text(tokenizer(chunk), normalize=args.normalize))[:len(rows)]
+        shards.write([str(i) for i in rows], features)
+    shards.close()
+    return len(todo)
+
+
+def _where(output: str) -> str:
+    return f"{output} (row names in {output[:-4]}.keys.txt)" if output.endswith(".npy") else \
+        f"{output} (index.csv names each row)"
 
 
 def _run(argv) -> int:
@@ -112,9 +114,20 @@ def _run(argv) -> int:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
         source = model_source(args.pretrained, args.model)
     from bioclip_jax.pretrained import create_model  # noqa: PLC0415 - jax: keep --help fast
+    from bioclip_jax.train.distributed import maybe_initialize_distributed  # noqa: PLC0415
+
+    if maybe_initialize_distributed() and not args.images:
+        raise InputError("several processes embed --images only; embed a --text-file in one process")
     model = create_model(*source, seed=args.seed)
-    rows = embed_images(model, args.images, args) if args.images else embed_texts(model, args.text_file, args)
-    print(f"wrote {rows} embeddings to {args.output} (row names in {_keys_path(args.output)})")
+    if args.text_file:
+        log.info("embedded %d texts into %s", embed_texts(model, args), _where(args.output))
+        return 0
+    summary = embed_images(model, args)
+    import jax  # noqa: PLC0415
+
+    if jax.process_index() == 0:
+        line = f"{summary.line('embedded')}; in {_where(args.output)}"
+        log.warning(line) if summary.skipped else log.info(line)
     return 0
 
 
