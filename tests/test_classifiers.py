@@ -9,7 +9,7 @@ from PIL import Image
 
 import bioclip_jax
 from bioclip_jax.taxa_embeddings import write_taxa_embeddings
-from bioclip_jax.taxonomy import RANKS, Taxon
+from bioclip_jax.taxonomy import Taxon
 
 BIRDS = dict(kingdom="Animalia", phylum="Chordata", **{"class": "Aves"}, order="Passeriformes")
 TAXA = [
@@ -101,15 +101,16 @@ def test_species_are_grouped_by_rank_once(model, taxa_folder, pictures, monkeypa
         calls.append(rank)
         return grouped(taxa, rank)
 
+    tree = open_set.taxon_tree
     monkeypatch.setattr(labels, "rank_groups", counted)
-    monkeypatch.setattr(open_set, "rank_groups", counted)
+    monkeypatch.setattr(open_set, "taxon_tree", lambda taxa: calls.append("tree") or tree(taxa))
     classifier = bioclip_jax.TreeOfLifeClassifier(model, taxa_embeddings=taxa_folder, batch_size=2, progress=False,
                                                   decoders="threads")
     path = pictures["paths"][0]
     genus = [classifier.predict(path, rank="genus", k=1) for _ in range(2)]
     assert genus[0] == genus[1] and calls == ["genus"]
     answers = [classifier.predict(path, rank="auto", confidence=p)[0]["rank"] for p in (0.01, 1.0)]
-    assert answers == ["species", ""] and calls == ["genus", *RANKS]
+    assert answers == ["species", ""] and calls == ["genus", "tree"]
 
 
 def test_custom_labels_and_bins(model, pictures):

@@ -5,8 +5,8 @@ import types
 import numpy as np
 import pytest
 
-from bioclip_jax.classify.labels import tree_of_life_labels
-from bioclip_jax.classify.open_set import OpenSetPredictor
+from bioclip_jax.classify.labels import rank_groups, tree_of_life_labels
+from bioclip_jax.classify.open_set import OpenSetPredictor, taxon_tree
 from bioclip_jax.classify.scoring import Predictor
 from bioclip_jax.taxonomy import RANKS, Taxon
 
@@ -102,6 +102,16 @@ def test_summed_probability_is_the_fixed_rank_top_score(min_prob):
         top = [row["score"] for row in fixed.rows(["a", "b", "c"], images)]
         np.testing.assert_allclose(sums[:, depth], top, atol=1e-6, err_msg=rank)
     assert sums[0, 0] == pytest.approx(0.9 if min_prob == 0.03 else 0.98, abs=1e-5)  # 0.02s zeroed or not
+
+
+def test_one_pass_tree_is_rank_groups_at_every_rank():
+    taxa = TAXA + [Taxon.from_ranks(kingdom="Animalia", phylum="Chordata"), TAXA[0]]  # a gap, and a repeat
+    group_ids, parent_ids, representatives = taxon_tree(taxa)
+    for depth, rank in enumerate(RANKS):
+        ids, firsts = rank_groups(taxa, rank)
+        assert group_ids[depth] == ids.tolist() and representatives[depth] == firsts, rank
+        above = group_ids[depth - 1] if depth else [0] * len(taxa)
+        assert [parent_ids[depth][group] for group in ids] == above, rank
 
 
 def test_confidence_outside_zero_to_one_is_refused():
