@@ -1,5 +1,7 @@
 """`bioclip-jax embed`: streamed embeddings equal direct encode_image / encode_text."""
 
+import csv
+
 import numpy as np
 from PIL import Image
 
@@ -52,3 +54,30 @@ def test_embed_without_a_model_says_what_to_give(tmp_path, capsys):
     """No --pretrained and no --model: a non-zero status and a message naming the flag (it used to print nothing)."""
     assert cli.main(["embed", "--images", str(tmp_path), "--output", str(tmp_path / "x.npy")]) != 0
     assert "--pretrained" in capsys.readouterr().err
+
+
+def test_embed_a_manifest_into_shards_resumes_and_refuses_another_model(tmp_path, capsys):
+    """A folder output: .npy shards and index.csv; a rerun embeds nothing twice, another model is refused."""
+    model = create_model("ViT-Tiny-8", seed=3)
+    export_open_clip(model, str(tmp_path / "model"))
+    rng = np.random.default_rng(1)
+    names = [f"{i}.png" for i in range(5)]
+    for name in names:
+        Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(tmp_path / name)
+    (tmp_path / "list.txt").write_text("# trap 7\n" + "\n".join(names + ["gone.png"]) + "\n")
+    argv = ["embed", "--pretrained", f"local-dir:{tmp_path / 'model'}", "--images", str(tmp_path / "list.txt"),
+            "--output", str(tmp_path / "emb"), "--batch-size", "2", "--no-progress", "--workers", "1"]
+    assert cli.main(argv) == 0
+    assert "5 images embedded, 1 skipped" in capsys.readouterr().err  # a skip makes the summary a warning
+    with open(tmp_path / "emb" / "index.csv", newline="") as handle:
+        index = list(csv.DictReader(handle))
+    assert sorted(row["key"] for row in index) == sorted(str(tmp_path / n) for n in names)
+    row = index[0]
+    vector = np.load(tmp_path / "emb" / row["shard"])[int(row["row"])]
+    preprocess = image_transform(model)
+    np.testing.assert_allclose(vector, model.encode_image(preprocess(Image.open(row["key"]))[None])[0],
+                               rtol=1e-4, atol=1e-5)
+    assert cli.main(argv) == 0
+    assert "0 images embedded, 0 skipped, 6 done by an earlier run" in capsys.readouterr().out
+    assert cli.main(argv[:2] + ["random", "--model", "ViT-Tiny-8"] + argv[3:]) == 2
+    assert "model" in capsys.readouterr().err
