@@ -120,7 +120,9 @@ def test_custom_labels_and_bins(model, pictures):
     assert [list(r) for r in records] == [["file_name", "classification", "score"]] * 6  # k: every label
     assert {r["classification"] for r in records} == set(labels)
     assert sum(r["score"] for r in records[:3]) == pytest.approx(1.0, abs=1e-5)
-    assert len(custom.predict(pictures["arrays"], k=1)) == 2
+    progress = []
+    assert len(custom.predict(pictures["arrays"], 1, 1, lambda done, total: progress.append((done, total)))) == 2
+    assert progress == [(1, 2), (2, 2)]  # pybioclip's callback(processed, total), after each batch of 1
     binning = bioclip_jax.CustomLabelsBinningClassifier({"crow": "bird", "raven": "bird", "rose": "plant"}, model,
                                                         progress=False, decoders="threads")
     bins = binning.predict(pictures["paths"][0])
@@ -139,6 +141,9 @@ def test_unreadable_images_are_skipped_and_named(tree_of_life, pictures, caplog)
     assert [r["file_name"] for r in records] == [pictures["paths"][0]]
     assert [s.key for s in tree_of_life.skipped] == [str(broken), missing]
     assert "skipped 2 unreadable images" in caplog.text and "missing.jpg" in caplog.text
+    progress = []
+    assert tree_of_life.predict(missing, callback=lambda done, total: progress.append((done, total))) == []
+    assert progress == [(1, 1)]  # no batch was embedded, yet the caller hears that the one image is done
 
 
 def test_wrong_arguments_are_one_sentence(model, tree_of_life, pictures, tmp_path):

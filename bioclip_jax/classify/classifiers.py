@@ -130,17 +130,24 @@ class Classifier:
         text = json.dumps(self.label_names(), ensure_ascii=False)
         return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
-    def _predict(self, images: Any, batch_size: int | None,
-                 predictor: Callable[[int], Predictor | OpenSetPredictor]) -> list[dict]:
-        """Rows of every readable image; `predictor` is built for the embedder's (padded) batch size."""
+    def _predict(self, images: Any, batch_size: int | None, predictor: Callable[[int], Predictor | OpenSetPredictor],
+                 callback: Callable[[int, int], None] | None = None) -> list[dict]:
+        """Rows of every readable image; `predictor` is built for the embedder's (padded) batch size;
+        `callback(images done, images in all)` after each batch, as pybioclip calls it."""
         items = image_items(images)
         embedder = self._embedder(batch_size)
         embedder.skipped = []
         scorer = predictor(embedder.batch_size)
         rows: list[dict] = []
+        embedded = 0
         for features, batch in embedder.stream(items, total=len(items)):
             rows += scorer.rows([item.key for item in batch], features)
+            embedded += len(batch)
+            if callback:
+                callback(embedded + len(embedder.skipped), len(items))
         self.skipped = embedder.skipped
+        if callback and self.skipped and not embedded:
+            callback(len(self.skipped), len(items))  # every image was unreadable: no batch reported it
         report_skipped(self.skipped)
         return rows
 
@@ -184,13 +191,14 @@ class TreeOfLifeClassifier(Classifier):
         return [taxa_embeddings_lib.names_entry(taxon) for taxon in self.taxa]
 
     def predict(self, images: Any, rank: Any = "species", min_prob: float = labels_lib.DEFAULT_MIN_PROB,
-                k: int = 5, batch_size: int | None = None, confidence: float = DEFAULT_CONFIDENCE) -> list[dict]:
+                k: int = 5, batch_size: int | None = None, callback: Callable[[int, int], None] | None = None,
+                confidence: float = DEFAULT_CONFIDENCE) -> list[dict]:
         """k records per image at `rank`; with rank='auto' one record per image at the deepest rank whose
         summed probability reaches `confidence` (pybioclip's columns plus `rank`, see classify.open_set)."""
         rank_name(rank)  # a wrong rank or k is reported before any image is read
         _check_k(k)
         return self._predict(images, batch_size, functools.partial(self.scorer, rank=rank, k=k, min_prob=min_prob,
-                                                                   confidence=confidence))
+                                                                   confidence=confidence), callback)
 
     def _open_set(self, batch_size: int) -> OpenSetPredictor:
         if batch_size not in self._open_sets:
@@ -220,9 +228,10 @@ class CustomLabelsClassifier(Classifier):
     def label_names(self) -> list:
         return [group["classification"] for group in self.labels.groups]
 
-    def predict(self, images: Any, k: int | None = None, batch_size: int | None = None) -> list[dict]:
+    def predict(self, images: Any, k: int | None = None, batch_size: int | None = None,
+                callback: Callable[[int, int], None] | None = None) -> list[dict]:
         """The k best labels per image (all of them by default, as pybioclip)."""
-        return self._predict(images, batch_size, functools.partial(self.scorer, k=k))
+        return self._predict(images, batch_size, functools.partial(self.scorer, k=k), callback)
 
 
 class CustomLabelsBinningClassifier(CustomLabelsClassifier):
