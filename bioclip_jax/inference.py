@@ -1,9 +1,9 @@
 """Streaming embedding of images and texts with bounded memory.
 
-Images: a small thread pool opens, decodes and crops images a few batches ahead of the
-device (PIL releases the GIL while decoding), batches are a fixed size (the last one is
-padded) so one shape compiles, the device normalises the uint8 pixels, and results are
-handed out batch by batch. Unreadable images are skipped and listed by key.
+Images: decoders (threads, or spawned worker processes) open, decode and crop images a few
+batches ahead of the device, batches are a fixed size (the last one is padded) so one shape
+compiles, the device normalises the uint8 pixels, and results are handed out batch by batch.
+Unreadable images are skipped and listed by key.
 Texts: tokenised in fixed-size chunks; the host tokenises chunk i+1 while the device
 runs chunk i (JAX dispatch is asynchronous).
 """
@@ -14,8 +14,11 @@ import collections
 import concurrent.futures
 import dataclasses
 import functools
+import itertools
 import logging
 import math
+import multiprocessing
+import pickle
 import sys
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -27,6 +30,7 @@ from jax.experimental import multihost_utils
 from PIL import Image
 from tqdm import tqdm
 
+from bioclip_jax.data.batching import usable_cpus
 from bioclip_jax.data.image_items import ImageItem
 from bioclip_jax.models.clip import CLIP, l2_normalize, used_text_length
 from bioclip_jax.parallel import sharding as sharding_lib
@@ -36,6 +40,13 @@ from bioclip_jax.tokenizer import get_tokenizer
 from bioclip_jax.transforms import normalize
 
 log = logging.getLogger(__name__)
+
+DECODER_KINDS = ("processes", "threads")
+# Threads by default: measured on a 2-core CPU (benchmarks/README.md, predict.py), one decoding thread kept
+# 0.98 of the bare tower's rate and one spawned process 0.71 over 96 images, the gap being the process's
+# start (it imports JAX, ~2.5 s); PIL releases the interpreter lock while decoding and resizing, so a
+# process decodes no faster once started. Processes pay off where Python-level work per image holds the lock.
+DEFAULT_DECODERS = "threads"
 
 
 @dataclasses.dataclass
@@ -67,6 +78,42 @@ def _decode(item: ImageItem, pixels: Callable[[Image.Image], np.ndarray]) -> tup
         return item, Skipped(item.key, f"{type(error).__name__}: {error}")
 
 
+def decoder_count(workers: int) -> int:
+    """`workers` as given, or for -1 one decoder per usable CPU beyond the one that feeds the device
+    (at least one): on 2 cores, one decoder beside the tower."""
+    if workers == -1:
+        return max(1, usable_cpus() - 1)
+    if workers < 1:
+        raise ValueError(f"image decoders (workers) must be >= 1, or -1 to size them from the CPUs, got {workers}")
+    return workers
+
+
+def _decoder_pool(kind: str, workers: int) -> concurrent.futures.Executor:
+    if kind == "threads":
+        return concurrent.futures.ThreadPoolExecutor(workers)
+    # spawn, as the data pipeline's Grain workers do: a forked child would copy JAX's threads and locks mid-use
+    return concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+def _picklable(item: ImageItem) -> bool:
+    """Whether an item can travel to a decoding process (a lambda or an open handle cannot)."""
+    try:
+        pickle.dumps(item)
+    except Exception as error:  # noqa: BLE001 - pickling raises many types; any of them means "decode here"
+        log.debug("image items cannot be sent to decoding processes (%s: %s); decoding in threads",
+                  type(error).__name__, error)
+        return False
+    return True
+
+
+def _decoded_result(key: str, future: concurrent.futures.Future) -> tuple[ImageItem, np.ndarray | Skipped]:
+    try:
+        return future.result()
+    except concurrent.futures.BrokenExecutor as error:
+        raise RuntimeError(f"an image decoding process died (killed, out of memory, or a crash inside an image "
+                           f"library) while decoding {key} or an image just before it, so the run stopped") from error
+
+
 @functools.partial(jax.jit, static_argnums=(0, 3, 4, 5, 6))
 def _image_features(graphdef, state, pixels, mean, std, unit_length: bool = True, out_sharding=None):
     model = nnx.merge(graphdef, state)
@@ -83,19 +130,28 @@ def default_devices() -> list:
 class ImageEmbedder:
     """Embeds image streams of any length; only `prefetch` batches are ever held in memory.
 
+    `workers` decoders (-1: one per usable CPU beyond the main process's, see `decoder_count`) run
+    as `decoders`: "threads" (the default, see DEFAULT_DECODERS) or "processes", spawned per
+    stream (a script that uses them needs the `if __name__ == "__main__":` guard; a stream whose
+    items cannot be pickled, such as a lambda's, is decoded in threads instead). A decoding
+    process that dies ends the stream with a RuntimeError, never a hang.
+
     With `mesh` (the training mesh, possibly spanning several processes) the model's
     parameters are used where they already live, every process decodes only its own
     rows of each global batch, and every process receives all features: this is how a
     pod evaluates during training. Labels must then be integers (they are gathered).
     """
 
-    def __init__(self, model: CLIP, *, batch_size: int = 64, workers: int = 8, prefetch: int = 2,
+    def __init__(self, model: CLIP, *, batch_size: int = 64, workers: int = -1, prefetch: int = 2,
                  progress: bool = True, devices: Sequence | None = None, unit_length: bool = True,
-                 mesh: jax.sharding.Mesh | None = None):
-        if batch_size < 1 or workers < 1 or prefetch < 1:
-            raise ValueError(f"batch_size, workers and prefetch must be >= 1, got {batch_size}, {workers}, {prefetch}")
+                 mesh: jax.sharding.Mesh | None = None, decoders: str = DEFAULT_DECODERS):
+        if batch_size < 1 or prefetch < 1:
+            raise ValueError(f"batch_size and prefetch must be >= 1, got {batch_size}, {prefetch}")
+        if decoders not in DECODER_KINDS:
+            raise ValueError(f"decoders must be one of {', '.join(DECODER_KINDS)}, got {decoders!r}")
         self.mesh = mesh
-        self.workers, self.prefetch, self.progress = workers, prefetch, progress
+        self.workers, self.prefetch, self.progress = decoder_count(workers), prefetch, progress
+        self.decoders = decoders
         self.unit_length = unit_length  # False: raw features, like open_clip's encode_image
         self.transform = image_transform(model)
         self.size = self.transform.cfg.size
@@ -126,15 +182,23 @@ class ImageEmbedder:
 
     def _decoded(self, items: Iterable[ImageItem]) -> Iterator[tuple[ImageItem, np.ndarray | Skipped]]:
         """Items with their pixels, in input order, decoded by the pool a bounded window ahead."""
+        items = iter(items)
+        first = next(items, None)
+        if first is None:
+            return
+        kind = self.decoders if self.decoders == "threads" or _picklable(first) else "threads"
         window = self.batch_size * self.prefetch
-        with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:
-            pending: collections.deque[concurrent.futures.Future] = collections.deque()
-            for item in items:
-                pending.append(pool.submit(_decode, item, self.transform.pixels))
+        pool = _decoder_pool(kind, self.workers)
+        pending: collections.deque[tuple[str, concurrent.futures.Future]] = collections.deque()
+        try:
+            for item in itertools.chain([first], items):
+                pending.append((item.key, pool.submit(_decode, item, self.transform.pixels)))
                 if len(pending) >= window:
-                    yield pending.popleft().result()
+                    yield _decoded_result(*pending.popleft())
             while pending:
-                yield pending.popleft().result()
+                yield _decoded_result(*pending.popleft())
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # a stream closed early leaves no decoder behind
 
     def stream(self, items: Iterable[ImageItem], total: int | None = None,
                desc: str = "images") -> Iterator[tuple[np.ndarray, list[ImageItem]]]:

@@ -1,5 +1,9 @@
 """Streaming image/text embedding: same numbers as the eager model calls, bounded look-ahead, skips."""
 
+import functools
+import os
+import threading
+
 import jax
 import numpy as np
 import pytest
@@ -70,6 +74,62 @@ def test_stream_reads_a_bounded_window_ahead(model, image_files):
         assert len(opened) - seen <= 4 * 2 + 4 + 1  # window + the batch being filled
         assert features.shape == (len(batch), model.config.embed_dim)
     assert seen == 40
+
+
+def _open_labelled_by_process(path):
+    """An image with the id of the process that opened it as its label."""
+    return Image.open(path), os.getpid()
+
+
+def test_decoding_processes_give_the_same_features_and_skips_as_threads(model, image_files):
+    good, bad = image_files
+    files = good[:2] + [bad[0]] + good[2:4] + [bad[1]]
+    items = [image_items.ImageItem(p, functools.partial(_open_labelled_by_process, p)) for p in files]
+    out = {kind: inference.ImageEmbedder(model, batch_size=4, workers=1, progress=False, decoders=kind).embed_all(items)
+           for kind in ("processes", "threads")}
+    assert out["processes"].keys == out["threads"].keys == good[:4]
+    assert [vars(s) for s in out["processes"].skipped] == [vars(s) for s in out["threads"].skipped]
+    assert [s.key for s in out["processes"].skipped] == bad
+    np.testing.assert_array_equal(out["processes"].features, out["threads"].features)
+    assert set(out["threads"].labels) == {os.getpid()}
+    assert os.getpid() not in out["processes"].labels  # decoded elsewhere
+    # items that cannot be pickled (a lambda) are decoded in threads instead of failing
+    unpicklable = [image_items.ImageItem(p, lambda p=p: Image.open(p)) for p in good[:2]]
+    embedder = inference.ImageEmbedder(model, batch_size=4, workers=2, progress=False, decoders="processes")
+    np.testing.assert_array_equal(embedder.embed_all(unpicklable).features, out["threads"].features[:2])
+
+
+def test_a_decoding_process_that_dies_ends_the_run_with_one_sentence(model, image_files):
+    good, _ = image_files
+    items = [image_items.file_item(good[0]), image_items.ImageItem("killer.jpg", functools.partial(os._exit, 3)),
+             image_items.file_item(good[1])]
+    embedder = inference.ImageEmbedder(model, batch_size=2, workers=1, progress=False, decoders="processes")
+    errors = []
+
+    def run():
+        try:
+            embedder.embed_all(items)
+        except Exception as error:  # noqa: BLE001 - the test inspects whatever ended the run
+            errors.append(error)
+
+    runner = threading.Thread(target=run, daemon=True)
+    runner.start()
+    runner.join(timeout=120)
+    assert not runner.is_alive(), "the run hung after its decoding process died"
+    assert len(errors) == 1 and isinstance(errors[0], RuntimeError), errors
+    assert "decoding process died" in str(errors[0]) and "\n" not in str(errors[0])
+
+
+def test_decoder_count_sizes_from_usable_cpus(model, monkeypatch):
+    monkeypatch.setattr(inference, "usable_cpus", lambda: 2)
+    assert inference.decoder_count(-1) == 1  # one decoder beside the process that feeds the tower
+    monkeypatch.setattr(inference, "usable_cpus", lambda: 1)
+    assert inference.decoder_count(-1) == 1
+    assert inference.decoder_count(3) == 3
+    with pytest.raises(ValueError, match="image decoders"):
+        inference.decoder_count(0)
+    with pytest.raises(ValueError, match="decoders must be one of"):
+        inference.ImageEmbedder(model, decoders="fibers")
 
 
 def test_data_parallel_over_two_devices_gives_same_features(model, image_files):
