@@ -272,36 +272,47 @@ def _run(argv: list[str] | None) -> int:
         return iter_image_inputs(sources, path_column=args.path_column)
 
     if resumable:
-        with common.reading_inputs():
-            output = rows_output.RowsOutput(args.output, _identity(model, args, classifier, options), fmt=fmt,
-                                        rows_per_key=scorer.rows_per_image, process_index=jax.process_index(),
-                                        process_count=jax.process_count())
-        summary = archive.run_over_images(embedder, list_inputs, output,
-                                          lambda keys, features: output.write(scorer.rows(keys, features)),
-                                          progress=args.progress)
-        output.close()
-        if jax.process_count() > 1:
-            multihost_utils.sync_global_devices("predict: every part written")
-            if jax.process_index() == 0:
-                rows_output.merge_parts(args.output)
-        skipped_where = f" (listed in {rows_output.skipped_path(args.output)})" if summary.skipped else ""
+        identity = _identity(model, args, classifier, options)
+        summary, skipped_where = _into_resumable_file(args, fmt, identity, embedder, scorer, list_inputs)
     else:
-        stream = open(args.output, "w", newline="", encoding="utf-8") if args.output else sys.stdout
-        writer, kept = RowWriter(stream, fmt), _NothingDone()
-        try:
-            summary = archive.run_over_images(embedder, list_inputs, kept,
-                                              lambda keys, features: writer.write(scorer.rows(keys, features)),
-                                              progress=args.progress)
-            writer.close()
-        finally:
-            if args.output:
-                stream.close()
-        skipped_where = ""
+        summary, skipped_where = _into_stream(args, fmt, embedder, scorer, list_inputs), ""
     if jax.process_index() == 0:
         log.warning(summary.line() + skipped_where) if summary.skipped else log.info(summary.line())
     if missing:
         log.warning("%d image path(s) not found: %s", len(missing), ", ".join(missing))
     return exit_codes.ERROR if missing or (summary.skipped and not summary.images) else exit_codes.FINISHED
+
+
+def _into_resumable_file(args, fmt: str, identity: dict, embedder: ImageEmbedder, scorer,
+                         list_inputs) -> tuple[archive.RunSummary, str]:
+    """Rows appended to --output as made (one part per process, merged by process 0); resumes."""
+    with common.reading_inputs():
+        output = rows_output.RowsOutput(args.output, identity, fmt=fmt, rows_per_key=scorer.rows_per_image,
+                                        process_index=jax.process_index(), process_count=jax.process_count())
+    summary = archive.run_over_images(embedder, list_inputs, output,
+                                      lambda keys, features: output.write(scorer.rows(keys, features)),
+                                      progress=args.progress)
+    output.close()
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("predict: every part written")
+        if jax.process_index() == 0:
+            rows_output.merge_parts(args.output)
+    return summary, f" (listed in {rows_output.skipped_path(args.output)})" if summary.skipped else ""
+
+
+def _into_stream(args, fmt: str, embedder: ImageEmbedder, scorer, list_inputs) -> archive.RunSummary:
+    """Rows to stdout, or a table or JSON array to --output: written as they come, not resumable."""
+    stream = open(args.output, "w", newline="", encoding="utf-8") if args.output else sys.stdout
+    writer = RowWriter(stream, fmt)
+    try:
+        summary = archive.run_over_images(embedder, list_inputs, _NothingDone(),
+                                          lambda keys, features: writer.write(scorer.rows(keys, features)),
+                                          progress=args.progress)
+        writer.close()
+    finally:
+        if args.output:
+            stream.close()
+    return summary
 
 
 def _check_numbers(args) -> None:
