@@ -42,10 +42,9 @@ from bioclip_jax.transforms import normalize
 log = logging.getLogger(__name__)
 
 DECODER_KINDS = ("processes", "threads")
-# Threads by default: measured on a 2-core CPU (benchmarks/README.md, predict.py), one decoding thread kept
-# 0.98 of the bare tower's rate and one spawned process 0.71 over 96 images, the gap being the process's
-# start (it imports JAX, ~2.5 s); PIL releases the interpreter lock while decoding and resizing, so a
-# process decodes no faster once started. Processes pay off where Python-level work per image holds the lock.
+# Threads by default: on a 2-core CPU a spawned process decoded no faster than a thread once started (PIL
+# releases the interpreter lock while decoding and resizing), and its start, which imports JAX, costs seconds
+# per stream (benchmarks/README.md, predict section). Processes pay off where per-image Python holds the lock.
 DEFAULT_DECODERS = "threads"
 
 
