@@ -10,6 +10,8 @@ beside the run, so it shows an ETA once the count is known without the run waiti
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import sys
 import threading
@@ -24,6 +26,7 @@ from tqdm import tqdm
 from bioclip_jax.data.image_inputs import process_slice
 from bioclip_jax.data.image_items import ImageItem
 from bioclip_jax.inference import ImageEmbedder, report_skipped
+from bioclip_jax.sources import RANDOM
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,16 @@ class RunSummary:
         earlier = f", {self.already_done} done by an earlier run" if self.already_done else ""
         return (f"{self.images} images {verb}, {self.skipped} skipped{earlier}; {rate:.1f} images/s, "
                 f"{_duration(self.seconds)} wall time")
+
+
+def model_identity(model, seed: int) -> dict:
+    """What names a model in an output's identity: its source, and for random weights (which have no
+    source) their architecture and seed."""
+    if model.source is not None:
+        return {"model": model.source}
+    architecture = json.dumps(dataclasses.asdict(model.config), sort_keys=True, default=str)
+    return {"model": RANDOM, "architecture": hashlib.sha256(architecture.encode()).hexdigest()[:16],
+            "seed": seed}
 
 
 def _duration(seconds: float) -> str:

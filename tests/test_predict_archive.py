@@ -152,3 +152,18 @@ def test_a_manifest_in_a_bucket(archive, gcs_dir, tmp_path):
     assert predict.main(argv) == 0
     keys = {line.split('"file_name": "')[1].split('"')[0] for line in output.read_text().splitlines()}
     assert keys == {f"{gcs_dir}/photos/{n}" for n in names}
+
+
+def test_random_models_are_told_apart_by_architecture_and_seed(archive):
+    """Random weights have no source: before, every random model had the same identity, so a rerun with
+    another architecture appended to an output it had not made."""
+    from bioclip_jax.archive import model_identity
+
+    def identity(name, seed):
+        return model_identity(bioclip_jax.create_model(name, pretrained="random", seed=seed), seed)
+
+    assert identity("ViT-Tiny-8", 0) == identity("ViT-Tiny-8", 0)
+    assert identity("ViT-Tiny-8", 0) != identity("ViT-Tiny-8", 1)
+    assert identity("ViT-Tiny-8", 0) != identity("ViT-B-32", 0)
+    assert model_identity(bioclip_jax.create_model(None, pretrained=archive["source"]), 0) == {
+        "model": archive["source"]}

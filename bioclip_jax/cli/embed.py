@@ -40,8 +40,10 @@ def _parser() -> ArgumentParser:
 
 
 def _identity(model, args) -> dict:
+    from bioclip_jax.archive import model_identity  # noqa: PLC0415 - jax: keep --help fast
+
     what = {"images": list(args.images)} if args.images else {"text_file": args.text_file}
-    return {"model": model.source, "seed": args.seed, "normalize": args.normalize, **what}
+    return {**model_identity(model, args.seed), "normalize": args.normalize, **what}
 
 
 def _shards(model, args, process_index: int = 0, process_count: int = 1):

@@ -209,7 +209,7 @@ def _scorer_options(args, classifier: classifiers.Classifier) -> dict:
 
 def _identity(model: CLIP, args, classifier: classifiers.Classifier, options: dict) -> dict:
     """What made an output's rows: a resumed run must be the same, or it would mix two runs in one file."""
-    return {"model": model.source, "seed": args.seed, "labels": classifier.labels_fingerprint(),
+    return {**archive.model_identity(model, args.seed), "labels": classifier.labels_fingerprint(),
             "text_type": args.text_type if isinstance(classifier, classifiers.TreeOfLifeClassifier) else None,
             **options}
 
