@@ -23,6 +23,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
+from bioclip_jax import console
 from bioclip_jax.data.image_inputs import process_slice
 from bioclip_jax.data.image_items import ImageItem
 from bioclip_jax.inference import ImageEmbedder, report_skipped
@@ -52,7 +53,7 @@ class RunSummary:
         rate = self.images / self.seconds if self.seconds > 0 else 0.0
         earlier = f", {self.already_done} done by an earlier run" if self.already_done else ""
         return (f"{self.images} images {verb}, {self.skipped} skipped{earlier}; {rate:.1f} images/s, "
-                f"{_duration(self.seconds)} wall time")
+                f"{console.duration(self.seconds)} wall time")
 
 
 def model_identity(model, seed: int) -> dict:
@@ -63,12 +64,6 @@ def model_identity(model, seed: int) -> dict:
     architecture = json.dumps(dataclasses.asdict(model.config), sort_keys=True, default=str)
     return {"model": RANDOM, "architecture": hashlib.sha256(architecture.encode()).hexdigest()[:16],
             "seed": seed}
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s" if seconds >= 3600 else \
-        f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def _count_into(bar: tqdm, items: Iterable[ImageItem], done: set[str]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 
 LOGGER = "bioclip_jax"
@@ -40,6 +41,16 @@ def configure(level: int = logging.INFO) -> None:
         logger.addHandler(_HANDLER)
     logger.setLevel(level)
     logger.propagate = False  # absl gives the root logger a handler of its own: each line would show twice
+
+
+def duration(seconds: float) -> str:
+    """A time span as the commands print it: "2m05s", "1h02m", "?" when unknown."""
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def keep_stdout_for_results() -> None:

@@ -28,6 +28,7 @@ from bioclip_jax import taxa_embeddings as taxa_embeddings_lib
 from bioclip_jax.classify import labels as labels_lib
 from bioclip_jax.classify.open_set import DEFAULT_CONFIDENCE, OpenSetPredictor
 from bioclip_jax.classify.scoring import Predictor
+from bioclip_jax.data.image_inputs import file_input
 from bioclip_jax.data.image_items import ImageItem
 from bioclip_jax.inference import ImageEmbedder, Skipped, report_skipped
 from bioclip_jax.models.clip import CLIP
@@ -75,7 +76,7 @@ def image_items(images: Any) -> list[ImageItem]:
     for index, image in enumerate(images):
         if isinstance(image, (str, os.PathLike)):
             path = os.fspath(image)
-            items.append(ImageItem(path, functools.partial(transforms.open_rgb, path)))
+            items.append(file_input(path))
         elif isinstance(image, Image.Image):
             items.append(ImageItem(str(index), functools.partial(_rgb_copy, image)))
         elif isinstance(image, np.ndarray):

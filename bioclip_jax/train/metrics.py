@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from bioclip_jax import paths
+from bioclip_jax import console, paths
 from bioclip_jax.checkpoint import model_dir
 from bioclip_jax.tensorboard_events import EventLog
 
@@ -72,7 +72,7 @@ class MetricsWriter:
         parts += [f"{k} {metrics[k]:.4g}" for k in ("loss", "lr", "logit_scale", "images_per_sec") if k in metrics]
         if "mfu" in metrics and math.isfinite(metrics["mfu"]):
             parts.append(f"mfu {metrics['mfu']:.1%}")
-        parts.append(f"eta {_duration(eta)}")
+        parts.append(f"eta {console.duration(eta)}")
         log.info(" | ".join(parts))
 
     def close(self) -> None:
@@ -154,15 +154,6 @@ def _plain(value):
     except (TypeError, ValueError):
         return value
     return value if math.isfinite(value) else None
-
-
-def _duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def read_metrics(workdir: paths.PathLike) -> list[dict]:
