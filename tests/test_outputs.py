@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -179,14 +180,15 @@ ROWS_WRITER = textwrap.dedent("""
     from test_outputs import IDENTITY, rows_for
     from bioclip_jax.outputs import RowsOutput
     output = RowsOutput(sys.argv[1], IDENTITY, rows_per_key=2)
-    print("started", flush=True)
     todo = output.pending([f"img{i:04d}.jpg" for i in range(1500)])
+    print("batches", -(-len(todo) // 6), flush=True)
     for start in range(0, len(todo), 6):
         batch = todo[start:start + 6]
         for key in batch:
             if key.endswith("3.jpg"):
                 output.skip(key, "unreadable")
         output.write([row for key in batch if not key.endswith("3.jpg") for row in rows_for(key)])
+        print("wrote", start // 6 + 1, flush=True)
         time.sleep(0.001)
     output.close()
 """)
@@ -196,8 +198,8 @@ EMBEDDINGS_WRITER = textwrap.dedent("""
     import numpy as np
     from bioclip_jax.outputs import EmbeddingShards
     shards = EmbeddingShards(sys.argv[1], 8, {"model": "m"}, rows_per_shard=5, seconds_per_shard=0.02)
-    print("started", flush=True)
     todo = [key for key in (f"img{i:04d}.jpg" for i in range(800)) if key not in shards.done]
+    print("batches", -(-len(todo) // 3), flush=True)
     for start in range(0, len(todo), 3):
         keys = todo[start:start + 3]
         for key in keys:
@@ -207,33 +209,40 @@ EMBEDDINGS_WRITER = textwrap.dedent("""
         features = np.stack([np.random.default_rng(int(key[3:7])).standard_normal(8) for key in keys] or
                             [np.zeros(8)])[:len(keys)]
         shards.write(keys, features)
+        print("wrote", start // 3 + 1, flush=True)
         time.sleep(0.002)
     shards.close()
 """)
 
 
-def run_killed_then_whole(script: str, output: str, kills: int, seed: int) -> int:
-    """Runs `script` and SIGKILLs it at a random moment after it started writing, `kills` times; then to the end.
-    Returns how many runs the kills cut short (the others ended first)."""
-    chance, killed = random.Random(seed), 0
+def run_killed_then_whole(script: str, output: str, kills: int, seed: int) -> None:
+    """Runs `script` and SIGKILLs it `kills` times at a random moment while it writes; then lets it finish.
+
+    The kill waits for the writer to report a random number of batches, at most half of what it has left,
+    then a random 0-3 ms more, so it lands anywhere inside a write but always before the writer's end
+    (it sleeps >= 1 ms a batch and has >= 8 batches left): every one of the `kills` runs is cut short."""
+    chance = random.Random(seed)
     env = {**os.environ, "PYTHONPATH": REPO}
     for attempt in range(kills + 1):
         process = subprocess.Popen([sys.executable, "-c", script, output, os.path.dirname(__file__)],
                                    stdout=subprocess.PIPE, env=env, cwd=REPO)
-        assert process.stdout.readline() == b"started\n"
+        label, batches = process.stdout.readline().split()
+        assert label == b"batches"
         if attempt < kills:
-            try:
-                process.wait(timeout=chance.uniform(0.02, 0.25))
-            except subprocess.TimeoutExpired:
-                os.kill(process.pid, signal.SIGKILL)
-                killed += 1
-        assert process.wait(timeout=60) in ((0, -signal.SIGKILL) if attempt < kills else (0,))
-    return killed
+            assert int(batches) >= 16, "too few batches left to kill the writer mid-run"
+            target = chance.randint(1, int(batches) // 2)
+            for line in iter(process.stdout.readline, b""):
+                if line.split() == [b"wrote", str(target).encode()]:
+                    break
+            time.sleep(chance.uniform(0, 0.003))
+            assert process.poll() is None, "the writer ended before it was killed"
+            os.kill(process.pid, signal.SIGKILL)
+        assert process.wait(timeout=60) == (-signal.SIGKILL if attempt < kills else 0)
 
 
 def test_rows_survive_kill_9_at_random_moments(tmp_path):
     path = str(tmp_path / "preds.csv")
-    assert run_killed_then_whole(ROWS_WRITER, path, kills=4, seed=21) >= 3
+    run_killed_then_whole(ROWS_WRITER, path, kills=4, seed=21)
     keys = [f"img{i:04d}.jpg" for i in range(1500)]
     assert_each_image_once(read_rows(path), [key for key in keys if not key.endswith("3.jpg")])
     assert sorted(read_skipped(tmp_path / "preds.skipped.csv")) == [key for key in keys if key.endswith("3.jpg")]
@@ -245,7 +254,7 @@ def expected_vector(key: str) -> np.ndarray:
 
 def test_embeddings_survive_kill_9_at_random_moments(tmp_path):
     path = str(tmp_path / "features.npy")
-    assert run_killed_then_whole(EMBEDDINGS_WRITER, path, kills=4, seed=22) >= 3
+    run_killed_then_whole(EMBEDDINGS_WRITER, path, kills=4, seed=22)
     keys = (tmp_path / "features.keys.txt").read_text().splitlines()
     expected = [f"img{i:04d}.jpg" for i in range(800) if i % 10 != 7]
     assert sorted(keys) == expected  # every key once
