@@ -16,7 +16,7 @@ import logging
 import sys
 import threading
 import time
-from typing import Callable, Iterable, Iterator, Protocol
+from typing import Callable, Iterable, Protocol
 
 import jax
 import numpy as np
@@ -24,8 +24,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from bioclip_jax import console
-from bioclip_jax.data.image_inputs import process_slice
-from bioclip_jax.data.image_items import ImageItem
+from bioclip_jax.data.image_inputs import ImageInputs
 from bioclip_jax.inference import ImageEmbedder, report_skipped
 from bioclip_jax.sources import RANDOM
 
@@ -66,33 +65,32 @@ def model_identity(model, seed: int) -> dict:
             "seed": seed}
 
 
-def _count_into(bar: tqdm, items: Iterable[ImageItem], done: set[str]) -> None:
-    """Sets the bar's total to the inputs left to do (a second listing, beside the run)."""
+def _count_into(bar: tqdm, keys: Iterable[str], done: set[str]) -> None:
+    """Sets the bar's total to the inputs left to do (a second, cheaper listing, beside the run)."""
     try:
-        bar.total = sum(1 for item in items if item.key not in done)
+        bar.total = sum(1 for key in keys if key not in done)
     except Exception as error:  # noqa: BLE001 - only the ETA is lost; the run itself reports bad inputs
         log.debug("counting the inputs for the progress bar failed: %s", error)
 
 
-def run_over_images(embedder: ImageEmbedder, list_inputs: Callable[[], Iterator[ImageItem]], output: Output,
+def run_over_images(embedder: ImageEmbedder, inputs: ImageInputs, output: Output,
                     on_batch: Callable[[list[str], np.ndarray], None], *, progress: bool = True,
                     desc: str = "images") -> RunSummary:
-    """Embeds this process's inputs not yet in `output.done` and hands each batch (keys, features) to
-    `on_batch`; unreadable inputs go to `output.skip` as they are found, and are named in one warning
-    at the end. `list_inputs()` lists every
-    input, from the start, each time it is called (it is called twice: the run and its count). The
-    embedder's own bar should be off (progress=False): this run shows one bar for the whole archive."""
+    """Embeds this process's share of `inputs` not yet in `output.done` and hands each batch (keys,
+    features) to `on_batch`; unreadable inputs go to `output.skip` as they are found, and are named in
+    one warning at the end. The embedder's own bar should be off (progress=False): this run shows one
+    bar for the whole archive, sized by a count of the share's keys beside the run."""
     index, count = jax.process_index(), jax.process_count()
     start = time.monotonic()
     already = len(output.done)
-    todo = (item for item in process_slice(list_inputs(), index, count) if item.key not in output.done)
+    todo = (item for item in inputs.items(index, count) if item.key not in output.done)
     answered = skipped = 0
     skipped_before = len(embedder.skipped)
     with tqdm(total=None, unit="img", desc=desc, disable=not progress or index != 0, file=sys.stderr,
               smoothing=0.05) as bar:
         if not bar.disable:
-            threading.Thread(target=_count_into, args=(bar, process_slice(list_inputs(), index, count),
-                                                      output.done), daemon=True, name="count inputs").start()
+            threading.Thread(target=_count_into, args=(bar, inputs.keys(index, count), output.done),
+                             daemon=True, name="count inputs").start()
         for features, batch in embedder.stream(todo, desc=desc):
             on_batch([item.key for item in batch], features)
             answered += len(batch)

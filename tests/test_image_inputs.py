@@ -7,6 +7,7 @@ import io
 import os
 import pickle
 import shutil
+import tarfile
 import time
 import tracemalloc
 
@@ -19,7 +20,9 @@ import bioclip_jax
 from bioclip_jax import inference, transforms
 from bioclip_jax.cli import main as cli
 from bioclip_jax.data import image_items
-from bioclip_jax.data.image_inputs import PATH_COLUMNS, iter_image_inputs, missing_sources, process_slice
+from bioclip_jax.data import image_inputs
+from bioclip_jax.data.image_inputs import (PATH_COLUMNS, ImageInputs, iter_image_inputs, missing_sources,
+                                            process_slice)
 from bioclip_jax.data.tar_source import TarShardSource
 from bioclip_jax.ingest.convert import convert_to_array_record
 from collection_helpers import write_collection
@@ -259,6 +262,55 @@ def test_process_slices_partition_the_stream(tmp_path):
         assert all(share == everything[index::count] for index, share in enumerate(shares))
     with pytest.raises(ValueError, match="process index 2 of 2"):
         process_slice([], 2, 2)
+
+
+def _shares(inputs: ImageInputs, count: int) -> list[list[str]]:
+    """Each process's keys; checks that `keys()` lists the same share as `items()` without opening anything."""
+    shares = [_keys(inputs.items(index, count)) for index in range(count)]
+    assert [list(inputs.keys(index, count)) for index in range(count)] == shares
+    return shares
+
+
+def test_processes_take_whole_shards_when_there_are_enough(shards, tmp_path, monkeypatch):
+    out, stored, _ = shards
+    opened = []
+    read_tar = image_inputs._tar_items
+    monkeypatch.setattr(image_inputs, "_tar_items", lambda shard: opened.append(shard) or read_tar(shard))
+    (tmp_path / "list.txt").write_text("a.png\nb.png\nc.png\n")
+    paths = sorted(str(path) for path in (out / "train").glob("*.tar"))
+    inputs = ImageInputs([str(out / "train" / "*.tar"), str(tmp_path / "list.txt")])
+    everything = _keys(inputs.items())
+    assert len(paths) == 3 and sorted(everything) == sorted([*stored, *(f"{tmp_path}/{n}.png" for n in "abc")])
+    for count in (2, 3):  # no more processes than shards: each reads its own shards only
+        for index, share in enumerate(_shares(inputs, count)):
+            opened.clear()
+            assert _keys(inputs.items(index, count)) == share
+            assert opened == paths[index::count]
+        assert sorted(key for share in _shares(inputs, count) for key in share) == sorted(everything)
+    shares = _shares(inputs, 4)  # more processes than shards: samples are dealt one by one, as files are
+    assert shares == [everything[index::4] for index in range(4)]
+
+
+def test_counting_a_tar_shard_reads_its_headers_only(tmp_path, monkeypatch):
+    shard = tmp_path / "big.tar"
+    with tarfile.open(shard, "w") as tar:
+        for n in range(3):
+            for extension, size in (("jpg", 2_000_000), ("txt", 10)):
+                info = tarfile.TarInfo(f"sample{n}.{extension}")
+                info.size = size
+                tar.addfile(info, io.BytesIO(bytes(size)))
+    read = []
+
+    class CountedFile(io.FileIO):
+        def read(self, size=-1):
+            data = super().read(size)
+            read.append(len(data))
+            return data
+
+    monkeypatch.setattr(image_inputs, "open_for_scan", lambda path: CountedFile(path))
+    inputs = ImageInputs([str(shard)])
+    assert list(inputs.keys()) == ["sample0", "sample1", "sample2"] == _keys(inputs.items())
+    assert 0 < sum(read) < shard.stat().st_size / 100
 
 
 def _odd_images(folder) -> dict[str, np.ndarray | None]:

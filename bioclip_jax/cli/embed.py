@@ -60,7 +60,7 @@ def embed_images(model, args):
     from jax.experimental import multihost_utils  # noqa: PLC0415
 
     from bioclip_jax import archive  # noqa: PLC0415
-    from bioclip_jax.data.image_inputs import iter_image_inputs, missing_sources  # noqa: PLC0415
+    from bioclip_jax.data.image_inputs import ImageInputs, missing_sources  # noqa: PLC0415
     from bioclip_jax.inference import ImageEmbedder  # noqa: PLC0415
     from bioclip_jax.outputs import merge_embedding_parts  # noqa: PLC0415
 
@@ -68,11 +68,12 @@ def embed_images(model, args):
         missing = missing_sources(args.images)
         if missing:
             raise FileNotFoundError(f"image source not found: {', '.join(missing)}")
+        inputs = ImageInputs(args.images, path_column=args.path_column)
     embedder = ImageEmbedder(model, batch_size=args.batch_size, workers=args.workers, progress=False,
                              unit_length=args.normalize, devices=jax.local_devices())
     shards = _shards(model, args, jax.process_index(), jax.process_count())
-    summary = archive.run_over_images(embedder, lambda: iter_image_inputs(args.images, path_column=args.path_column),
-                                      shards, shards.write, progress=not args.no_progress, desc="embedding")
+    summary = archive.run_over_images(embedder, inputs, shards, shards.write, progress=not args.no_progress,
+                                      desc="embedding")
     shards.close()
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("embed: every part written")

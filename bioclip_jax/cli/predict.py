@@ -21,8 +21,8 @@ gs:// paths, training shards, image files. With `--output FILE` in csv, jsonl or
 is resumable: rows are appended as each batch finishes, unreadable images go to FILE's
 `.skipped.csv` with the reason, and rerunning the same command continues after the last row
 written (also after kill -9); a changed model, label set, rank or text type is refused. Under the
-launch scripts every process takes its own slice of the inputs and writes its own part; process 0
-merges them at the end. Rows to stdout, or in table/json format, are written as they come but do
+launch scripts every process takes its own slice of the inputs (whole shards, when there are
+enough) and writes its own part; process 0 merges them at the end. Rows to stdout, or in table/json format, are written as they come but do
 not resume.
 
 With no model flag the model is pybioclip's default, hf-hub:imageomics/bioclip-2, and with
@@ -52,7 +52,7 @@ from bioclip_jax.classify.open_set import DEFAULT_CONFIDENCE
 from bioclip_jax.cli import common
 from bioclip_jax.cli.common import InputError
 from bioclip_jax.compilation_cache import enable_compilation_cache
-from bioclip_jax.data.image_inputs import iter_image_inputs, missing_sources
+from bioclip_jax.data.image_inputs import ImageInputs, missing_sources
 from bioclip_jax.inference import ImageEmbedder
 from bioclip_jax.models.clip import CLIP
 from bioclip_jax.outputs import rows as rows_output
@@ -254,7 +254,8 @@ def _run(argv: list[str] | None) -> int:
         sources = [s for s in args.images if s not in missing]
         if not sources:
             raise FileNotFoundError(f"no image files found in {', '.join(args.images)}")
-        names = _class_names(args)  # label mistakes are reported before a model is fetched
+        inputs = ImageInputs(sources, path_column=args.path_column)  # manifest and label mistakes are
+        names = _class_names(args)  # reported before a model is fetched
         source = common.model_source(args.pretrained, args.model, default=hub.DEFAULT_MODEL)
     if maybe_initialize_distributed() and not resumable:
         raise InputError(f"several processes need --output FILE in one of {', '.join(RESUMABLE_FORMATS)} "
@@ -268,14 +269,11 @@ def _run(argv: list[str] | None) -> int:
     options = _scorer_options(args, classifier)
     scorer = classifier.scorer(embedder.batch_size, **options)
 
-    def list_inputs():
-        return iter_image_inputs(sources, path_column=args.path_column)
-
     if resumable:
         identity = _identity(model, args, classifier, options)
-        summary, skipped_where = _into_resumable_file(args, fmt, identity, embedder, scorer, list_inputs)
+        summary, skipped_where = _into_resumable_file(args, fmt, identity, embedder, scorer, inputs)
     else:
-        summary, skipped_where = _into_stream(args, fmt, embedder, scorer, list_inputs), ""
+        summary, skipped_where = _into_stream(args, fmt, embedder, scorer, inputs), ""
     if jax.process_index() == 0:
         log.warning(summary.line() + skipped_where) if summary.skipped else log.info(summary.line())
     if missing:
@@ -284,12 +282,12 @@ def _run(argv: list[str] | None) -> int:
 
 
 def _into_resumable_file(args, fmt: str, identity: dict, embedder: ImageEmbedder, scorer,
-                         list_inputs) -> tuple[archive.RunSummary, str]:
+                         inputs: ImageInputs) -> tuple[archive.RunSummary, str]:
     """Rows appended to --output as made (one part per process, merged by process 0); resumes."""
     with common.reading_inputs():
         output = rows_output.RowsOutput(args.output, identity, fmt=fmt, rows_per_key=scorer.rows_per_image,
                                         process_index=jax.process_index(), process_count=jax.process_count())
-    summary = archive.run_over_images(embedder, list_inputs, output,
+    summary = archive.run_over_images(embedder, inputs, output,
                                       lambda keys, features: output.write(scorer.rows(keys, features)),
                                       progress=args.progress)
     output.close()
@@ -300,12 +298,12 @@ def _into_resumable_file(args, fmt: str, identity: dict, embedder: ImageEmbedder
     return summary, f" (listed in {rows_output.skipped_path(args.output)})" if summary.skipped else ""
 
 
-def _into_stream(args, fmt: str, embedder: ImageEmbedder, scorer, list_inputs) -> archive.RunSummary:
+def _into_stream(args, fmt: str, embedder: ImageEmbedder, scorer, inputs: ImageInputs) -> archive.RunSummary:
     """Rows to stdout, or a table or JSON array to --output: written as they come, not resumable."""
     stream = open(args.output, "w", newline="", encoding="utf-8") if args.output else sys.stdout
     writer = RowWriter(stream, fmt)
     try:
-        summary = archive.run_over_images(embedder, list_inputs, _NothingDone(),
+        summary = archive.run_over_images(embedder, inputs, _NothingDone(),
                                           lambda keys, features: writer.write(scorer.rows(keys, features)),
                                           progress=args.progress)
         writer.close()

@@ -23,6 +23,7 @@ worker processes.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import io
 import itertools
@@ -37,7 +38,8 @@ from bioclip_jax import transforms
 from bioclip_jax.data.array_record import decode_sample
 from bioclip_jax.data.eval_sources import SHARD_IMAGE_KEYS
 from bioclip_jax.data.image_items import ImageItem, walk_image_files
-from bioclip_jax.data.shard_index import shard_stat, split_member_name
+from bioclip_jax.data.shard_index import open_for_scan, shard_stat, split_member_name
+from bioclip_jax.data.tar_headers import members_of
 from bioclip_jax.data.shard_patterns import ShardNotFoundError, expand_shard_pattern
 from bioclip_jax.paths import as_path, expand_user, is_remote, open_text
 
@@ -122,45 +124,87 @@ def _csv_header(manifest: str) -> list[str]:
         return next(csv.reader(handle), [])
 
 
-def _reader(path: str, path_column: str | None) -> Callable[[], Iterator[ImageItem]]:
-    """How to stream one existing file; a manifest's header and an ArrayRecord's place are checked now."""
+@dataclasses.dataclass(frozen=True)
+class _Source:
+    """One file or folder to read: its items, and their keys alone (cheaper where a format allows)."""
+    items: Callable[[], Iterator[ImageItem]]
+    keys: Callable[[], Iterator[str]]
+    is_shard: bool = False  # a training shard: shared among processes whole, when there are enough of them
+
+
+def _keys_of(items: Callable[[], Iterator[ImageItem]]) -> Callable[[], Iterator[str]]:
+    return lambda: (item.key for item in items())
+
+
+def _source(path: str, path_column: str | None) -> _Source:
+    """How to stream one existing file or folder; a manifest's header and an ArrayRecord's place are checked now."""
+    if as_path(path).is_dir():
+        items = functools.partial(_folder_items, path)
+        return _Source(items, _keys_of(items))
     suffix = _suffix(path)
     if suffix == ".csv":
-        column = _path_column(path, _csv_header(path), path_column)
-        return functools.partial(_csv_items, path, column)
-    if suffix == ".txt":
-        return functools.partial(_txt_items, path)
-    if suffix == ".tar":
-        return functools.partial(_tar_items, path)
-    if suffix == ".array_record":
+        items = functools.partial(_csv_items, path, _path_column(path, _csv_header(path), path_column))
+    elif suffix == ".txt":
+        items = functools.partial(_txt_items, path)
+    elif suffix == ".tar":
+        return _Source(functools.partial(_tar_items, path), functools.partial(_tar_keys, path), is_shard=True)
+    elif suffix == ".array_record":
         if is_remote(path):
             raise ValueError(f"ArrayRecord files are read from local paths only, not {path}: mount the bucket "
                              f"with gcsfuse and pass the mount path, or pass the tar shards in gs:// instead")
-        return functools.partial(_array_record_items, path)
-    return functools.partial(iter, [file_input(path)])
+        items = functools.partial(_array_record_items, path)
+        return _Source(items, _keys_of(items), is_shard=True)
+    else:
+        items = functools.partial(iter, [file_input(path)])
+    return _Source(items, _keys_of(items))
+
+
+class ImageInputs:
+    """The images the sources name (see the module docstring), listed afresh, from the start, on every call.
+
+    Mistakes in the arguments (a CSV manifest without a path column, an ArrayRecord file in gs://) raise
+    ValueError here, before any image is read; sources that do not exist are skipped with one warning here
+    (`missing_sources` names them up front).
+
+    Processes share the inputs without overlap and together cover all of them. Training shards go whole
+    to one process each (round robin) when there are at least as many shards as processes, so that no
+    process reads another's shard; everything else (and shards, when they are fewer) is dealt out item by
+    item (`process_slice`): each process still lists those, but opens only its own.
+    """
+
+    def __init__(self, sources: Sequence[str], *, path_column: str | None = None):
+        self._sources: list[_Source] = []
+        for source in sources:
+            paths = _named_paths(source)
+            if not paths:
+                log.warning(f"image source not found, skipped: {source}")
+            self._sources.extend(_source(path, path_column) for path in paths)
+
+    def items(self, process_index: int = 0, process_count: int = 1) -> Iterator[ImageItem]:
+        """This process's images, in order within each source."""
+        return self._share(process_index, process_count, lambda source: source.items())
+
+    def keys(self, process_index: int = 0, process_count: int = 1) -> Iterator[str]:
+        """The keys of the same images as `items(...)`, without reading them: a tar shard's come from its
+        headers alone (its payloads are skipped), which is what a progress bar's count needs."""
+        return self._share(process_index, process_count, lambda source: source.keys())
+
+    def _share(self, index: int, count: int, listing: Callable[[_Source], Iterator]) -> Iterator:
+        if count < 1 or not 0 <= index < count:
+            raise ValueError(f"process index {index} of {count} processes is out of range: need 0 <= index < count")
+        by_shard = count > 1 and sum(source.is_shard for source in self._sources) >= count
+        shards = [source for source in self._sources if by_shard and source.is_shard]
+        dealt = [source for source in self._sources if not (by_shard and source.is_shard)]
+        whole = itertools.chain.from_iterable(map(listing, shards[index::count]))
+        return itertools.chain(whole, process_slice(itertools.chain.from_iterable(map(listing, dealt)), index, count))
 
 
 def iter_image_inputs(sources: Sequence[str], *, path_column: str | None = None) -> Iterator[ImageItem]:
-    """Every image the sources name, in order, streamed; see the module docstring for what a source may be.
-
-    Mistakes in the arguments (a CSV manifest without a path column, an ArrayRecord file in gs://) raise
-    ValueError here, before any image is read; sources that do not exist are skipped with a warning
-    (`missing_sources` names them up front).
-    """
-    readers: list[Callable[[], Iterator[ImageItem]]] = []
-    for source in sources:
-        paths = _named_paths(source)
-        if not paths:
-            log.warning(f"image source not found, skipped: {source}")
-        for path in paths:
-            if as_path(path).is_dir():
-                readers.append(functools.partial(_folder_items, path))
-            else:
-                readers.append(_reader(path, path_column))
-    return itertools.chain.from_iterable(read() for read in readers)
+    """Every image the sources name, in order, streamed (`ImageInputs(...).items()`)."""
+    return ImageInputs(sources, path_column=path_column).items()
 
 
-def process_slice(items: Iterable[ImageItem], index: int, count: int) -> Iterator[ImageItem]:
+def process_slice(items: Iterable, index: int, count: int) -> Iterator:
     """Process `index` of `count`: every `count`-th item from its own position, so the processes share the
     stream without overlap and together cover all of it (each still lists, but decodes only its own share)."""
     if count < 1 or not 0 <= index < count:
@@ -243,6 +287,27 @@ def _tar_items(shard: str) -> Iterator[ImageItem]:
     if problem is not None:
         after = f"after sample {key}" if key is not None else "from its start"
         yield unreadable_input(f"{shard}#rest", f"{shard} cannot be read {after}: {problem}")
+
+
+def _tar_keys(shard: str) -> Iterator[str]:
+    """The sample keys of a tar shard from its headers (payloads skipped); a damaged shard's keys up to the
+    damage (this only sizes a progress bar: `_tar_items` reports the damage)."""
+    found: list[str] = []
+
+    def collect(members) -> None:
+        found.clear()  # members_of starts again with tarfile where the fast reader gives up
+        for _, name, _, _, is_file in members:
+            split = split_member_name(name) if is_file else None
+            if split is not None and (not found or found[-1] != split[0]):
+                found.append(split[0])
+
+    try:
+        size, _ = shard_stat(shard)
+        with open_for_scan(shard) as fileobj:
+            members_of(fileobj, size, consume=collect)
+    except (tarfile.TarError, OSError) as error:
+        log.debug("counting the samples of %s stopped: %s", shard, error)
+    return iter(found)
 
 
 def _array_record_items(shard: str) -> Iterator[ImageItem]:
