@@ -22,8 +22,8 @@ is resumable: rows are appended as each batch finishes, unreadable images go to 
 `.skipped.csv` with the reason, and rerunning the same command continues after the last row
 written (also after kill -9); a changed model, label set, rank or text type is refused. Under the
 launch scripts every process takes its own slice of the inputs (whole shards, when there are
-enough) and writes its own part; process 0 merges them at the end. Rows to stdout, or in table/json format, are written as they come but do
-not resume.
+enough) and writes its own part; process 0 merges them at the end. Rows to stdout, or in
+table/json format, are written as they come but do not resume.
 
 With no model flag the model is pybioclip's default, hf-hub:imageomics/bioclip-2, and with
 no labels its tree-of-life embeddings come from the dataset repo pybioclip pairs it with

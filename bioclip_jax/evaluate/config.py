@@ -42,7 +42,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.linear_probe_steps = 300
     config.batch_size = 64
     config.text_batch_size = 256
-    config.workers = 8
+    config.workers = -1  # image decoder threads; -1: one per usable CPU beyond the one that feeds the device
     config.out = ""  # results.json path; "": WORKDIR/eval/<step>/results.json, else ./results.json
     config.plot = True
     config.plot_embeddings = ""  # a rank, e.g. "family": PCA of image embeddings coloured by it
