@@ -27,6 +27,7 @@ from bioclip_jax.data.tar_source import TarShardSource
 from bioclip_jax.ingest.convert import convert_to_array_record
 from collection_helpers import write_collection
 from gcs_server import gcs_bucket, gcs_dir  # noqa: F401 - fixtures
+from io_helpers import counting_file
 
 BATCH = 4  # one batch shape for every embedder here: compiled once
 
@@ -299,15 +300,8 @@ def test_counting_a_tar_shard_reads_its_headers_only(tmp_path, monkeypatch):
                 info = tarfile.TarInfo(f"sample{n}.{extension}")
                 info.size = size
                 tar.addfile(info, io.BytesIO(bytes(size)))
-    read = []
-
-    class CountedFile(io.FileIO):
-        def read(self, size=-1):
-            data = super().read(size)
-            read.append(len(data))
-            return data
-
-    monkeypatch.setattr(image_inputs, "open_for_scan", lambda path: CountedFile(path))
+    read: list[int] = []
+    monkeypatch.setattr(image_inputs, "open_for_scan", counting_file(read))
     inputs = ImageInputs([str(shard)])
     assert list(inputs.keys()) == ["sample0", "sample1", "sample2"] == _keys(inputs.items())
     assert 0 < sum(read) < shard.stat().st_size / 100

@@ -18,6 +18,7 @@ from bioclip_jax.data.shard_patterns import ShardNotFoundError, expand_shard_pat
 from bioclip_jax.data.tar_source import ERROR, TarShardSource
 from bioclip_jax.data.tar_writer import ShardWriter
 from bioclip_jax.taxonomy import Taxon, sample_captions
+from io_helpers import counting_file
 
 
 def tiny_jpeg(seed: int, size: int = 32) -> bytes:
@@ -139,15 +140,8 @@ def test_index_scan_skips_payloads(tmp_path, cache_dir, monkeypatch):
         return {**files, "jpg": os.urandom(200_000)}
 
     (path,) = write_shards(tmp_path, 4, 10, edit=big)
-    read_bytes = []
-
-    class CountingFile(io.FileIO):
-        def read(self, size=-1):
-            data = super().read(size)
-            read_bytes.append(len(data))
-            return data
-
-    monkeypatch.setattr(shard_index, "open_for_scan", CountingFile)
+    read_bytes: list[int] = []
+    monkeypatch.setattr(shard_index, "open_for_scan", counting_file(read_bytes))
     assert len(TarShardSource(path)) == 4
     assert 0 < sum(read_bytes) < 0.05 * os.path.getsize(path)
 
