@@ -39,8 +39,8 @@ from bioclip_jax.data.array_record import decode_sample
 from bioclip_jax.data.eval_sources import SHARD_IMAGE_KEYS
 from bioclip_jax.data.image_items import ImageItem, walk_image_files
 from bioclip_jax.data.shard_index import open_for_scan, shard_stat, split_member_name
-from bioclip_jax.data.tar_headers import members_of
 from bioclip_jax.data.shard_patterns import ShardNotFoundError, expand_shard_pattern
+from bioclip_jax.data.tar_headers import members_of
 from bioclip_jax.paths import as_path, expand_user, is_remote, open_text
 
 log = logging.getLogger(__name__)
@@ -190,8 +190,6 @@ class ImageInputs:
         return self._share(process_index, process_count, lambda source: source.keys())
 
     def _share(self, index: int, count: int, listing: Callable[[_Source], Iterator]) -> Iterator:
-        if count < 1 or not 0 <= index < count:
-            raise ValueError(f"process index {index} of {count} processes is out of range: need 0 <= index < count")
         by_shard = count > 1 and sum(source.is_shard for source in self._sources) >= count
         shards = [source for source in self._sources if by_shard and source.is_shard]
         dealt = [source for source in self._sources if not (by_shard and source.is_shard)]
