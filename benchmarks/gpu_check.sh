@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # The prepared GPU check, no network: our train step against open_clip's, each framework in its own
 # process at its own largest batch; ViT-L/14's MFU; the loader's scaling with workers; the whole
-# training loop fed by the real loader against the bare step; XLA flags A/B. summary.md sets every
-# figure against its target.
+# training loop fed by the real loader against the bare step; XLA flags A/B; on request, predict over
+# an archive against the bare image tower. summary.md sets every figure against its target.
 #
 #   bash benchmarks/gpu_check.sh                          # every part (about 12 minutes on one H200)
 #   bash benchmarks/gpu_check.sh --parts steps,reference,large   # at most 9 minutes ...
 #   bash benchmarks/gpu_check.sh --parts loader,loop,flags       # ... and the rest in a second command
+#   bash benchmarks/gpu_check.sh --parts archive          # predict's GPU figure (issue 21), about 4 minutes
 #   bash benchmarks/gpu_check.sh --cpu-quick              # the same path on a CPU: ViT-Tiny-8, small batches
 #
 # Parts: steps (ViT-B/16 ours: {cudnn, xla} x {none, minimal, full}), reference (open_clip with and
 # without grad checkpointing), large (ViT-L/14 ours), loader (1, 4, 15 workers), loop (loop vs bare
 # step, 15 workers), flags (the best ViT-B/16 setting, or GPU_CHECK_BEST=ATTENTION:REMAT:BATCH, under
-# other XLA flags). One part failing or running out of time never costs the others: each runs under
+# other XLA flags), archive (only when named: `predict` over 4,000 224-px JPEGs with ViT-L/14 against
+# its bare image tower, with 1 and 15 decoder threads; benchmarks/predict.py). One part failing or running out of time never costs the others: each runs under
 # its own time limit, and the summary reads whatever records exist.
 #
 # Output folder: the environment variable OUT when set, else runs/gpu_check. Four files:
@@ -31,7 +33,7 @@ while [[ $# -gt 0 ]]; do
   case "$1" in
     --cpu-quick) MODE=cpu; shift ;;
     --parts) PARTS="$2"; shift 2 ;;
-    *) echo "usage: bash benchmarks/gpu_check.sh [--cpu-quick] [--parts steps,reference,large,loader,loop,flags]" >&2
+    *) echo "usage: bash benchmarks/gpu_check.sh [--cpu-quick] [--parts steps,reference,large,loader,loop,flags,archive]" >&2
        exit 2 ;;
   esac
 done
@@ -84,21 +86,23 @@ if [[ $MODE == gpu ]]; then
   OURS_SETTINGS="${GPU_CHECK_OURS:-cudnn:none,cudnn:minimal,xla:none,cudnn:full,xla:minimal,xla:full}"
   REFERENCE_SETTINGS="${GPU_CHECK_REFERENCE:-plain:512,checkpointing:1024}"
   LARGE_SETTINGS="auto:none,auto:minimal"
-  LIMIT=(steps 200 reference 70 large 100 loader 70 loop 90 flags 160)
+  LIMIT=(steps 200 reference 70 large 100 loader 70 loop 90 flags 160 archive 300)
   SWEEP=(--scaling 1,4,15 --batch 256 --batches 48 --point-limit-s 25)
   LOOP=(--model ViT-B-16 --image-size 224 --batch 512 --window 5 --windows 3 --rounds 1
         --set dtype=bfloat16 --set data.workers=15)
   MAX_BATCH=2048
+  ARCHIVE=(--archive 4000 --archive-size 224x224 --arch ViT-L-14 --batch 128 --workers 1,15)
 else
   B16=ViT-Tiny-8; L14=ViT-Tiny-8
   STEPS=(--warmup 1 --steps 1)
   OURS_SETTINGS="xla:none:8,xla:minimal:8,head_major:full:8"
   REFERENCE_SETTINGS="plain:8,checkpointing:8"
   LARGE_SETTINGS="auto:none:8"
-  LIMIT=(steps 600 reference 300 large 300 loader 300 loop 600 flags 600)
+  LIMIT=(steps 600 reference 300 large 300 loader 300 loop 600 flags 600 archive 300)
   SWEEP=(--scaling 1,2 --quick)
   LOOP=(--model ViT-Tiny-8 --batch 16 --window 2 --windows 1 --rounds 1)
   MAX_BATCH=8
+  ARCHIVE=(--quick --archive --archive-size 224x224 --workers 1,2)
 fi
 declare -A LIMIT_OF
 for (( i = 0; i < ${#LIMIT[@]}; i += 2 )); do LIMIT_OF[${LIMIT[i]}]=${LIMIT[i + 1]}; done
@@ -124,6 +128,8 @@ wants large && part large "$PYTHON" benchmarks/gpu_step.py ours --model "$L14" -
   --max-batch "$MAX_BATCH" --budget-s $(( ${LIMIT_OF[large]} - 90 )) "${STEPS[@]}" --out "$RECORDS/large.json"
 wants loader && part loader "$PYTHON" benchmarks/data.py "${SWEEP[@]}" --out "$RECORDS/loader.json"
 wants loop && part loop "$PYTHON" benchmarks/loop_figure.py "${LOOP[@]}" --out "$RECORDS/loop.json"
+wants archive && part archive "$PYTHON" benchmarks/predict.py "${ARCHIVE[@]}" --without-pybioclip --repeats 1 \
+  --out "$RECORDS/archive.json"
 if wants flags; then
   best=${GPU_CHECK_BEST:-$("$PYTHON" benchmarks/gpu_check_summary.py --best-setting "$RECORDS" 2>>"$LOG")}
   if [[ -n "$best" ]]; then

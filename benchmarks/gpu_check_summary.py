@@ -6,8 +6,8 @@
 Records (each optional: a part that did not run is reported as not run): steps.json and
 large.json (benchmarks/gpu_step.py ours), reference.json (gpu_step.py open_clip), loader.json
 (benchmarks/data.py --scaling), loop.json (benchmarks/loop_figure.py), flags_*.json (gpu_step.py
-ours under other XLA_FLAGS). Exit status 1 when no record is there; missed targets are
-reported, not an error.
+ours under other XLA_FLAGS), archive.json (benchmarks/predict.py --archive). Exit status 1 when
+no record is there; missed targets are reported, not an error.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import os
 import sys
 
 TARGETS = {"ratio_to_open_clip": 1.5, "mfu_vit_b16": 0.35, "mfu_vit_l14": 0.45, "loop_vs_bare_step": 0.95,
-           "loader_15_vs_1_worker": 10.0}
+           "loader_15_vs_1_worker": 10.0, "predict_vs_image_tower": 0.9}
 
 
 def _read(records: str, name: str) -> dict | None:
@@ -100,9 +100,24 @@ def _loader(record: dict | None) -> tuple[list[str], float | None]:
     return lines + ["", *lines_timed_out, ""], ratio
 
 
+def _archive(record: dict | None) -> list[str]:
+    if not record:
+        return ["Predict over an archive: not run (`--parts archive`).", ""]
+    figures = record["figures"]
+    size = "x".join(map(str, record["image_size"]))
+    lines = [f"Predict over an archive ({record['images']} JPEGs of {size}, {record['arch']}, batch {record['batch']}, "
+             f"{record['machine']['logical_cores']} CPU cores): bare image tower "
+             f"{figures['tower_images_per_s']:.0f} img/s; ours / tower (steady medians): "
+             + ", ".join(f"{name} {ratio:.3f}" for name, ratio in figures["ours_vs_tower"].items()) + "."]
+    if figures["cores_to_feed_the_tower"] is not None:
+        lines.append(f"Cores to feed the tower: about {figures['cores_to_feed_the_tower']:.1f} (its rate / one "
+                     f"decoder's).")
+    return lines + [""]
+
+
 def summarise(records: str) -> tuple[dict, str]:
     steps, reference, large = (_read(records, n) for n in ("steps", "reference", "large"))
-    loader, loop = _read(records, "loader"), _read(records, "loop")
+    loader, loop, archive = _read(records, "loader"), _read(records, "loop"), _read(records, "archive")
     flags = {os.path.basename(p)[len("flags_"):-len(".json")]: _read(records, os.path.basename(p)[:-5])
              for p in sorted(glob.glob(os.path.join(records, "flags_*.json")))}
     ours_best, reference_best, large_best = best_setting(steps), best_setting(reference), best_setting(large)
@@ -117,16 +132,19 @@ def summarise(records: str) -> tuple[dict, str]:
         "mfu_vit_l14": large_best and large_best.get("mfu_best"),
         "loop_vs_bare_step": loop_ratio,
         "loader_15_vs_1_worker": loader_ratio,
+        "predict_vs_image_tower": archive and archive["figures"]["best_ours_vs_tower"],
     }
     lines = ["# GPU check", ""]
-    device = next((r.get("device_kind") for r in (steps, reference, large) if r), "unknown device")
+    device = (next((r.get("device_kind") for r in (steps, reference, large) if r), None)
+              or (archive or {}).get("device", "unknown device"))
     lines += [f"Device: {device}. Each framework ran in its own process, at the largest batch it fits "
               "(ours: from the activations the gradient keeps; open_clip: the batches tried).", "",
               "| figure | measured | target | verdict |", "|---|---|---|---|"]
     names = {"ratio_to_open_clip": "ViT-B/16 img/s, ours best / open_clip best (medians)",
              "mfu_vit_b16": "ViT-B/16 MFU, ours best", "mfu_vit_l14": "ViT-L/14 MFU, ours best",
              "loop_vs_bare_step": "training loop with the real loader / bare step (medians)",
-             "loader_15_vs_1_worker": "loader img/s, 15 workers / 1 worker"}
+             "loader_15_vs_1_worker": "loader img/s, 15 workers / 1 worker",
+             "predict_vs_image_tower": "predict over an archive / bare image tower (steady medians)"}
     for key, target in TARGETS.items():
         value = figures[key]
         shown = "n/a" if value is None else (f"{value:.1%}" if key.startswith("mfu") else f"{value:.2f}x")
@@ -147,6 +165,7 @@ def summarise(records: str) -> tuple[dict, str]:
                   f"{loop_row['bare_step']['items_per_s_median']:.0f} img/s (medians).", ""]
     else:
         lines += ["Training loop vs bare step: not run.", ""]
+    lines += _archive(archive)
     if flags:
         lines += ["The best setting again, each line in a fresh process (flags_baseline: as it is, and unrolled):", "",
                   "| record | XLA_FLAGS | setting | img/s best / median |", "|---|---|---|---|"]
@@ -157,7 +176,7 @@ def summarise(records: str) -> tuple[dict, str]:
                 lines.append(f"| {name} | `{record.get('xla_flags', '')}` | {s['setting']} | {shown} |")
         lines.append("")
     payload = {"targets": TARGETS, "figures": figures, "steps": steps, "reference": reference, "large": large,
-               "loader": loader, "loop": loop, "flags": flags}
+               "loader": loader, "loop": loop, "flags": flags, "archive": archive}
     return payload, "\n".join(lines) + "\n"
 
 

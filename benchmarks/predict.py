@@ -3,6 +3,8 @@
     python benchmarks/predict.py                       # random 224-px ViT-B-16, 64 JPEGs of 500x375
     python benchmarks/predict.py --quick               # a tiny 224-px model and 8 images: a smoke run
     python benchmarks/predict.py --archive 2000        # a folder of 2,000 640x480 JPEGs, tree of life
+    python benchmarks/predict.py --archive 4000 --archive-size 224x224 --arch ViT-L-14 --batch 128 \
+        --without-pybioclip --workers 1,15              # the GPU figure (benchmarks/gpu_check.sh --parts archive)
 
 Both commands read the same model, from the same offline Hugging Face cache (written here in
 huggingface_hub's layout, as `hf-hub:imageomics/bioclip-2` with its tree-of-life embeddings
@@ -20,6 +22,13 @@ round, over the first `2 * batch` files and over all N, so start-up, model loadi
 compilation (the same in both runs) cancel: the steady rate is (N - n) / (T_N - T_n). Both
 the steady and the whole-process rates are printed, and the ratios (b)/(a) (target >= 0.9:
 decoding, reading and writing hidden behind the tower) and (b)/(c).
+
+`--workers 1,15` times our predict once per decoder count. One decoder's rate, when it is below
+the tower's, is what one CPU core decodes, so tower / that rate estimates the cores one device
+needs to be fed (printed as "cores to feed the tower").
+
+On a GPU this process (the bare tower) and the predict commands share the card, so none of them
+preallocates its memory (XLA_PYTHON_CLIENT_PREALLOCATE=false, unless the environment sets it).
 """
 
 from __future__ import annotations
@@ -39,6 +48,9 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(__file__))
 import _timing
+
+# Before jax is imported (prepare() builds the model): the card is shared with the timed commands.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 CATALOG_ROWS = [("Animalia", "Chordata", "Aves", "Passeriformes", "Corvidae", "Corvus", e, c)
                 for e, c in [("corax", "common raven"), ("frugilegus", "rook"), ("monedula", "jackdaw")]] + [
@@ -129,9 +141,9 @@ def archive(args, root: Path, env: dict, images: list[str]) -> dict:
     for path in images[:few]:
         (few_dir / Path(path).name).symlink_to(path)
 
-    def ours(folder: Path) -> list[str]:
+    def ours(folder: Path, workers: int) -> list[str]:
         return [sys.executable, "-m", "bioclip_jax.cli.main", "predict", str(folder), "--batch-size", str(args.batch),
-                "--workers", str(args.workers), "--no-progress", "--output", str(root / "ours.csv")]
+                "--workers", str(workers), "--no-progress", "--output", str(root / "ours.csv")]
 
     def theirs(files: list[str]) -> list[str]:
         return [sys.executable, "-m", "bioclip", "predict", *files, "--batch-size", str(args.batch),
@@ -147,11 +159,13 @@ def archive(args, root: Path, env: dict, images: list[str]) -> dict:
         return time.perf_counter() - start
 
     tower = bare_tower(root, args.batch)
-    commands = {"bioclip_jax": (ours(few_dir), ours(root / "images"))}
+    commands = {ours_name(workers, args.workers): (ours(few_dir, workers), ours(root / "images", workers))
+                for workers in args.workers}
     if not args.without_pybioclip:
         commands["pybioclip"] = (theirs(images[:few]), theirs(images))
-    for argv_few, _ in commands.values():
-        timed(argv_few)  # warm-up: compilation caches, page cache
+    for name, (argv_few, _) in commands.items():
+        if name == ours_name(args.workers[0], args.workers) or not name.startswith(_timing.OURS):
+            timed(argv_few)  # warm-up, once per program: compilation caches, page cache
     samples: dict[str, dict[str, list[float]]] = {name: {"few_s": [], "all_s": []} for name in commands}
     samples["tower"] = {"all_s": []}
     for _ in range(args.repeats):
@@ -170,25 +184,64 @@ def archive(args, root: Path, env: dict, images: list[str]) -> dict:
     return rates
 
 
-def print_archive(rates: dict, images: int, machine: dict) -> None:
-    print(f"archive: {images} JPEGs of {ARCHIVE_IMAGE_SIZE[0]}x{ARCHIVE_IMAGE_SIZE[1]}, tree of life (species), "
+def ours_name(workers: int, all_workers: list[int]) -> str:
+    return _timing.OURS if len(all_workers) == 1 else f"{_timing.OURS} workers={workers}"
+
+
+def archive_figures(rates: dict) -> dict:
+    """Ours / tower (median steady rates) per decoder count, the best of them, and the cores one device needs."""
+    tower = statistics.median(rates["tower"]["steady_images_per_s"])
+    ours = {name: statistics.median(rate["steady_images_per_s"]) / tower
+            for name, rate in rates.items() if name.startswith(_timing.OURS)}
+    one = next((rates[name] for name in rates if name.endswith("workers=1")), None)
+    one_rate = statistics.median(one["steady_images_per_s"]) if one else None
+    return {"ours_vs_tower": ours, "best_ours_vs_tower": max(ours.values()), "tower_images_per_s": tower,
+            "cores_to_feed_the_tower": tower / one_rate if one_rate and one_rate < 0.9 * tower else None}
+
+
+def print_archive(rates: dict, images: int, size: tuple[int, int], machine: dict) -> None:
+    print(f"archive: {images} JPEGs of {size[0]}x{size[1]}, tree of life (species), "
           f"{machine['cpu']}, {machine['logical_cores']} cores, load {machine['load_average'][0]:.2f}")
     print(f"{'images/s':28} {'steady best':>12} {'median':>8} {'whole best':>11} {'median':>8}")
     for name, rate in rates.items():
         steady, whole = rate["steady_images_per_s"], rate["whole_images_per_s"]
         print(f"{name:28} {max(steady):12.2f} {statistics.median(steady):8.2f} {max(whole):11.2f} "
               f"{statistics.median(whole):8.2f}")
-    for other, target in (("tower", 0.9), ("pybioclip", None)):
-        if other not in rates:
-            continue
-        best = max(rates["bioclip_jax"]["steady_images_per_s"]) / max(rates[other]["steady_images_per_s"])
-        median = (statistics.median(rates["bioclip_jax"]["steady_images_per_s"])
-                  / statistics.median(rates[other]["steady_images_per_s"]))
-        whole = (statistics.median(rates["bioclip_jax"]["whole_images_per_s"])
-                 / statistics.median(rates[other]["whole_images_per_s"]))
-        verdict = "" if target is None else ("  meets" if median >= target else f"  below {target}")
-        print(f"bioclip_jax / {other:14} steady {best:.3f} (best) {median:.3f} (median), whole {whole:.3f} "
-              f"(median){verdict}")
+    for name in (name for name in rates if name.startswith(_timing.OURS)):
+        for other, target in (("tower", 0.9), ("pybioclip", None)):
+            if other not in rates:
+                continue
+            best = max(rates[name]["steady_images_per_s"]) / max(rates[other]["steady_images_per_s"])
+            median = (statistics.median(rates[name]["steady_images_per_s"])
+                      / statistics.median(rates[other]["steady_images_per_s"]))
+            whole = (statistics.median(rates[name]["whole_images_per_s"])
+                     / statistics.median(rates[other]["whole_images_per_s"]))
+            verdict = "" if target is None else ("  meets" if median >= target else f"  below {target}")
+            print(f"{name} / {other:14} steady {best:.3f} (best) {median:.3f} (median), whole {whole:.3f} "
+                  f"(median){verdict}")
+    cores = archive_figures(rates)["cores_to_feed_the_tower"]
+    if cores is not None:
+        print(f"cores to feed the tower: {cores:.1f} (the tower's rate / one decoder's)")
+
+
+def _size(text: str) -> tuple[int, int]:
+    width, _, height = text.lower().partition("x")
+    if not (width.isdigit() and height.isdigit()):
+        raise argparse.ArgumentTypeError(f"a size is WIDTHxHEIGHT, e.g. 224x224, not {text!r}")
+    return int(width), int(height)
+
+
+def _counts(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"decoder counts are integers separated by commas, not {text!r}") from None
+
+
+def _device_kind() -> str:
+    import jax  # noqa: PLC0415
+
+    return jax.devices()[0].device_kind
 
 
 def main() -> int:
@@ -200,8 +253,11 @@ def main() -> int:
     parser.add_argument("--without-pybioclip", action="store_true",
                         help="--archive: time the tower and ours only (pybioclip's side takes as long as ours)")
     parser.add_argument("--batch", type=int, default=ARCHIVE_BATCH, help="--archive's batch size (default 32)")
-    parser.add_argument("--workers", type=int, default=-1,
-                        help="--archive: our predict's --workers (default -1: one decoder per spare CPU)")
+    parser.add_argument("--archive-size", type=_size, default=ARCHIVE_IMAGE_SIZE, metavar="WxH",
+                        help="--archive's JPEG size (default 640x480, a camera's frame)")
+    parser.add_argument("--workers", type=_counts, default=[-1],
+                        help="--archive: our predict's --workers, or a comma list to time each "
+                             "(default -1: one decoder per spare CPU)")
     _timing.add_common_arguments(parser, repeats=3)
     args = parser.parse_args()
     if args.quick:
@@ -210,7 +266,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bioclip_predict_bench_") as tmp:
         root = Path(tmp)
         if args.archive:
-            hf_home, images = prepare(root, args.arch, args.archive, ARCHIVE_IMAGE_SIZE)
+            hf_home, images = prepare(root, args.arch, args.archive, args.archive_size)
         else:
             hf_home, images = prepare(root, args.arch, args.images)
         env = dict(os.environ, HF_HOME=str(hf_home), HF_HUB_OFFLINE="1",
@@ -229,10 +285,11 @@ def main() -> int:
         if args.archive:
             machine = _timing.machine_info(args.threads or None)
             rates = archive(args, root, env, images)
-            print_archive(rates, len(images), machine)
+            print_archive(rates, len(images), args.archive_size, machine)
             _timing.write_json(args.out, {"benchmark": "predict --archive", "arch": args.arch, "images": len(images),
-                                          "image_size": ARCHIVE_IMAGE_SIZE, "batch": args.batch,
-                                          "workers": args.workers, "machine": machine, "rates": rates})
+                                          "image_size": args.archive_size, "batch": args.batch,
+                                          "workers": args.workers, "device": _device_kind(), "machine": machine,
+                                          "rates": rates, "figures": archive_figures(rates)})
             return 0
         rows = []
         for label, flags in (("custom labels (--cls)", ["--cls", LABELS]), ("tree of life (species)", [])):

@@ -52,6 +52,24 @@ def test_gpu_check_cpu_path_runs_each_side_in_its_own_process_and_sums_up(tmp_pa
     assert "| ViT-B/16 img/s, ours best / open_clip best (medians) |" in text and "relative difference" in text
 
 
+def test_gpu_check_archive_part_times_predict_against_the_bare_tower_per_decoder_count(tmp_path):
+    """Issue 21's GPU figure, on request: the same script path, on a CPU, with a tiny model."""
+    env = dict(os.environ, OUT=str(tmp_path / "out"), TMPDIR=str(tmp_path), PYTHON=sys.executable,
+               JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    result = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh"), "--cpu-quick", "--parts",
+                             "archive"], capture_output=True, text=True, env=env, timeout=600, check=False)
+    out = tmp_path / "out"
+    log = (out / "gpu_check.log").read_text() if (out / "gpu_check.log").exists() else ""
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}\n{log[-3000:]}"
+    summary = json.loads((out / "summary.json").read_text())
+    figures = summary["archive"]["figures"]
+    assert set(figures["ours_vs_tower"]) == {"bioclip_jax workers=1", "bioclip_jax workers=2"}
+    assert summary["figures"]["predict_vs_image_tower"] == max(figures["ours_vs_tower"].values()) > 0
+    assert summary["archive"]["image_size"] == [224, 224] and summary["archive"]["device"] == "cpu"
+    assert "Predict over an archive (24 JPEGs of 224x224" in (out / "summary.md").read_text()
+
+
 def _on_device(monkeypatch, kind: str) -> None:
     monkeypatch.setattr(jax, "devices", lambda *args: [types.SimpleNamespace(device_kind=kind)])
 
