@@ -4,10 +4,10 @@
 # training loop fed by the real loader against the bare step; XLA flags A/B; on request, predict over
 # an archive against the bare image tower. summary.md sets every figure against its target.
 #
-#   bash benchmarks/gpu_check.sh                          # every part (about 12 minutes on one H200)
+#   bash benchmarks/gpu_check.sh                          # every part but archive (about 12 minutes on one H200)
 #   bash benchmarks/gpu_check.sh --parts steps,reference,large   # at most 9 minutes ...
 #   bash benchmarks/gpu_check.sh --parts loader,loop,flags       # ... and the rest in a second command
-#   bash benchmarks/gpu_check.sh --parts archive          # predict's GPU figure (issue 21), about 4 minutes
+#   bash benchmarks/gpu_check.sh --parts archive          # predict's GPU figure (issue 21), at most 7 minutes
 #   bash benchmarks/gpu_check.sh --cpu-quick              # the same path on a CPU: ViT-Tiny-8, small batches
 #
 # Parts: steps (ViT-B/16 ours: {cudnn, xla} x {none, minimal, full}), reference (open_clip with and
@@ -86,7 +86,7 @@ if [[ $MODE == gpu ]]; then
   OURS_SETTINGS="${GPU_CHECK_OURS:-cudnn:none,cudnn:minimal,xla:none,cudnn:full,xla:minimal,xla:full}"
   REFERENCE_SETTINGS="${GPU_CHECK_REFERENCE:-plain:512,checkpointing:1024}"
   LARGE_SETTINGS="auto:none,auto:minimal"
-  LIMIT=(steps 200 reference 70 large 100 loader 70 loop 90 flags 160 archive 300)
+  LIMIT=(steps 200 reference 70 large 100 loader 70 loop 90 flags 160 archive 420)
   SWEEP=(--scaling 1,4,15 --batch 256 --batches 48 --point-limit-s 25)
   LOOP=(--model ViT-B-16 --image-size 224 --batch 512 --window 5 --windows 3 --rounds 1
         --set dtype=bfloat16 --set data.workers=15)
