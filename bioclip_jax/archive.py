@@ -1,8 +1,9 @@
 """Runs over image archives (predict, embed): this process's slice of the inputs, less what an earlier run
 with the same output already did, embedded on every local device, handed on batch by batch.
 
-Process p of n takes every n-th input from the p-th: every process lists the same inputs, so they
-agree on the split without talking. Each process writes its own output part (see `outputs`); process
+Each process takes its own share of the inputs (`ImageInputs.items(p, n)`: whole shards when there are
+enough, else every n-th input from the p-th): every process lists the same inputs, so they agree on the
+split without talking. Each process writes its own output part (see `outputs`); process
 0 merges them once all are done. The progress bar (process 0 only) counts the inputs in a thread
 beside the run, so it shows an ETA once the count is known without the run waiting for it.
 """
@@ -10,8 +11,6 @@ beside the run, so it shows an ETA once the count is known without the run waiti
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import sys
 import threading
@@ -26,6 +25,7 @@ from tqdm import tqdm
 from bioclip_jax import console
 from bioclip_jax.data.image_inputs import ImageInputs
 from bioclip_jax.inference import ImageEmbedder, report_skipped
+from bioclip_jax.outputs.run_record import fingerprint
 from bioclip_jax.sources import RANDOM
 
 log = logging.getLogger(__name__)
@@ -60,9 +60,7 @@ def model_identity(model, seed: int) -> dict:
     source) their architecture and seed."""
     if model.source is not None:
         return {"model": model.source}
-    architecture = json.dumps(dataclasses.asdict(model.config), sort_keys=True, default=str)
-    return {"model": RANDOM, "architecture": hashlib.sha256(architecture.encode()).hexdigest()[:16],
-            "seed": seed}
+    return {"model": RANDOM, "architecture": fingerprint(dataclasses.asdict(model.config)), "seed": seed}
 
 
 def _count_into(bar: tqdm, keys: Iterable[str], done: set[str]) -> None:

@@ -14,8 +14,6 @@ length fits in memory; an unreadable file is skipped, logged and kept in `skippe
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import os
 from typing import Any, Callable, Mapping, Sequence
 
@@ -32,6 +30,7 @@ from bioclip_jax.data.image_inputs import file_input
 from bioclip_jax.data.image_items import ImageItem
 from bioclip_jax.inference import ImageEmbedder, Skipped, report_skipped
 from bioclip_jax.models.clip import CLIP
+from bioclip_jax.outputs.run_record import fingerprint
 from bioclip_jax.pretrained import create_model, pybioclip_preprocessing
 from bioclip_jax.sources import RANDOM, is_source
 from bioclip_jax.taxonomy import RANKS
@@ -128,8 +127,7 @@ class Classifier:
 
     def labels_fingerprint(self) -> str:
         """A short hash of `label_names()`: a resumed output refuses rows scored against other labels."""
-        text = json.dumps(self.label_names(), ensure_ascii=False)
-        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+        return fingerprint(self.label_names())
 
     def _predict(self, images: Any, batch_size: int | None, predictor: Callable[[int], Predictor | OpenSetPredictor],
                  callback: Callable[[int, int], None] | None = None) -> list[dict]:

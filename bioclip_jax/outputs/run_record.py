@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 
@@ -16,6 +17,13 @@ class OutputSummary:
     answered: int = 0
     skipped: int = 0
     already_done: int = 0
+
+
+def fingerprint(value) -> str:
+    """A short, stable hash of a JSON-able value: how an identity records what is too large to store whole
+    (a label list, a model's architecture)."""
+    text = json.dumps(value, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 def require_local(path: str) -> None:
